@@ -1,0 +1,476 @@
+"""The streaming loader: webdataset stages from shards to batches, exact per-epoch counts.
+
+    from data_pipeline.loader import LoaderConfig, TrainLoader, EvalLoader
+    loader = TrainLoader("shards/synth", tokenizer, LoaderConfig(batch_size=64, image_size=(96, 32)),
+                         rank=rank, world_size=world)
+    for batch in loader.epoch(epoch):          # exactly loader.num_batches batches on every rank
+        batch["image"], batch["input_ids"], batch["pid"], batch["index"]
+
+The training stream of one loader worker is this explicit list of stages (one webdataset
+DataPipeline):
+
+  1. shard list      the split's shards, from the manifest (sizes included, no tar scan)
+  2. shard shuffle   seeded by seed + epoch, BEFORE any split, so every epoch deals the shards
+                     out differently; all ranks compute the same order
+  3. node split      rank r takes the r-th equal range of the shuffled sample sequence
+  4. worker split    worker w takes a batch-aligned sub-range of its rank's range
+  5. tar reader      reads just that range (a shard may be shared by two neighbouring readers);
+                     a corrupt or truncated tar ends its piece, counted, with a rate-limited warning
+  6. parse           the json member; a sample without image, caption or ids is skipped, counted
+  7. decode          PIL -> uint8 H x W x 3 (resized if the shard holds another size); an
+                     undecodable image is skipped, counted
+  8. fill            tops the worker up to its exact quota by repeating its own samples when
+                     anything was skipped (counted as padded), so ranks never disagree on counts
+  9. sample shuffle  buffer seeded by (seed, epoch, rank, worker)
+ 10. resume skip     drops the samples of batches already trained on (mid-epoch resume)
+ 11. augment         flip, pad-and-crop, erasing box, from a generator seeded by
+                     (seed, epoch, sample index): independent of worker layout and position
+ 12. tokenize        CaptionTokenizer -> 77 ids
+ 13. batch           normalise + erase in one pass; a dict of tensors
+
+Splitting ranges of samples rather than whole shards gives every rank exactly
+num_batches = floor(N / (batch * world)) batches, and every sample at most once per epoch (all
+of them when N is a multiple of batch x world); the few left over change every epoch. A split with
+fewer shards than ranks x workers is refused at start: re-shard smaller or use fewer workers.
+
+The epoch (and the resume position) reach persistent workers through shared memory
+(`SharedEpoch`), set before each epoch's iterator is created. Counts of skipped and padded
+samples live in shared counters (`LoaderStats`) that the trainer logs.
+
+Evaluation streams (`EvalLoader`) split the samples the same way without shuffle, fill or
+augmentation, so every sample is yielded exactly once across all ranks (ranks may differ by a
+batch); `modality="text"` never decodes images and `modality="image"` keeps one sample per image.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing as mp
+import random
+import tarfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.manifest import ShardInfo, SplitInfo, read_manifest, read_meta, split_info
+from data_pipeline.schema import IMAGE_EXTS, REQUIRED_SAMPLE_FIELDS
+from data_pipeline.transforms import TrainAugment, to_normalized_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """How batches are made (the shards say what is in them)."""
+
+    batch_size: int
+    """Samples per batch on each rank."""
+    image_size: tuple[int, int] = (384, 128)
+    """(height, width) of the images the model sees; shards of another size are resized."""
+    num_workers: int = 2
+    """Loader worker processes per rank (0: load in the training process)."""
+    shuffle_buffer: int = 500
+    """Samples held by each worker's shuffle buffer."""
+    seed: int = 0
+    """Seed of shard order, sample shuffle and augmentation (combined with the epoch)."""
+    augment: bool = True
+    """Training augmentations (flip, pad-and-crop, random erasing); False: normalise only."""
+    warn_every: int = 100
+    """Warn on the first bad sample of a kind and then every this many."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise ValueError(f"image_size must be (height, width) >= 8, got {self.image_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+
+
+# -- shared state between the training process and its loader workers -------------------------
+
+
+class SharedEpoch:
+    """Epoch and resume position, readable by persistent workers."""
+
+    def __init__(self, ctx):
+        self._epoch = ctx.Value("q", 0)
+        self._start_batch = ctx.Value("q", 0)
+
+    def set(self, epoch: int, start_batch: int = 0) -> None:
+        self._epoch.value, self._start_batch.value = epoch, start_batch
+
+    def get(self) -> tuple[int, int]:
+        return self._epoch.value, self._start_batch.value
+
+
+class LoaderStats:
+    """Counters of skipped and padded samples, summed over a rank's workers."""
+
+    KINDS = ("corrupt_shard", "bad_sample", "bad_image", "padded")
+
+    def __init__(self, ctx):
+        self._values = {k: ctx.Value("q", 0) for k in self.KINDS}
+
+    def add(self, kind: str, n: int = 1) -> int:
+        v = self._values[kind]
+        with v.get_lock():
+            v.value += n
+            return v.value
+
+    def snapshot(self) -> dict[str, int]:
+        return {k: v.value for k, v in self._values.items()}
+
+
+def _warn(stats: LoaderStats, kind: str, every: int, message: str) -> None:
+    total = stats.add(kind)
+    if total == 1 or total % every == 0:
+        log.warning("data: %s (%d %s so far)", message, total, kind.replace("_", " "))
+
+
+# -- stages 1-4: which samples this reader takes ------------------------------------------------
+
+
+def shuffled_shards(shards: tuple[ShardInfo, ...], seed: int, epoch: int | None
+                    ) -> list[ShardInfo]:
+    """The epoch's shard order; identical on every rank and worker. epoch None: no shuffle."""
+    if epoch is None:
+        return list(shards)
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
+def ranges_of(shards: list[ShardInfo], start: int, stop: int) -> list[tuple[str, int, int]]:
+    """Pieces (shard name, first, end) covering positions [start, stop) of the concatenation."""
+    pieces, offset = [], 0
+    for sh in shards:
+        lo, hi = max(start, offset), min(stop, offset + sh.num_samples)
+        if lo < hi:
+            pieces.append((sh.name, lo - offset, hi - offset))
+        offset += sh.num_samples
+        if offset >= stop:
+            break
+    return pieces
+
+
+def reader_pieces(shards: tuple[ShardInfo, ...], seed: int, epoch: int | None, start: int,
+                  stop: int):
+    """Stages 1-4 as one source: this reader's pieces of the epoch's shuffled shard sequence.
+
+    [start, stop) is the reader's range: the node split (rank r's equal range) and the worker
+    split (a batch-aligned sub-range of it) are computed by the caller from the manifest sizes.
+    """
+    yield from ranges_of(shuffled_shards(shards, seed, epoch), start, stop)
+
+
+def balanced_counts(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+# -- stages 5-13 -----------------------------------------------------------------------------------
+
+
+def read_pieces(pieces, root: Path, stats: LoaderStats, every: int):
+    """Tar reader: samples (dicts of member bytes keyed by extension) of each piece's range."""
+    for name, first, end in pieces:
+        try:
+            yield from _read_range(root / name, first, end)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            _warn(stats, "corrupt_shard", every, f"{name}: unreadable from some point ({exc})")
+
+
+def _read_range(path: Path, first: int, end: int):
+    group, key, position = None, None, -1
+    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            k, _, ext = member.name.partition(".")
+            if k != key:
+                if group is not None:
+                    yield group
+                    group = None
+                key, position = k, position + 1
+                if position >= end:
+                    return
+                if position >= first:
+                    group = {"__key__": k, "__url__": str(path)}
+            if group is not None:
+                group[ext.lower()] = tar.extractfile(member).read()
+    if group is not None:
+        yield group
+
+
+def parse_samples(samples, stats: LoaderStats, every: int, need_image: bool = True):
+    """json member -> fields; drops (and counts) samples missing a member or a field."""
+    for s in samples:
+        image_ext = next((e for e in IMAGE_EXTS if e in s), None)
+        try:
+            meta = json.loads(s["json"])
+            missing = [f for f in REQUIRED_SAMPLE_FIELDS if f not in meta]
+            if missing or (need_image and image_ext is None):
+                raise ValueError(f"missing {missing or 'image'}")
+            if not isinstance(meta["caption"], str) or not meta["caption"].strip():
+                raise ValueError("empty caption")
+            out = {"key": s["__key__"], "caption": meta["caption"], "pid": int(meta["pid"]),
+                   "index": int(meta["index"]), "image_id": int(meta["image_id"]),
+                   "noisy": bool(meta.get("noisy", False)),
+                   "image_bytes": s.get(image_ext) if need_image else None}
+        except (KeyError, ValueError, TypeError) as exc:
+            _warn(stats, "bad_sample", every, f"{s['__key__']} in {s['__url__']}: {exc!r}")
+            continue
+        yield out
+
+
+def decode_images(samples, size_HW: tuple[int, int], stats: LoaderStats, every: int):
+    h, w = size_HW
+    for s in samples:
+        try:
+            with Image.open(io.BytesIO(s.pop("image_bytes"))) as im:
+                im = im.convert("RGB")
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.Resampling.BILINEAR)
+                s["image"] = np.asarray(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            _warn(stats, "bad_image", every, f"{s['key']}: cannot decode image ({exc})")
+            continue
+        yield s
+
+
+def fill_to_quota(samples, quota: int, stats: LoaderStats, reservoir: int = 256):
+    """Exactly `quota` samples: pass through, then repeat recent ones if some were skipped."""
+    recent, n = [], 0
+    for s in samples:
+        if n == quota:
+            return
+        yield s
+        n += 1
+        recent.append(s)
+        if len(recent) > reservoir:
+            recent.pop(0)
+    if n < quota:
+        if not recent:
+            raise RuntimeError("a loader worker found no readable sample in its shards; "
+                               "run `python -m data_pipeline verify` on the shards")
+        stats.add("padded", quota - n)
+        log.warning("data: padding %d sample(s) by repetition after skipped ones", quota - n)
+        for i in range(quota - n):
+            yield recent[i % len(recent)]
+
+
+def keep_only(samples, keep: frozenset | None):
+    for s in samples:
+        if keep is None or s["index"] in keep:
+            yield s
+
+
+def skip_samples(samples, n: int):
+    for i, s in enumerate(samples):
+        if i >= n:
+            yield s
+
+
+def augment_samples(samples, augment: TrainAugment | None, seed: int, epoch: int):
+    for s in samples:
+        if augment is not None:
+            rng = np.random.default_rng([seed, epoch, s["index"], 0xA06])
+            s["image"], s["erase"] = augment(s["image"], rng)
+        yield s
+
+
+def tokenize_samples(samples, tokenizer):
+    for s in samples:
+        s["input_ids"] = tokenizer.encode(s["caption"])
+        yield s
+
+
+def collate(samples: list[dict], with_images: bool = True) -> dict:
+    batch = {
+        "input_ids": torch.from_numpy(np.stack([s["input_ids"] for s in samples])),
+        "pid": torch.tensor([s["pid"] for s in samples], dtype=torch.long),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+        "noisy": torch.tensor([s["noisy"] for s in samples], dtype=torch.bool),
+    }
+    if with_images:
+        images = np.stack([s["image"] for s in samples])
+        boxes = np.array([s["erase"] for s in samples]) if "erase" in samples[0] else None
+        batch["image"] = to_normalized_batch(images, boxes)
+    return batch
+
+
+def batch_samples(samples, batch_size: int, with_images: bool = True, partial: bool = False):
+    buf = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield collate(buf, with_images)
+            buf = []
+    if buf and partial:
+        yield collate(buf, with_images)
+
+
+# -- datasets ----------------------------------------------------------------------------------
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class TrainStream(IterableDataset):
+    """One rank's training stream; each worker yields its exact share of the epoch's batches."""
+
+    def __init__(self, root: Path, info: SplitInfo, tokenizer, cfg: LoaderConfig, rank: int,
+                 world_size: int, shared: SharedEpoch, stats: LoaderStats):
+        self.root, self.info, self.tokenizer, self.cfg = root, info, tokenizer, cfg
+        self.rank, self.world_size, self.shared, self.stats = rank, world_size, shared, stats
+        self.num_batches = info.num_samples // (cfg.batch_size * world_size)
+
+    def __iter__(self):
+        cfg, B = self.cfg, self.cfg.batch_size
+        worker, num_workers = _worker()
+        epoch, start_batch = self.shared.get()
+        role = (worker + start_batch) % num_workers   # keeps batch order across a resume
+        per_worker = balanced_counts(self.num_batches, num_workers)
+        quota = per_worker[role] * B
+        start = (self.rank * self.num_batches + sum(per_worker[:role])) * B
+        done_batches = start_batch // num_workers + (1 if role < start_batch % num_workers else 0)
+        shuffle_rng = random.Random(_seed_of(cfg.seed, epoch, self.rank, role))
+        every = cfg.warn_every
+        return iter(wds.DataPipeline(
+            partial(reader_pieces, self.info.shards, cfg.seed, epoch, start, start + quota),
+            partial(read_pieces, root=self.root, stats=self.stats, every=every),
+            partial(parse_samples, stats=self.stats, every=every),
+            partial(decode_images, size_HW=cfg.image_size, stats=self.stats, every=every),
+            partial(fill_to_quota, quota=quota, stats=self.stats),
+            wds.filters.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng),
+            partial(skip_samples, n=done_batches * B),
+            partial(augment_samples, augment=TrainAugment() if cfg.augment else None,
+                    seed=cfg.seed, epoch=epoch),
+            partial(tokenize_samples, tokenizer=self.tokenizer),
+            partial(batch_samples, batch_size=B),
+        ))
+
+
+class EvalStream(IterableDataset):
+    """One rank's share of an evaluation split, every sample once, in manifest order."""
+
+    def __init__(self, root: Path, info: SplitInfo, tokenizer, cfg: LoaderConfig, rank: int,
+                 world_size: int, modality: str, keep_indices: frozenset | None, stats):
+        self.root, self.info, self.tokenizer, self.cfg = root, info, tokenizer, cfg
+        self.rank, self.world_size, self.modality = rank, world_size, modality
+        self.keep, self.stats = keep_indices, stats
+
+    def __iter__(self):
+        cfg = self.cfg
+        worker, num_workers = _worker()
+        per_rank = balanced_counts(self.info.num_samples, self.world_size)
+        rank_start = sum(per_rank[:self.rank])
+        per_worker = balanced_counts(per_rank[self.rank], num_workers)
+        start = rank_start + sum(per_worker[:worker])
+        images = self.modality == "image"
+        every = cfg.warn_every
+        return iter(wds.DataPipeline(
+            partial(reader_pieces, self.info.shards, 0, None, start, start + per_worker[worker]),
+            partial(read_pieces, root=self.root, stats=self.stats, every=every),
+            partial(parse_samples, stats=self.stats, every=every, need_image=images),
+            partial(keep_only, keep=self.keep),
+            partial(decode_images, size_HW=cfg.image_size, stats=self.stats, every=every)
+            if images else None,
+            partial(tokenize_samples, tokenizer=self.tokenizer),
+            partial(batch_samples, batch_size=cfg.batch_size, with_images=images, partial=True),
+        ))
+
+
+# -- loaders -----------------------------------------------------------------------------------
+
+
+def _mp_context():
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+class TrainLoader:
+    """Training batches of one rank: `for batch in loader.epoch(e, start_batch)`."""
+
+    def __init__(self, shard_dir, tokenizer, cfg: LoaderConfig, *, rank: int = 0,
+                 world_size: int = 1, split: str = "train"):
+        self.root = Path(shard_dir)
+        self.meta = read_meta(self.root)
+        info = split_info(self.meta, split)
+        readers = world_size * max(1, cfg.num_workers)
+        if info.num_shards < readers:
+            raise ValueError(
+                f"{info.num_shards} {split} shards for {world_size} rank(s) x "
+                f"{max(1, cfg.num_workers)} loader worker(s) = {readers} readers; each reader "
+                f"needs a shard of its own. Re-shard with a smaller --shard-size (at most "
+                f"{max(1, info.num_samples // readers)}) or use fewer loader workers.")
+        if info.num_samples < cfg.batch_size * world_size:
+            raise ValueError(f"{split} has {info.num_samples} samples, fewer than one batch of "
+                             f"{cfg.batch_size} on each of {world_size} rank(s)")
+        ctx = _mp_context()
+        self.shared, self.stats = SharedEpoch(ctx), LoaderStats(ctx)
+        self.dataset = TrainStream(self.root, info, tokenizer, cfg, rank, world_size,
+                                   self.shared, self.stats)
+        self.num_batches = self.dataset.num_batches
+        self.num_workers = min(cfg.num_workers, self.num_batches)
+        self._loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            multiprocessing_context=ctx if self.num_workers > 0 else None)
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        """Yields batches start_batch..num_batches-1 of `epoch`; fails loudly on a short epoch."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.num_batches}")
+        self.shared.set(epoch, start_batch)
+        n = start_batch
+        if start_batch < self.num_batches:
+            for batch in self._loader:
+                yield batch
+                n += 1
+        if n != self.num_batches:
+            raise RuntimeError(f"epoch {epoch}: the loader gave {n} batches, expected "
+                               f"{self.num_batches}")
+
+
+class EvalLoader:
+    """Text queries (`modality="text"`) or gallery images (`"image"`) of one rank."""
+
+    def __init__(self, shard_dir, tokenizer, cfg: LoaderConfig, *, split: str, modality: str,
+                 rank: int = 0, world_size: int = 1):
+        if modality not in ("text", "image"):
+            raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
+        self.root = Path(shard_dir)
+        self.info = split_info(read_meta(self.root), split)
+        keep = None
+        if modality == "image":
+            table = read_manifest(self.root, columns=["index", "image_id"], split=split)
+            first = {}
+            for idx, img in zip(table["index"].to_pylist(), table["image_id"].to_pylist()):
+                first.setdefault(img, idx)
+            keep = frozenset(first.values())
+        self.num_samples = self.info.num_samples if keep is None else len(keep)
+        ctx = _mp_context()
+        self.stats = LoaderStats(ctx)
+        dataset = EvalStream(self.root, self.info, tokenizer, cfg, rank, world_size, modality,
+                             keep, self.stats)
+        workers = min(cfg.num_workers, max(1, self.info.num_samples // world_size))
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                                  multiprocessing_context=ctx if workers > 0 else None)
+
+    def __iter__(self):
+        return iter(self._loader)

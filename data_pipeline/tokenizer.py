@@ -1,0 +1,171 @@
+"""Caption tokenizer: a Hugging Face tokenizer with a mask token, fixed length and a sanity check.
+
+Two sources:
+- CLIP's BPE from a pretrained model folder or hub id (`CaptionTokenizer.from_pretrained(
+  "openai/clip-vit-base-patch16")`), as the pretrained recipes use;
+- a word-level tokenizer trained with `tokenizers` on the training captions
+  (`train_word_level(captions, out_dir)`), which `python -m data_pipeline shard` saves beside the
+  shards (`OUT/tokenizer/`) for models trained from scratch on the synthetic data.
+
+Every caption becomes [SOT] + tokens + [EOT] + padding, truncated to `context_length` (77) with
+EOT kept last. The EOS position is the first EOT (CLIP pads with EOT itself, so padding is found by
+position, never by id). A mask token (<|mask|>) is added if the tokenizer has none.
+
+Offline, `from_pretrained("openai/...")` can return a tokenizer with two tokens that maps every
+caption to [0, 2, 2, ...] without raising; `validate()` refuses such a tokenizer.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MASK_TOKEN = "<|mask|>"
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+PROBE = "a woman in a red coat carrying a black backpack"
+CONTEXT_LENGTH = 77
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class CaptionTokenizer:
+    """Wraps a transformers tokenizer; picklable, so loader workers tokenize."""
+
+    def __init__(self, hf_tokenizer, *, context_length: int = CONTEXT_LENGTH, source: str = ""):
+        if context_length < 3:
+            raise ValueError(f"context_length must be at least 3, got {context_length}")
+        self.hf = hf_tokenizer
+        self.context_length = context_length
+        self.source = source or getattr(hf_tokenizer, "name_or_path", "")
+        if self.hf.mask_token is None:
+            self.hf.add_special_tokens({"mask_token": MASK_TOKEN})
+            log.info("tokenizer %s had no mask token: added %s", self.source, MASK_TOKEN)
+        self.sot_id = self._special_id("bos_token", SOT_TOKEN)
+        self.eot_id = self._special_id("eos_token", EOT_TOKEN)
+        self.mask_id = self.hf.mask_token_id
+        self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else 0
+        self.unk_id = self.hf.unk_token_id
+        self.validate()
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, context_length: int = CONTEXT_LENGTH
+                        ) -> "CaptionTokenizer":
+        from transformers import AutoTokenizer
+
+        name = str(name_or_path)
+        try:
+            hf = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            where = "local folder" if Path(name).exists() else "hub id (offline or unknown?)"
+            raise TokenizerError(f"could not load a tokenizer from {name!r} ({where}): {exc}. "
+                                 "Pass a folder holding tokenizer files, e.g. the shards' "
+                                 "tokenizer/ folder or a downloaded model.") from None
+        return cls(hf, context_length=context_length, source=name)
+
+    def save(self, out_dir: str | Path) -> None:
+        self.hf.save_pretrained(str(out_dir))
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def special_ids(self) -> list[int]:
+        ids = {self.sot_id, self.eot_id, self.mask_id, self.pad_id}
+        if self.unk_id is not None:
+            ids.add(self.unk_id)
+        return sorted(ids)
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def encode(self, caption: str) -> np.ndarray:
+        """int64 ids of length context_length: SOT, tokens, EOT, padding."""
+        ids = self.hf(caption, add_special_tokens=False)["input_ids"]
+        return self._frame(ids)
+
+    def encode_batch(self, captions: list[str]) -> np.ndarray:
+        rows = self.hf(list(captions), add_special_tokens=False)["input_ids"]
+        return np.stack([self._frame(ids) for ids in rows]) if rows else \
+            np.zeros((0, self.context_length), np.int64)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        end = ids.index(self.eot_id) if self.eot_id in ids else len(ids)
+        return self.hf.decode(ids[1:end])
+
+    def _frame(self, ids: list[int]) -> np.ndarray:
+        out = np.full(self.context_length, self.pad_id, dtype=np.int64)
+        ids = ids[: self.context_length - 2]
+        out[0] = self.sot_id
+        out[1: 1 + len(ids)] = ids
+        out[1 + len(ids)] = self.eot_id
+        return out
+
+    # -- checks --------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Refuse a tokenizer that cannot tell captions apart (the offline trap)."""
+        ids = self.hf(PROBE, add_special_tokens=False)["input_ids"]
+        distinct = set(ids)
+        unknown = sum(i == self.unk_id for i in ids) if self.unk_id is not None else 0
+        problems = []
+        if self.vocab_size < 16:
+            problems.append(f"a vocabulary of only {self.vocab_size} tokens")
+        if len(distinct) < 5:
+            problems.append(f"the probe {PROBE!r} maps to {ids}")
+        if ids and unknown > len(ids) // 4:
+            problems.append(f"{unknown} of the probe's {len(ids)} tokens are unknown")
+        if self.sot_id == self.eot_id:
+            problems.append("start and end tokens share an id")
+        if problems:
+            raise TokenizerError(
+                f"tokenizer {self.source!r} looks broken: {'; '.join(problems)}. Offline, "
+                "transformers can return an empty tokenizer for a hub id instead of failing; "
+                "pass a local folder holding real tokenizer files.")
+
+    def _special_id(self, attr: str, fallback_token: str) -> int:
+        token = getattr(self.hf, attr) or fallback_token
+        tid = self.hf.convert_tokens_to_ids(token)
+        if tid is None or (self.hf.unk_token_id is not None and tid == self.hf.unk_token_id
+                           and token != self.hf.unk_token):
+            raise TokenizerError(f"tokenizer {self.source!r} has no {attr} ({fallback_token})")
+        return tid
+
+
+def train_word_level(captions, out_dir: str | Path, *, context_length: int = CONTEXT_LENGTH
+                     ) -> CaptionTokenizer:
+    """Train a lower-cased word-level tokenizer on `captions` and save it in `out_dir`.
+
+    Special tokens take ids 0..4 (<pad>, <unk>, <|mask|>, <|startoftext|>, <|endoftext|>); the
+    words follow by decreasing frequency. Saved as a transformers folder: loads with
+    `CaptionTokenizer.from_pretrained(out_dir)` or `AutoTokenizer.from_pretrained(out_dir)`.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD_TOKEN, UNK_TOKEN, MASK_TOKEN, SOT_TOKEN, EOT_TOKEN]
+    tok = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1,
+                                        show_progress=False)
+    tok.train_from_iterator(list(captions), trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, unk_token=UNK_TOKEN,
+                                 mask_token=MASK_TOKEN, bos_token=SOT_TOKEN, eos_token=EOT_TOKEN,
+                                 model_max_length=context_length)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out_dir))
+    return CaptionTokenizer.from_pretrained(out_dir, context_length=context_length)

@@ -1,0 +1,89 @@
+"""Image transforms of the IRRA/RDE recipe, without torchvision (it cannot sit beside a CPU torch).
+
+Training: flip (p 0.5) -> pad 10 with zeros -> random crop back to H x W -> to float -> CLIP
+normalisation -> random erasing (p 0.5, area 2-40 %, aspect 0.3-3.3). Evaluation: normalisation
+only. Images arrive already resized to H x W (at shard time or on decode).
+
+Split in two for speed: `TrainAugment` draws every random choice for one sample from that sample's
+own generator and applies the geometric part to its uint8 H x W x 3 array (cheap index copies);
+`to_normalized_batch` then converts a whole batch to float, normalises it and paints the erasing
+rectangles in one pass. Erased pixels get 0 after normalisation, i.e. the mean colour, which is
+what torchvision's RandomErasing(value=mean) is meant to paint.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """Per-sample random flip, pad-and-crop and an erasing rectangle."""
+
+    flip_p: float = 0.5
+    pad: int = 10
+    erase_p: float = 0.5
+    erase_scale: tuple[float, float] = (0.02, 0.4)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
+
+    def __call__(self, img_HWC: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        """Returns the augmented uint8 image and the erase box (top, left, h, w); h = 0: none."""
+        if rng.random() < self.flip_p:
+            img_HWC = img_HWC[:, ::-1]
+        if self.pad > 0:
+            dy, dx = rng.integers(0, 2 * self.pad + 1, size=2)
+            img_HWC = shift_with_zeros(img_HWC, int(dy) - self.pad, int(dx) - self.pad)
+        box = (0, 0, 0, 0)
+        if rng.random() < self.erase_p:
+            box = erase_box(img_HWC.shape[0], img_HWC.shape[1], rng, self.erase_scale,
+                            self.erase_ratio)
+        return np.ascontiguousarray(img_HWC), box
+
+
+def shift_with_zeros(img_HWC: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The crop at offset (pad + dy, pad + dx) of the zero-padded image: content moves by -dy, -dx."""
+    H, W = img_HWC.shape[:2]
+    out = np.zeros_like(img_HWC)
+    src_y, dst_y = (dy, 0) if dy >= 0 else (0, -dy)
+    src_x, dst_x = (dx, 0) if dx >= 0 else (0, -dx)
+    h, w = H - abs(dy), W - abs(dx)
+    if h > 0 and w > 0:
+        out[dst_y:dst_y + h, dst_x:dst_x + w] = img_HWC[src_y:src_y + h, src_x:src_x + w]
+    return out
+
+
+def erase_box(H: int, W: int, rng: np.random.Generator, scale, ratio
+              ) -> tuple[int, int, int, int]:
+    """A rectangle of area fraction in `scale` and aspect in `ratio` (10 tries, else none)."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < h < H and 0 < w < W:
+            top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            return top, left, h, w
+    return 0, 0, 0, 0
+
+
+_MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+_INV_STD = 1.0 / (torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0)
+
+
+def to_normalized_batch(images_BHWC: np.ndarray, boxes_B4: np.ndarray | None = None
+                        ) -> torch.Tensor:
+    """uint8 B x H x W x 3 -> float32 B x 3 x H x W, CLIP-normalised, erase boxes set to 0."""
+    x = torch.from_numpy(images_BHWC).permute(0, 3, 1, 2).float()
+    x = (x - _MEAN) * _INV_STD
+    if boxes_B4 is not None:
+        for b, (top, left, h, w) in enumerate(boxes_B4.tolist()):
+            if h > 0:
+                x[b, :, top:top + h, left:left + w] = 0.0
+    return x.contiguous()
