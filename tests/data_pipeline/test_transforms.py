@@ -1,0 +1,47 @@
+import numpy as np
+import torch
+
+from data_pipeline.transforms import (CLIP_MEAN, CLIP_STD, TrainAugment, erase_box,
+                                      shift_with_zeros, to_normalized_batch)
+
+
+def _pad_crop_reference(img, pad, top, left):
+    padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+    return padded[top:top + img.shape[0], left:left + img.shape[1]]
+
+
+def test_shift_equals_pad_then_crop():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (37, 13, 3), dtype=np.uint8)
+    for top in range(0, 21, 3):
+        for left in range(0, 21, 4):
+            assert np.array_equal(shift_with_zeros(img, top - 10, left - 10),
+                                  _pad_crop_reference(img, 10, top, left))
+
+
+def test_erase_box_inside_and_sized():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        top, left, h, w = erase_box(96, 32, rng, (0.02, 0.4), (0.3, 3.3))
+        if h:
+            assert 0 <= top and top + h <= 96 and 0 <= left and left + w <= 32
+            assert 0.01 <= h * w / (96 * 32) <= 0.45
+
+
+def test_augment_is_deterministic_per_generator_and_flips():
+    img = np.arange(8 * 4 * 3, dtype=np.uint8).reshape(8, 4, 3)
+    aug = TrainAugment(flip_p=1.0, pad=0, erase_p=0.0)
+    out, box = aug(img, np.random.default_rng(0))
+    assert np.array_equal(out, img[:, ::-1]) and box == (0, 0, 0, 0)
+    a = TrainAugment()(img, np.random.default_rng(5))
+    b = TrainAugment()(img, np.random.default_rng(5))
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_normalized_batch_values_and_erasing():
+    img = np.full((2, 4, 3, 3), 255, dtype=np.uint8)
+    x = to_normalized_batch(img, np.array([[0, 0, 2, 2], [0, 0, 0, 0]]))
+    assert x.shape == (2, 3, 4, 3) and x.dtype == torch.float32
+    expect = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert torch.allclose(x[1, :, 0, 0], expect)
+    assert (x[0, :, :2, :2] == 0).all() and torch.allclose(x[0, :, 3, 2], expect)

@@ -1,0 +1,131 @@
+"""The one module that talks to accelerate, DeepSpeed and torch.distributed.
+
+Launch (see launch/): `accelerate launch` starts the processes; this module builds the
+Accelerator the launch asked for and fills in what DeepSpeed needs from the config:
+- plain DDP on CPU: Accelerator(cpu=True) over gloo (without cpu=True each process would train
+  alone in a world of one);
+- DeepSpeed on CPU: DS_ACCELERATOR=cpu and a gloo process group (Accelerator(cpu=True) would
+  silently drop DeepSpeed);
+- DeepSpeed's micro-batch size, accumulation and clipping are written from the config (the
+  webdataset loader stays out of `prepare`, so "auto" could not be resolved).
+
+Collectives for the losses: `gather_with_grad` (autograd all_gather: each rank computes its own
+rows against every rank's keys, and the backward sums the keys' gradients back to their owners;
+`accelerator.gather` carries no gradient), `gather_nograd`, `gather_varlen`, `mean_over_ranks`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def using_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def build_accelerator(cfg, run_dir: str):
+    """An Accelerator for this launch (DDP or DeepSpeed ZeRO-1/2/3; CPU or GPU)."""
+    cpu = not torch.cuda.is_available()
+    deepspeed = using_deepspeed()
+    if cpu and deepspeed:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    if cpu:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    kwargs = dict(mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers,
+                  gradient_accumulation_steps=cfg.optim.grad_accum, project_dir=run_dir)
+    if cfg.train.tensorboard:
+        kwargs["log_with"] = "tensorboard"
+    acc = Accelerator(cpu=cpu and not deepspeed, **kwargs)
+    if acc.state.deepspeed_plugin is not None:
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
+        ds["gradient_clipping"] = cfg.optim.grad_clip or 0.0
+        ds.setdefault("zero_allow_untested_optimizer", True)
+        ds.pop("train_batch_size", None)
+    return acc
+
+
+def describe(acc) -> dict:
+    """What kind of run this is, for the log."""
+    plugin = acc.state.deepspeed_plugin
+    return {"distributed_type": str(acc.distributed_type).split(".")[-1],
+            "num_processes": acc.num_processes, "device": str(acc.device),
+            "mixed_precision": acc.mixed_precision,
+            "zero_stage": plugin.zero_stage if plugin is not None else None,
+            "backend": dist.get_backend() if dist.is_initialized() else None}
+
+
+def zero_stage(acc) -> int:
+    plugin = acc.state.deepspeed_plugin
+    return 0 if plugin is None else int(plugin.zero_stage)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of x, differentiable back to every rank's x."""
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_varlen(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks of tensors whose first dimension differs between ranks."""
+    if world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = gather_nograd(n).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = gather_nograd(padded).split(max(sizes))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+
+
+def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    """Average of scalar logs over ranks (each rank's loss covers only its own rows)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_object(obj, src: int = 0):
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,143 @@
+"""Text-to-image evaluation: distributed embedding of queries and gallery, then the metrics.
+
+    python -m trainer.evaluate runs/irra-synth/best                 # test split, one process
+    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m trainer.evaluate \
+        runs/irra-synth/best --split val
+
+Every test caption is a query over every test image (one per image). Each rank embeds its share
+of both (the eval loaders split samples so each is embedded exactly once), the embeddings are
+gathered by sample index, and rank 0 computes the similarity per branch (the recipe names them:
+"t2i", or RDE's BGE / TSE / BGE+TSE) and `retrieval_metrics`. Prints a table and writes
+metrics.json beside the weights (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from data_pipeline.loader import EvalLoader, LoaderConfig
+from trainer import dist
+from trainer.metrics import retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+
+def _dummy_batch(modality: str, cfg, tokenizer, device) -> dict:
+    ids = torch.full((1, cfg.model.context_length), tokenizer.pad_id, dtype=torch.long)
+    ids[0, 0], ids[0, 1] = tokenizer.sot_id, tokenizer.eot_id
+    batch = {"input_ids": ids.to(device)}
+    if modality == "image":
+        batch["image"] = torch.zeros(1, 3, *cfg.model.image_size, device=device)
+    return batch
+
+
+@torch.no_grad()
+def embed(model, cfg, tokenizer, split: str, modality: str, device) -> tuple[dict, torch.Tensor]:
+    """All embeddings of a split's queries (text) or gallery (image), in sample-index order, on
+    every rank, with their person ids. Every rank runs the same number of forward passes (ZeRO-3
+    gathers parameters collectively in each one)."""
+    loader = EvalLoader(cfg.data.shards, tokenizer,
+                        LoaderConfig(batch_size=cfg.data.eval_batch_size,
+                                     image_size=tuple(cfg.model.image_size),
+                                     num_workers=min(cfg.data.num_workers, 2), augment=False),
+                        split=split, modality=modality, rank=dist.rank(),
+                        world_size=dist.world_size())
+    feats, pids, index, dims = {}, [], [], {}
+    it = iter(loader)
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([batch is not None], dtype=torch.long, device=device)
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(more, op=torch.distributed.ReduceOp.MAX)
+        if not bool(more):
+            break
+        real = batch is not None
+        if not real:
+            batch = _dummy_batch(modality, cfg, tokenizer, device)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(batch, mode=modality)
+        dims = {name: f.shape[-1] for name, f in out.items()}
+        if real:
+            for name, f in out.items():
+                feats.setdefault(name, []).append(f.float())
+            pids.append(batch["pid"])
+            index.append(batch["index"])
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    local_idx = torch.cat(index) if index else empty
+    order = torch.argsort(dist.gather_varlen(local_idx))
+    out = {}
+    for name, dim in sorted(dims.items()):
+        local = torch.cat(feats[name]) if name in feats else torch.zeros(0, dim, device=device)
+        out[name] = dist.gather_varlen(local)[order]
+    return out, dist.gather_varlen(torch.cat(pids) if pids else empty)[order]
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def evaluate(model, cfg, tokenizer, split: str, device) -> dict[str, dict[str, float]]:
+    """{similarity name: metrics}; the same dict on every rank."""
+    was_training = model.training
+    model.eval()
+    text, q_pids = embed(model, cfg, tokenizer, split, "text", device)
+    image, g_pids = embed(model, cfg, tokenizer, split, "image", device)
+    model.train(was_training)
+    result = None
+    if dist.rank() == 0:
+        sims = _unwrap(model).recipe.similarity(text, image)
+        result = {name: retrieval_metrics(s, q_pids, g_pids) for name, s in sims.items()}
+    return dist.broadcast_object(result)
+
+
+def format_table(results: dict, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("similarity")
+    cols = list(next(iter(results.values())))
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, m in results.items():
+        table.add_row(name, *(f"{m[c]:.2f}" for c in cols))
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", help="a weights folder of a run (best/ or final/)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--shards", help="shard folder (default: the one the run trained on)")
+    p.add_argument("--out", help="where to write metrics.json (default: the weights folder)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from accelerate import Accelerator
+    from rich.console import Console
+
+    from trainer.build import load_weights_folder
+
+    try:
+        overrides = [f"data.shards={args.shards}"] if args.shards else []
+        cfg, tokenizer, model = load_weights_folder(Path(args.weights), overrides)
+        acc = Accelerator(cpu=not torch.cuda.is_available())
+        model = acc.prepare(model)
+        results = evaluate(model, cfg, tokenizer, args.split, acc.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if acc.is_main_process:
+        Console().print(format_table(results, f"{args.weights} on {args.split}"))
+        out = Path(args.out or args.weights) / "metrics.json"
+        out.write_text(json.dumps({"split": args.split, "metrics": results}, indent=1))
+        print(json.dumps({"split": args.split, "metrics": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

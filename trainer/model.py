@@ -1,0 +1,213 @@
+"""The CLIP dual encoder: transformers' CLIP weights, a forward written for person retrieval.
+
+Shapes: B batch, N patch tokens (gh x gw grid), K kept patches, L text tokens, D encoder width,
+E joint embedding size, H heads.
+
+The parameters live in a transformers `CLIPModel` (so `from_pretrained` of a hub id or folder
+loads them, and the export in `trainer/export.py` writes them back); the forward is ours:
+- non-square images: the position embedding is a (1 + gh*gw) x D table for the patch grid,
+  interpolated once at load from a pretrained square one (bilinear, as IRRA), or random;
+- token dropping: `encode_image(pixels, keep_BK=...)` runs the transformer on [CLS] + the kept
+  patches only (AMNS's AWM drops 30 % and saves that much compute);
+- all token features go through the final LayerNorm and the projection (IRRA), so the global
+  embedding is token 0 (image) or the EOS token (text);
+- the last layer's attention row of the CLS (image) or EOS (text) token, averaged over heads, is
+  computed as that one row from the layer's queries and keys, never as full attention maps;
+- captions are cut to the batch's longest (EOS + 1): the text encoder is causal, so the
+  tokens up to each EOS are unchanged and the padding costs nothing.
+The model knows nothing about distribution.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPModel
+
+from trainer.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageFeatures:
+    embeds_BE: torch.Tensor       # projected CLS token (not normalised)
+    tokens_BTE: torch.Tensor      # projected tokens, T = 1 + K, token 0 is CLS
+    attn_BK: torch.Tensor         # last-layer CLS -> patch attention, head-averaged, fp32
+    keep_BK: torch.Tensor | None  # indices of the kept patches (None: all N)
+
+
+@dataclass
+class TextFeatures:
+    embeds_BE: torch.Tensor       # projected EOS token (not normalised)
+    tokens_BLE: torch.Tensor      # projected tokens of the cut captions
+    attn_BL: torch.Tensor         # last-layer EOS -> token attention, head-averaged, fp32
+    eos_B: torch.Tensor           # EOS position of each caption
+    input_ids_BL: torch.Tensor    # the captions cut to L
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, clip: CLIPModel, grid_hw: tuple[int, int], eot_id: int):
+        super().__init__()
+        self.clip = clip
+        self.grid_hw = tuple(grid_hw)
+        self.eot_id = eot_id
+        self.patch_size = clip.config.vision_config.patch_size
+        n = 1 + grid_hw[0] * grid_hw[1]
+        pos = clip.vision_model.embeddings.position_embedding
+        assert pos.weight.shape[0] == n, "position table must match the patch grid"
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, vocab_size: int, sot_id: int, eot_id: int,
+                    pad_id: int) -> "DualEncoder":
+        """A randomly initialised CLIP of the configured size for the configured image grid."""
+        config = CLIPConfig(
+            text_config=dict(vocab_size=vocab_size, hidden_size=cfg.text_width,
+                             intermediate_size=4 * cfg.text_width,
+                             num_hidden_layers=cfg.text_layers,
+                             num_attention_heads=cfg.text_heads,
+                             max_position_embeddings=cfg.context_length, hidden_act="quick_gelu",
+                             bos_token_id=sot_id, eos_token_id=eot_id, pad_token_id=pad_id,
+                             projection_dim=cfg.embed_dim),
+            vision_config=dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width,
+                               num_hidden_layers=cfg.vision_layers,
+                               num_attention_heads=cfg.vision_heads,
+                               image_size=max(cfg.image_size), patch_size=cfg.patch_size,
+                               hidden_act="quick_gelu", projection_dim=cfg.embed_dim),
+            projection_dim=cfg.embed_dim)
+        return cls.from_clip_config(config, cfg.image_size, eot_id)
+
+    @classmethod
+    def from_clip_config(cls, config: CLIPConfig, image_size: tuple[int, int], eot_id: int
+                         ) -> "DualEncoder":
+        """Random weights for a CLIP architecture, with a position table for the image grid."""
+        patch = config.vision_config.patch_size
+        grid = (image_size[0] // patch, image_size[1] // patch)
+        clip = CLIPModel(config)
+        table = nn.Embedding(1 + grid[0] * grid[1], config.vision_config.hidden_size)
+        nn.init.normal_(table.weight, std=config.vision_config.initializer_range)
+        clip.vision_model.embeddings.position_embedding = table
+        return cls(clip, grid, eot_id)
+
+    @classmethod
+    def from_pretrained(cls, name: str, cfg: ModelConfig, *, vocab_size: int, eot_id: int
+                        ) -> "DualEncoder":
+        """A pretrained CLIP; position table interpolated to the grid, vocabulary grown if the
+        tokenizer added tokens (the mask token)."""
+        try:
+            clip = CLIPModel.from_pretrained(name)
+        except OSError as exc:
+            raise FileNotFoundError(f"could not load CLIP weights from {name!r}: {exc}") from None
+        patch = clip.config.vision_config.patch_size
+        h, w = cfg.image_size
+        if h % patch or w % patch:
+            raise ValueError(f"model.image_size {cfg.image_size} is not a multiple of the "
+                             f"pretrained patch size {patch}")
+        grid = (h // patch, w // patch)
+        emb = clip.vision_model.embeddings
+        emb.position_embedding = _grid_table(emb.position_embedding.weight.data, grid)
+        log.info("interpolated the pretrained position embedding to the %dx%d patch grid", *grid)
+        if vocab_size > clip.config.text_config.vocab_size:
+            _grow_vocab(clip, vocab_size)
+        clip.config.text_config.eos_token_id = eot_id
+        return cls(clip, grid, eot_id)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.config.projection_dim
+
+    def encode_image(self, pixels_BCHW: torch.Tensor, keep_BK: torch.Tensor | None = None
+                     ) -> ImageFeatures:
+        vm = self.clip.vision_model
+        emb = vm.embeddings
+        dtype = emb.patch_embedding.weight.dtype
+        x = emb.patch_embedding(pixels_BCHW.to(dtype))
+        if tuple(x.shape[-2:]) != self.grid_hw:
+            raise ValueError(f"images of {tuple(pixels_BCHW.shape[-2:])} give a "
+                             f"{tuple(x.shape[-2:])} patch grid; the model was built for "
+                             f"{self.grid_hw} (model.image_size)")
+        pos = emb.position_embedding.weight
+        x_BND = x.flatten(2).transpose(1, 2) + pos[1:]
+        if keep_BK is not None:
+            x_BND = torch.gather(x_BND, 1, keep_BK.unsqueeze(-1).expand(-1, -1, x_BND.shape[-1]))
+        cls_B1D = (emb.class_embedding + pos[0]).to(x_BND.dtype).expand(x_BND.shape[0], 1, -1)
+        x = vm.pre_layrnorm(torch.cat([cls_B1D, x_BND], dim=1))
+        query_B = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        x, row_BT = _transformer(vm.encoder.layers, x, causal=False, query_B=query_B)
+        tokens = self.clip.visual_projection(vm.post_layernorm(x))
+        return ImageFeatures(tokens[:, 0], tokens, row_BT[:, 1:], keep_BK)
+
+    def encode_text(self, input_ids_BL: torch.Tensor) -> TextFeatures:
+        tm = self.clip.text_model
+        is_eot = input_ids_BL == self.eot_id
+        if not bool(is_eot.any(dim=1).all()):
+            raise ValueError("every caption needs an end-of-text token (use CaptionTokenizer)")
+        eos_B = is_eot.int().argmax(dim=1)
+        ids = input_ids_BL[:, : int(eos_B.max()) + 1]
+        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding.weight[: ids.shape[1]]
+        x, row_BL = _transformer(tm.encoder.layers, x, causal=True, query_B=eos_B)
+        tokens = self.clip.text_projection(tm.final_layer_norm(x))
+        embeds = tokens[torch.arange(tokens.shape[0], device=tokens.device), eos_B]
+        return TextFeatures(embeds, tokens, row_BL, eos_B, ids)
+
+
+def _transformer(layers, x_BTD: torch.Tensor, *, causal: bool, query_B: torch.Tensor):
+    """CLIP pre-LN blocks with SDPA; also the last layer's attention row of token query_B[b]."""
+    row = None
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        h = layer.layer_norm1(x_BTD)
+        B, T, _ = h.shape
+        heads = attn.num_heads
+
+        def split(t):
+            return t.view(B, T, heads, -1).transpose(1, 2)
+
+        q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=attn.scale)
+        x_BTD = x_BTD + attn.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+        x_BTD = x_BTD + layer.mlp(layer.layer_norm2(x_BTD))
+        if i == len(layers) - 1:
+            row = _attention_row(q, k, query_B, attn.scale, causal)
+    return x_BTD, row
+
+
+def _attention_row(q_BHTd, k_BHTd, query_B, scale: float, causal: bool) -> torch.Tensor:
+    """softmax(q_i k^T * scale) for the one query token i per sample, mean over heads, fp32."""
+    B, H, T, d = q_BHTd.shape
+    q = q_BHTd[torch.arange(B, device=q_BHTd.device), :, query_B]            # B, H, d
+    scores = torch.einsum("bhd,bhtd->bht", q.float(), k_BHTd.float()) * scale
+    if causal:
+        later = torch.arange(T, device=scores.device)[None, None] > query_B[:, None, None]
+        scores = scores.masked_fill(later, float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+def _grid_table(weight_PD: torch.Tensor, grid: tuple[int, int]) -> nn.Embedding:
+    """A pretrained (1 + S*S) x D position table -> (1 + gh*gw) x D for the grid (bilinear)."""
+    cls, patches = weight_PD[:1], weight_PD[1:]
+    side = int(round(patches.shape[0] ** 0.5))
+    assert side * side == patches.shape[0], "pretrained position table is not a square grid"
+    g = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    g = F.interpolate(g, size=grid, mode="bilinear", align_corners=False)
+    table = torch.cat([cls.float(), g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])])
+    emb = nn.Embedding(table.shape[0], table.shape[1])
+    emb.weight.data.copy_(table.to(weight_PD.dtype))
+    return emb
+
+
+def _grow_vocab(clip: CLIPModel, vocab_size: int) -> None:
+    old = clip.text_model.embeddings.token_embedding
+    new = nn.Embedding(vocab_size, old.weight.shape[1])
+    nn.init.normal_(new.weight, std=0.02)
+    new.weight.data[: old.weight.shape[0]] = old.weight.data
+    clip.text_model.embeddings.token_embedding = new
+    log.info("grew the text vocabulary from %d to %d tokens", old.weight.shape[0], vocab_size)
+    clip.config.text_config.vocab_size = vocab_size
