@@ -136,7 +136,7 @@ def topk_select_forward(scores_BL, valid_BL, k, features_BLD, weights_BL, noise_
     noise = noise_BL if sample else scores
     feat_bits = _as_bits(features_BLD) if has_feat else idx.view(B, k, 1)
     out_bits = _as_bits(out) if has_feat else idx.view(B, k, 1)
-    k_pow2 = next_pow2(k)
+    k_pow2 = max(2, next_pow2(k))  # tl.topk needs a power of two >= 2
     _topk_select_fwd_kernel[(B,)](
         scores, valid_BL.view(torch.int8), scores, noise, feat_bits, idx, ok, out_bits,
         L, k, D,
@@ -153,7 +153,7 @@ def topk_select_backward(dout_BkD, idx_Bk, valid_Bk, L):
     dfeat = torch.zeros(B, L, D, dtype=dout_BkD.dtype, device=dout_BkD.device)
     dout = _as_bits(dout_BkD.contiguous())
     dbits = _as_bits(dfeat)
-    k_pow2 = next_pow2(k)
+    k_pow2 = max(2, next_pow2(k))  # tl.topk needs a power of two >= 2
     _topk_select_bwd_kernel[(B,)](
         dout, idx_Bk, valid_Bk.view(torch.int8), dbits, k, D,
         dout.stride(0), dout.stride(1), dbits.stride(0), dbits.stride(1),
