@@ -81,7 +81,8 @@ def _topk_select_fwd_kernel(
     slot = tl.arange(0, K_POW2)
     slot_in = slot < k
     slot_valid = (top >> 32) > -2147483648
-    idx = tl.where(slot_valid, (BLOCK_L - 1) - (top & 0xFFFFFFFF), 0)
+    # the low word is the reversed index (< 2^31): truncating to int32 keeps it exactly
+    idx = tl.where(slot_valid, (BLOCK_L - 1) - top.to(tl.int32), 0).to(tl.int64)
     tl.store(IDX_OUT + row * k + slot, idx, mask=slot_in)
     tl.store(VALID_OUT + row * k + slot, slot_valid.to(tl.int8), mask=slot_in)
     if HAS_FEATURES:
