@@ -1,0 +1,15 @@
+"""Fused Triton ops, each with its eager reference, autograd Function and dispatch.
+
+  similarity_loss.py   the similarity matrix fused with SDM / BSDM / TAL / ITC / WAF, per query
+  topk_select.py       top-k (or weighted sampling without replacement) of token scores + gather
+  bench.py             `python -m kernels.bench`: eager vs torch.compile vs Triton
+  _dispatch.py         impl="auto" | "triton" | "reference", logged once per op
+
+Importing this package never touches CUDA.
+"""
+from kernels.similarity_loss import (bidirectional_similarity_loss, similarity_loss,
+                                     similarity_loss_reference)
+from kernels.topk_select import TopK, topk_select, topk_select_reference
+
+__all__ = ["similarity_loss", "bidirectional_similarity_loss", "similarity_loss_reference",
+           "topk_select", "topk_select_reference", "TopK"]

@@ -1,0 +1,67 @@
+"""Backend choice shared by the ops: `impl="auto" | "triton" | "reference"`.
+
+`auto` takes the Triton kernel when every tensor is on CUDA and triton imports, else the eager
+reference; the choice is logged once per (op, choice) on the "kernels" logger. `triton` on CPU
+tensors runs the kernel in the Triton interpreter, which must be switched on (TRITON_INTERPRET=1)
+before `kernels` is imported, because `@triton.jit` reads the variable when it decorates.
+
+Nothing here touches CUDA at import time.
+"""
+import logging
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # non-Linux machines: keep the module importable, the reference still works
+    HAS_TRITON = False
+
+    class _Stub:
+        """Just enough of `triton` / `triton.language` for the kernel definitions to parse."""
+
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _Stub()
+
+IMPLS = ("auto", "triton", "reference")
+log = logging.getLogger("kernels")
+_logged: set[tuple[str, str]] = set()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(op: str, impl: str, *tensors: torch.Tensor) -> str:
+    """Return "triton" or "reference" for this call; log the automatic choice once."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl={impl!r}; choose one of {IMPLS}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        choice = "triton" if (on_cuda and HAS_TRITON) else "reference"
+        reason = ("CUDA tensors and triton available" if choice == "triton"
+                  else "triton not importable" if on_cuda else "tensors not on CUDA")
+        if (op, choice) not in _logged:
+            _logged.add((op, choice))
+            log.info("%s: using the %s implementation (%s)", op, choice, reason)
+        return choice
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{op}: impl='triton' but triton is not importable; use impl='reference'")
+        if not on_cuda and not interpreting():
+            raise ValueError(f"{op}: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                             "`kernels` is imported (the Triton interpreter); or use impl='reference'")
+    return impl
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
