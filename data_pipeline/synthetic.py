@@ -4,9 +4,9 @@ The real datasets cannot be downloaded here, so this module draws pedestrians wi
 a folder that the CUHK-PEDES reader reads like the real one, so synthetic data takes the same path
 through sharding, noise injection and the loader:
 
-    OUT/reid_raw.json                   [{"split", "captions", "file_path", "processed_tokens", "id"}]
-    OUT/imgs/synth/00001/00001_0.jpg    one JPEG per image (quality 95, RGB, 96 x 32 by default)
-    OUT/synth_meta.json                 the config and every identity's attributes (extra to the format)
+    OUT/reid_raw.json                 [{"split", "captions", "file_path", "processed_tokens", "id"}]
+    OUT/imgs/synth/00001/00001_0.jpg  one JPEG per image (quality 95, RGB, 96 x 32 by default)
+    OUT/synth_meta.json               the config and each identity's attributes (beyond the format)
 
 An identity is a combination of attributes (gender, skin tone, hair length and colour, hat, upper
 garment and colour, lower garment and colour, shoe colour, bag and colour; 11 colour names), unique
@@ -112,7 +112,7 @@ class SynthConfig:
     brightness: float = 0.25
     """Largest relative brightness change per image (0.25: factor in [0.75, 1.25])."""
     pose_jitter: float = 1.0
-    """Scales the geometric variation between images (position, scale, width, leg and arm spread)."""
+    """Scales the geometric variation between images: position, scale, width, leg and arm spread."""
     clutter: int = 3
     """Most background clutter rectangles per image (0 to clutter, uniform)."""
     flip_prob: float = 0.5
@@ -121,28 +121,26 @@ class SynthConfig:
     """JPEG quality of the written images."""
 
     def __post_init__(self):
-        ranges = {
+        ints = {
             "seed": (0, 2**63 - 1), "num_train_ids": (1, 99_999), "num_val_ids": (0, 99_999),
             "num_test_ids": (1, 99_999), "images_per_id": (1, 1000), "captions_per_image": (1, 20),
-            "height": (48, 4096), "width": (16, 4096), "clutter": (0, 100), "jpeg_quality": (1, 100),
+            "height": (48, 4096), "width": (16, 4096), "clutter": (0, 100),
+            "jpeg_quality": (1, 100),
         }
-        for name, (lo, hi) in ranges.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                raise ValueError(f"SynthConfig.{name} must be an integer in [{lo}, {hi}], got {value!r}")
-        floats = {
+        numbers = {
             "hat_prob": (0.0, 1.0), "occlusion_prob": (0.0, 1.0), "drop_attribute_prob": (0.0, 1.0),
             "flip_prob": (0.0, 1.0), "colour_jitter": (0.0, 128.0), "noise_std": (0.0, 128.0),
             "brightness": (0.0, 0.9), "pose_jitter": (0.0, 2.0),
         }
-        for name, (lo, hi) in floats.items():
+        for name, (lo, hi) in {**ints, **numbers}.items():
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-                raise ValueError(f"SynthConfig.{name} must be a number in [{lo}, {hi}], got {value!r}")
-        total = self.num_train_ids + self.num_val_ids + self.num_test_ids
-        if total > 99_999:  # file paths hold the id in 5 digits
-            raise ValueError(f"SynthConfig.num_train_ids + num_val_ids + num_test_ids must be at most "
-                             f"99999, got {total}")
+            kinds, what = (int, "an integer") if name in ints else ((int, float), "a number")
+            if not isinstance(value, kinds) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(
+                    f"SynthConfig.{name} must be {what} in [{lo}, {hi}], got {value!r}")
+        if self.num_ids > 99_999:  # file paths hold the id in 5 digits
+            raise ValueError("SynthConfig.num_train_ids + num_val_ids + num_test_ids must be at "
+                             f"most 99999, got {self.num_ids}")
 
     @property
     def num_ids(self) -> int:
@@ -187,21 +185,21 @@ def _draw_attributes(rng: np.random.Generator, config: SynthConfig) -> dict:
     gender = _pick(rng, ("man", "woman"))
     woman = gender == "woman"
     colours = list(COLOURS)
-    bag = _pick(rng, (None, "backpack", "handbag"), p=(0.35, 0.35, 0.30) if woman else (0.45, 0.4, 0.15))
-    return dict(
-        gender=gender,
-        skin=_pick(rng, SKIN_TONES),
-        hair_length=_pick(rng, ("short", "long"), p=(0.3, 0.7) if woman else (0.85, 0.15)),
-        hair_colour=_pick(rng, HAIR_COLOURS, p=(0.35, 0.3, 0.2, 0.15)),
-        hat_colour=_pick(rng, colours) if rng.random() < config.hat_prob else None,
-        upper=_pick(rng, UPPER_TYPES),
-        upper_colour=_pick(rng, colours),
-        lower=_pick(rng, LOWER_TYPES, p=(0.5, 0.2, 0.3) if woman else (0.7, 0.3, 0.0)),
-        lower_colour=_pick(rng, colours),
-        shoes_colour=_pick(rng, colours),
-        bag=bag,
-        bag_colour=_pick(rng, colours) if bag else None,
-    )
+    bag = _pick(rng, (None, *BAG_TYPES), p=(0.35, 0.35, 0.3) if woman else (0.45, 0.4, 0.15))
+    return {
+        "gender": gender,
+        "skin": _pick(rng, SKIN_TONES),
+        "hair_length": _pick(rng, ("short", "long"), p=(0.3, 0.7) if woman else (0.85, 0.15)),
+        "hair_colour": _pick(rng, HAIR_COLOURS, p=(0.35, 0.3, 0.2, 0.15)),
+        "hat_colour": _pick(rng, colours) if rng.random() < config.hat_prob else None,
+        "upper": _pick(rng, UPPER_TYPES),
+        "upper_colour": _pick(rng, colours),
+        "lower": _pick(rng, LOWER_TYPES, p=(0.5, 0.2, 0.3) if woman else (0.7, 0.3, 0.0)),
+        "lower_colour": _pick(rng, colours),
+        "shoes_colour": _pick(rng, colours),
+        "bag": bag,
+        "bag_colour": _pick(rng, colours) if bag else None,
+    }
 
 
 def sample_identities(config: SynthConfig) -> list[Identity]:
@@ -270,7 +268,7 @@ def _limb(top_l, top_r, bot_l, bot_r, t0, t1):
 def _draw_figure(pen: _Pen, ident: Identity, col: dict, pose: dict):
     """The pedestrian, front view, back to front. col: jittered colours; pose: this image's pose."""
     cx, top, H, wf = pose["cx"], pose["top"], pose["height"], pose["width"]
-    y = lambda t: top + t * H  # noqa: E731 (height fraction -> y)
+    y = lambda t: top + t * H  # a fraction of the figure's height -> y
     woman = ident.gender == "woman"
     sw = (0.105 if woman else 0.125) * H * wf  # half shoulder width
     hw = (0.095 if woman else 0.088) * H * wf  # half hip width
@@ -321,7 +319,8 @@ def _draw_figure(pen: _Pen, ident: Identity, col: dict, pose: dict):
     if ident.bag == "handbag":  # hangs from the hand on its side, strap to the shoulder
         side = pose["bag_side"]
         bag_x = hands[side]
-        pen.line([(cx + side * sw * 0.6, shoulder), (bag_x, y(0.47))], _shade(col["bag"], 0.7), 0.014 * H)
+        strap = [(cx + side * sw * 0.6, shoulder), (bag_x, y(0.47))]
+        pen.line(strap, _shade(col["bag"], 0.7), 0.014 * H)
         pen.rect(bag_x - 0.05 * H, y(0.46), bag_x + 0.05 * H, y(0.585), col["bag"])
 
 
@@ -335,7 +334,8 @@ def _draw_upper(pen: _Pen, ident: Identity, col: dict, cx, y, H, sw, hw):
     pen.poly([(cx - sw * bulk, shoulder), (cx + sw * bulk, shoulder),
               (cx + hem, bottom), (cx - hem, bottom)], upper)
     if ident.upper == "tshirt":  # round neckline
-        pen.ellipse(cx - 0.035 * H, shoulder - 0.02 * H, cx + 0.035 * H, shoulder + 0.025 * H, col["skin"])
+        pen.ellipse(cx - 0.035 * H, shoulder - 0.02 * H, cx + 0.035 * H, shoulder + 0.025 * H,
+                    col["skin"])
     elif ident.upper == "shirt":  # light collar and a button line
         light = _shade(upper, 1.35) if sum(upper) < 500 else _shade(upper, 0.8)
         for side in (-1, 1):
@@ -381,8 +381,9 @@ def _image_colours(ident: Identity, rng: np.random.Generator, jitter: float) -> 
             "hat": COLOURS.get(ident.hat_colour, (0, 0, 0)), "upper": COLOURS[ident.upper_colour],
             "lower": COLOURS[ident.lower_colour], "shoes": COLOURS[ident.shoes_colour],
             "bag": COLOURS.get(ident.bag_colour, (0, 0, 0))}
-    return {k: tuple(int(v) for v in np.clip(np.asarray(rgb) + rng.uniform(-jitter, jitter, 3), 0, 255))
-            for k, rgb in base.items()}
+    shifted = {k: np.clip(np.asarray(rgb) + rng.uniform(-jitter, jitter, 3), 0, 255)
+               for k, rgb in base.items()}
+    return {k: tuple(int(v) for v in rgb) for k, rgb in shifted.items()}
 
 
 def _draw_scene(pen: _Pen, rng: np.random.Generator, w: float, h: float, clutter: int):
@@ -422,9 +423,10 @@ def render_image(ident: Identity, k: int, config: SynthConfig) -> Image.Image:
     colours = _image_colours(ident, rng, config.colour_jitter)
     fig_h = 86.0 * (1.0 - 0.16 * j * rng.uniform())
     bottom = h - 1.5 - j * rng.uniform(0, 4)
-    pose = dict(height=fig_h, top=bottom - fig_h, cx=w / 2 + j * rng.uniform(-3.5, 3.5),
-                width=1.0 + j * rng.uniform(-0.15, 0.15), leg=j * rng.uniform(), arm=j * rng.uniform(),
-                bag_side=_pick(rng, (-1, 1)), brim_side=_pick(rng, (-1, 1)))
+    pose = {"height": fig_h, "top": bottom - fig_h, "cx": w / 2 + j * rng.uniform(-3.5, 3.5),
+            "width": 1.0 + j * rng.uniform(-0.15, 0.15), "leg": j * rng.uniform(),
+            "arm": j * rng.uniform(), "bag_side": _pick(rng, (-1, 1)),
+            "brim_side": _pick(rng, (-1, 1))}
     _draw_figure(pen, ident, colours, pose)
     if rng.random() < config.occlusion_prob:
         _draw_occluder(pen, rng, w, h)
@@ -440,18 +442,22 @@ def render_image(ident: Identity, k: int, config: SynthConfig) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 # Captions
 
-_GENDER_WORDS = {"man": ("man", "man", "guy", "gentleman"), "woman": ("woman", "woman", "lady", "girl")}
+_GENDER_WORDS = {"man": ("man", "man", "guy", "gentleman"),
+                 "woman": ("woman", "woman", "lady", "girl")}
 _PRONOUNS = {"man": ("he", "his"), "woman": ("she", "her")}
 _UPPER_WORDS = {"tshirt": ("tee shirt", "tee", "short sleeved top"),
                 "shirt": ("shirt", "long sleeved shirt", "button down shirt"),
                 "jacket": ("jacket", "zip up jacket", "zipped jacket"),
                 "coat": ("coat", "long coat", "overcoat")}
-_LOWER_WORDS = {"trousers": ("trousers", "pants", "long pants"), "shorts": ("shorts", "short pants"),
+_LOWER_WORDS = {"trousers": ("trousers", "pants", "long pants"),
+                "shorts": ("shorts", "short pants"),
                 "skirt": ("skirt", "knee length skirt")}
 _SHOE_WORDS = ("shoes", "sneakers", "trainers")
 _HAT_WORDS = ("hat", "cap", "baseball cap")
-_BAG_WORDS = {"backpack": ("backpack", "backpack", "rucksack"), "handbag": ("handbag", "purse", "shoulder bag")}
-_SKIN_WORDS = {"light": ("light", "fair", "pale"), "tan": ("tan", "olive"), "dark": ("dark", "brown")}
+_BAG_WORDS = {"backpack": ("backpack", "backpack", "rucksack"),
+              "handbag": ("handbag", "purse", "shoulder bag")}
+_SKIN_WORDS = {"light": ("light", "fair", "pale"), "tan": ("tan", "olive"),
+               "dark": ("dark", "brown")}
 _WEARABLES = ("upper", "lower", "shoes", "hat")
 
 
@@ -465,8 +471,10 @@ def _join(items: list[str]) -> str:
 
 def _phrases(ident: Identity, rng: np.random.Generator, drop_prob: float) -> dict[str, str]:
     """Noun phrase per attribute the identity has; with probability drop_prob one is left out."""
-    long = _pick(rng, ("long", "long", "shoulder length")) if ident.hair_length == "long" else "short"
-    hair = [long, ident.hair_colour] if rng.random() < 0.8 else [ident.hair_colour, long]
+    length = "short"
+    if ident.hair_length == "long":
+        length = _pick(rng, ("long", "long", "shoulder length"))
+    hair = [length, ident.hair_colour] if rng.random() < 0.8 else [ident.hair_colour, length]
     lower = f"{ident.lower_colour} {_pick(rng, _LOWER_WORDS[ident.lower])}"
     p = {
         "hair": " ".join(hair) + " hair",
@@ -513,7 +521,8 @@ def _t_sentences(s: dict, p: dict, rng) -> str:
     if "bag" in p:
         rest.append(f"{s['he']} {_pick(rng, ('is carrying', 'carries', 'has'))} {p['bag']}")
     rng.shuffle(rest)
-    return ". ".join([f"{_pick(rng, ('the', 'this'))} {s['noun']} {verb} {_join(wear)}"] + rest) + "."
+    first = f"{_pick(rng, ('the', 'this'))} {s['noun']} {verb} {_join(wear)}"
+    return ". ".join([first] + rest) + "."
 
 
 def _t_with(s: dict, p: dict, rng) -> str:
@@ -529,7 +538,8 @@ def _t_with(s: dict, p: dict, rng) -> str:
 
 
 def _t_has(s: dict, p: dict, rng, ident: Identity) -> str:
-    # this lady has long brown hair. her shoes are white. she wears a red coat. a black ... on her back.
+    # this lady has long brown hair. her shoes are white. she wears a red coat. a black backpack
+    # is on her back.
     wear_keys = [k for k in _WEARABLES if k in p]
     rest = []
     if "shoes" in p and rng.random() < 0.5:
@@ -597,11 +607,11 @@ def _render_chunk(out_dir: str, config: SynthConfig, identities: list[Identity])
     """Write the images of some identities; return their annotation records (worker task)."""
     records = []
     for ident in identities:
-        (Path(out_dir) / "imgs" / IMAGE_SUBDIR / f"{ident.id:05d}").mkdir(parents=True, exist_ok=True)
+        images = Path(out_dir) / "imgs"
+        (images / IMAGE_SUBDIR / f"{ident.id:05d}").mkdir(parents=True, exist_ok=True)
         for k in range(config.images_per_id):
             path = file_path(ident.id, k)
-            render_image(ident, k, config).save(Path(out_dir) / "imgs" / path, format="JPEG",
-                                                quality=config.jpeg_quality)
+            render_image(ident, k, config).save(images / path, "JPEG", quality=config.jpeg_quality)
             captions = make_captions(ident, k, config)
             records.append({"split": ident.split, "captions": captions, "file_path": path,
                             "processed_tokens": [tokenize(c) for c in captions], "id": ident.id})
@@ -620,8 +630,8 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     existing = [p for p in (out / ANNOTATION_FILE, out / "imgs" / IMAGE_SUBDIR) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{out} already holds a dataset ({', '.join(str(p) for p in existing)}); choose another "
-            f"output folder or pass overwrite=True (CLI: --overwrite) to replace it")
+            f"{out} already holds a dataset ({', '.join(str(p) for p in existing)}); choose "
+            "another output folder or pass overwrite=True (CLI: --overwrite) to replace it")
     for p in (out / ANNOTATION_FILE, out / META_FILE):
         p.unlink(missing_ok=True)  # first, so a failed run leaves no annotation file behind
     shutil.rmtree(out / "imgs" / IMAGE_SUBDIR, ignore_errors=True)
@@ -637,8 +647,8 @@ def _render_all(out: Path, config: SynthConfig, identities: list[Identity], work
     chunks = [identities[i:i + size] for i in range(0, len(identities), size)]
     task = _Task(str(out), config)
     records = []
-    with Progress(TextColumn("synthetic ids"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not progress) as bar:
+    columns = (TextColumn("synthetic ids"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
         bar_task = bar.add_task("ids", total=len(identities))
         if workers == 1:
             for chunk in chunks:
@@ -719,11 +729,13 @@ def preview(dataset_dir: str | os.PathLike, path: str | os.PathLike, n_ids: int 
     for record in json.loads((root / ANNOTATION_FILE).read_text(encoding="utf-8")):
         by_id.setdefault(record["id"], []).append(record)
     ids = sorted(by_id)
-    rows = sorted({ids[i] for i in np.linspace(0, len(ids) - 1, min(n_ids, len(ids))).round().astype(int)})
+    spread = np.linspace(0, len(ids) - 1, min(n_ids, len(ids))).round().astype(int)
+    rows = sorted({ids[i] for i in spread})
     w, h = Image.open(root / "imgs" / by_id[ids[0]][0]["file_path"]).size
     zoom = max(1, 288 // h)
     tile_w, tile_h, gap, text_w = w * zoom, h * zoom, 4, 300
-    sheet = Image.new("RGB", (per_id * (tile_w + gap) + text_w, len(rows) * (tile_h + gap)), "white")
+    sheet_size = (per_id * (tile_w + gap) + text_w, len(rows) * (tile_h + gap))
+    sheet = Image.new("RGB", sheet_size, "white")
     draw = ImageDraw.Draw(sheet)
     try:
         font = ImageFont.load_default(size=14)

@@ -15,7 +15,7 @@ from data_pipeline.synthetic import (
     sample_identities, tokenize,
 )
 
-SMALL = dict(num_train_ids=12, num_val_ids=4, num_test_ids=4, images_per_id=3)
+SMALL = {"num_train_ids": 12, "num_val_ids": 4, "num_test_ids": 4, "images_per_id": 3}
 
 
 def _gen(out: Path, workers: int = 1, **changes) -> list[dict]:
@@ -24,7 +24,8 @@ def _gen(out: Path, workers: int = 1, **changes) -> list[dict]:
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_format(small):
         assert name.startswith(f"{r['id']:05d}_") and name.endswith(".jpg")
         assert len(r["captions"]) == 2 and r["captions"][0] != r["captions"][1]
         for caption, tokens in zip(r["captions"], r["processed_tokens"]):
-            assert caption == caption.lower() and set(caption) <= set("abcdefghijklmnopqrstuvwxyz ,.")
+            assert set(caption) <= set("abcdefghijklmnopqrstuvwxyz ,.")  # lower case, no digits
             assert "  " not in caption and caption.endswith(".")
             assert tokens == tokenize(caption) == caption.replace(",", "").replace(".", "").split()
         with Image.open(small / "imgs" / r["file_path"]) as img:
@@ -120,7 +121,8 @@ def test_drop_attribute_prob():
     """With no drops every caption names hair and skin; with the default some leave one out."""
     def captions(drop):
         cfg = SynthConfig(num_train_ids=50, num_val_ids=0, num_test_ids=1, drop_attribute_prob=drop)
-        return [c for i in sample_identities(cfg) for k in range(4) for c in make_captions(i, k, cfg)]
+        identities = sample_identities(cfg)
+        return [c for i in identities for k in range(4) for c in make_captions(i, k, cfg)]
     assert all("hair" in c and "skin" in c for c in captions(0.0))
     assert any("hair" not in c or "skin" not in c for c in captions(0.35))
 
