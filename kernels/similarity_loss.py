@@ -365,7 +365,7 @@ def _row_terms(stats_11n, query_valid_n, kind, tau, margin, lam, eps, alpha, gam
     elif kind == "tal":
         raw = margin - tau * zbar_pos + torch.where(has_neg, tau * lse_neg, 0.0)
         loss, mask = raw.clamp(min=0.0), query_valid_n
-        w3 = -tau * (raw > 0).float()
+        w3 = -tau * (raw >= 0).float()  # the subgradient torch.clamp uses at 0
         w4 = -w3
     elif kind == "itc":
         zbar_mom = torch.where(l_mom > 0, a_mom / l_mom, 0.0)
