@@ -5,7 +5,8 @@
   bench.py             `python -m kernels.bench`: eager vs torch.compile vs Triton
   _dispatch.py         impl="auto" | "triton" | "reference", logged once per op
 
-Importing this package never touches CUDA.
+Importing this package never touches CUDA. The package attributes `similarity_loss` and
+`topk_select` are the functions; reach the modules with importlib.import_module("kernels.<op>").
 """
 from kernels.similarity_loss import (bidirectional_similarity_loss, similarity_loss,
                                      similarity_loss_reference)

@@ -42,16 +42,19 @@ fused dQ/dK kernel: its BLOCK_M x D fp32 accumulator does not fit in registers f
 splitting D recomputes S D / BLOCK_D times; writing g costs 2 bytes per element in bf16 while the
 matmuls keep the tensor cores busy.
 
-FLOPs and bytes (useful work; tiles recomputed in the backward not counted): forward 2 n N D
-(4 n N D with momentum), forward+backward 6 n N D. At n = N = 65536, D = 1024 that is 26.4 TFLOP,
-about 27 ms at 989 dense bf16 TFLOP/s. Bytes: forward reads Q once and K n / BLOCK_M times (cache
-resident at these sizes), writes 11 n floats; the backward writes and reads g (2 n N bytes in bf16
-x 3 passes), small next to the matmul time. Eager reads and writes the n x N fp32 matrix about ten
-times per direction (and at n = N = 65536 one such matrix is 16 GiB).
+FLOPs and bytes. Useful work: forward 2 n N D (4 n N D with momentum), forward+backward 6 n N D
+(8 n N D with momentum); the benchmark's TFLOP/s count only these. Executed work adds the S tiles
+recomputed by the backward kernel (2 n N D more, 4 n N D with momentum), so the ceiling is 75 % of
+the tensor-core peak. At n = N = 65536, D = 1024: 26.4 TFLOP useful, about 27 ms at 989 dense bf16
+TFLOP/s. Bytes: the forward reads Q once and K once per row block (BLOCK_M flops per byte of K,
+below the H100's ~300, so it relies on the row blocks in flight sharing K tiles in L2: they walk K
+in the same order) and writes 11 n floats; the backward writes g once and reads it twice (6 n N bytes in bf16: 26 GB, about 8 ms
+at 3.35 TB/s, at the size above). Eager reads and writes n x N fp32 matrices about ten times per
+direction, and at n = N = 65536 one such matrix is 16 GiB.
 
 Numerics: accumulation, exponentials and row statistics in fp32; bf16/fp16 operands go to tl.dot
-as they are on a GPU (tensor cores, fp32 accumulate) and are cast to fp32 right after the load in
-the interpreter, which mishandles bf16 arithmetic. fp32 inputs use TF32 exactly when
+as they are on a GPU (tensor cores, fp32 accumulate); in the interpreter, which mishandles bf16
+arithmetic, bf16 is cast to fp32 right after the load (fp16 is not, so its native path is tested). fp32 inputs use TF32 exactly when
 torch.backends.cuda.matmul.allow_tf32 is set, as eager matmul does. The op takes activations only,
 no parameters, so it needs nothing special under ZeRO-3.
 """
@@ -362,7 +365,7 @@ def _row_terms(stats_11n, query_valid_n, kind, tau, margin, lam, eps, alpha, gam
     elif kind == "tal":
         raw = margin - tau * zbar_pos + torch.where(has_neg, tau * lse_neg, 0.0)
         loss, mask = raw.clamp(min=0.0), query_valid_n
-        w3 = -tau * (raw > 0).float()
+        w3 = -tau * (raw >= 0).float()  # the subgradient torch.clamp uses at 0
         w4 = -w3
     elif kind == "itc":
         zbar_mom = torch.where(l_mom > 0, a_mom / l_mom, 0.0)

@@ -1,5 +1,6 @@
 """The loss on 2 CPU ranks (gloo) with keys gathered with autograd equals one process on the
-concatenated batch: per-query losses and the gradients of every local feature."""
+concatenated batch: per-query losses and the gradients of every local feature. The ranks run the
+kernel in the Triton interpreter; the single process runs it on DEVICE (compiled on a GPU box)."""
 import os
 import socket
 
@@ -11,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import bidirectional_similarity_loss
+from tests.kernels.utils import DEVICE
 
 WORLD, N_LOCAL, D = 2, 24, 16
 KINDS = ("sdm", "bsdm", "tal", "itc", "waf")
@@ -71,13 +73,15 @@ def free_port():
 
 
 @pytest.mark.distributed
-def test_two_ranks_equal_one_process(tmp_path):
+def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the spawned ranks import kernels afresh, on CPU
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    img, txt, mimg, mtxt, ids, weights = global_batch()
+    img, txt, mimg, mtxt, ids, weights = (x.to(DEVICE) for x in global_batch())
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for kind in KINDS:
         whole = losses_and_grads(img.clone().requires_grad_(), txt.clone().requires_grad_(), mimg,
                                  mtxt, ids, lambda *xs: xs, weights, kind)
+        whole = [x.cpu() for x in whole]
         for name, want, got in zip(("i2t", "t2i", "d img", "d txt"), whole,
                                    (torch.cat([r[kind][i] for r in ranks]) for i in range(4))):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{kind} {name}")
