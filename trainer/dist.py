@@ -15,6 +15,7 @@ rows against every rank's keys, and the backward sums the keys' gradients back t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -39,7 +40,7 @@ def build_accelerator(cfg, run_dir: str):
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    if cpu:
+    if cpu and deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     kwargs = dict(mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers,
                   gradient_accumulation_steps=cfg.optim.grad_accum, project_dir=run_dir)
@@ -54,6 +55,28 @@ def build_accelerator(cfg, run_dir: str):
         ds.setdefault("zero_allow_untested_optimizer", True)
         ds.pop("train_batch_size", None)
     return acc
+
+
+@contextlib.contextmanager
+def plain_init(acc):
+    """Build modules with ordinary, unpartitioned initialisation even under ZeRO-3.
+
+    accelerate registers DeepSpeed's config with transformers whenever the stage is 3, and
+    transformers then builds every CLIPModel inside deepspeed.zero.Init: partitioned at
+    construction (rank 0 alone building one for an export would hang) and initialised
+    differently from a DDP run at the same seed. The engine partitions the model in `prepare`.
+    """
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def describe(acc) -> dict:
@@ -83,9 +106,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenation over ranks (rank order) of x, differentiable back to every rank's x."""
     if world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    import torch.distributed._functional_collectives as fc
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return fc.wait_tensor(gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
 
 
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,13 @@ class DualEncoder(nn.Module):
         self.grid_hw = tuple(grid_hw)
         self.eot_id = eot_id
         self.patch_size = clip.config.vision_config.patch_size
+        # The temperature is the loss's (scheduled or fixed), not CLIP's learnt logit scale: keep
+        # it as a buffer (saved and exported under its name; a 0-dim parameter also breaks
+        # DeepSpeed's parameter broadcast).
+        if isinstance(clip.logit_scale, nn.Parameter):
+            scale = clip.logit_scale.detach().clone()
+            del clip.logit_scale
+            clip.register_buffer("logit_scale", scale)
         n = 1 + grid_hw[0] * grid_hw[1]
         pos = clip.vision_model.embeddings.position_embedding
         assert pos.weight.shape[0] == n, "position table must match the patch grid"

@@ -66,7 +66,8 @@ class Run:
         self.tokenizer = load_tokenizer(cfg)
         self.meta = read_meta(cfg.data.shards)
         self.splits = set(self.meta["splits"])
-        model = build_model(cfg, self.tokenizer, self.meta["num_classes"])
+        with dist.plain_init(self.acc):
+            model = build_model(cfg, self.tokenizer, self.meta["num_classes"])
         self.clip_config = model.encoder.clip.config
         self.loader = TrainLoader(cfg.data.shards, self.tokenizer, self._loader_cfg(),
                                   rank=self.acc.process_index, world_size=self.acc.num_processes)
@@ -266,15 +267,17 @@ class Run:
         unsharded) model and evaluates its share."""
         from trainer.build import load_weights_folder
 
-        cfg, tok, model = load_weights_folder(self.run_dir / name,
-                                              [f"data.shards={self.cfg.data.shards}"])
+        with dist.plain_init(self.acc):
+            cfg, tok, model = load_weights_folder(self.run_dir / name,
+                                                  [f"data.shards={self.cfg.data.shards}"])
         return evaluate(model.to(self.acc.device), cfg, tok, split, self.acc.device)
 
     def _export(self) -> None:
         from trainer.export import export_hf
 
         source = "best" if self.state.best_epoch is not None else "final"
-        export_hf(self.run_dir / source, self.run_dir / "hf")
+        with dist.plain_init(self.acc):
+            export_hf(self.run_dir / source, self.run_dir / "hf")
         log.info("exported the %s weights in transformers format to %s", source,
                  self.run_dir / "hf")
 
