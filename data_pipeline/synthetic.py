@@ -348,8 +348,8 @@ def _draw_upper(pen: _Pen, ident: Identity, col: dict, cx, y, H, sw, hw):
     elif ident.upper == "shirt":  # light collar and a button line
         light = _shade(upper, 1.35) if sum(upper) < 500 else _shade(upper, 0.8)
         for side in (-1, 1):
-            pen.poly([(cx, shoulder + 0.035 * H), (cx + side * 0.045 * H, shoulder - 0.005 * H),
-                      (cx + side * 0.02 * H, shoulder - 0.01 * H)], light)
+            pen.poly([(cx, shoulder + 0.05 * H), (cx + side * 0.065 * H, shoulder),
+                      (cx + side * 0.015 * H, shoulder - 0.015 * H)], light)
         pen.line([(cx, shoulder + 0.04 * H), (cx, bottom)], dark, 0.012 * H)
     elif ident.upper == "jacket":  # zip, hem band, drawstrings
         pen.line([(cx, shoulder), (cx, bottom)], dark, 0.016 * H)
