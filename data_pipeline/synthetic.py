@@ -183,7 +183,7 @@ def _pick(rng: np.random.Generator, options, p=None):
     u = rng.random()
     if p is None:
         return options[min(int(u * len(options)), len(options) - 1)]
-    for option, weight in zip(options, p):
+    for option, weight in zip(options, p, strict=True):
         if u < weight:
             return option
         u -= weight
@@ -277,7 +277,10 @@ def _limb(top_l, top_r, bot_l, bot_r, t0, t1):
 def _draw_figure(pen: _Pen, ident: Identity, col: dict, pose: dict):
     """The pedestrian, front view, back to front. col: jittered colours; pose: this image's pose."""
     cx, top, H, wf = pose["cx"], pose["top"], pose["height"], pose["width"]
-    y = lambda t: top + t * H  # a fraction of the figure's height -> y
+
+    def y(t):  # a fraction of the figure's height -> y
+        return top + t * H
+
     woman = ident.gender == "woman"
     sw = (0.105 if woman else 0.125) * H * wf  # half shoulder width
     hw = (0.095 if woman else 0.088) * H * wf  # half hip width
@@ -392,7 +395,7 @@ def _image_colours(ident: Identity, rng: np.random.Generator, jitter: float) -> 
             "bag": COLOURS.get(ident.bag_colour, (0, 0, 0))}
     shifted = np.clip(np.array(list(base.values())) + rng.uniform(-jitter, jitter, (len(base), 3)),
                       0, 255)
-    return {k: tuple(int(v) for v in rgb) for k, rgb in zip(base, shifted)}
+    return {k: tuple(int(v) for v in rgb) for k, rgb in zip(base, shifted, strict=True)}
 
 
 def _draw_scene(pen: _Pen, rng: np.random.Generator, w: float, h: float, clutter: int):
@@ -668,7 +671,7 @@ def _render_all(out: Path, config: SynthConfig, identities: list[Identity], work
         with Progress(*columns, console=console, disable=not progress) as bar:
             bar_task = bar.add_task("ids", total=len(identities))
             results = pool.imap(task, chunks) if pool else map(task, chunks)  # imap keeps order
-            for chunk, chunk_records in zip(chunks, results):
+            for chunk, chunk_records in zip(chunks, results, strict=True):
                 records.extend(chunk_records)
                 bar.advance(bar_task, len(chunk))
     finally:
