@@ -48,7 +48,7 @@ def test_format(small):
         assert r["file_path"].startswith("synth/") and pid == f"{r['id']:05d}"
         assert name.startswith(f"{r['id']:05d}_") and name.endswith(".jpg")
         assert len(r["captions"]) == 2 and r["captions"][0] != r["captions"][1]
-        for caption, tokens in zip(r["captions"], r["processed_tokens"]):
+        for caption, tokens in zip(r["captions"], r["processed_tokens"], strict=True):
             assert set(caption) <= set("abcdefghijklmnopqrstuvwxyz ,.")  # lower case, no digits
             assert "  " not in caption and caption.endswith(".")
             assert tokens == tokenize(caption) == caption.replace(",", "").replace(".", "").split()
