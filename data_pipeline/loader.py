@@ -80,8 +80,8 @@ class LoaderConfig:
     """Samples held by each worker's shuffle buffer."""
     seed: int = 0
     """Seed of shard order, sample shuffle and augmentation (combined with the epoch)."""
-    augment: bool = True
-    """Training augmentations (flip, pad-and-crop, random erasing); False: normalise only."""
+    augment: TrainAugment | None = TrainAugment()
+    """Training augmentations (flip, pad-and-crop, random erasing); None: normalise only."""
     warn_every: int = 100
     """Warn on the first bad sample of a kind and then every this many."""
 
@@ -359,8 +359,7 @@ class TrainStream(IterableDataset):
             partial(fill_to_quota, quota=quota, stats=self.stats),
             wds.filters.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng),
             partial(skip_samples, n=done_batches * B),
-            partial(augment_samples, augment=TrainAugment() if cfg.augment else None,
-                    seed=cfg.seed, epoch=epoch),
+            partial(augment_samples, augment=cfg.augment, seed=cfg.seed, epoch=epoch),
             partial(tokenize_samples, tokenizer=self.tokenizer),
             partial(batch_samples, batch_size=B),
         ))

@@ -79,11 +79,18 @@ class DataConfig:
     """Loader worker processes per rank."""
     shuffle_buffer: int = 500
     augment: bool = True
+    """Training augmentations (IRRA's): flip, pad-and-crop, random erasing."""
+    crop_pad: int = 10
+    """Zero padding before the random crop back to the image size (0: no crop)."""
+    erase_prob: float = 0.5
+    """Probability of random erasing (2-40 % of the image)."""
 
     def __post_init__(self):
         _check(self.batch_size >= 2, "data.batch_size", "must be at least 2")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", "must be positive")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.crop_pad >= 0, "data.crop_pad", "must be >= 0")
+        _check(0 <= self.erase_prob <= 1, "data.erase_prob", "must be in [0, 1]")
 
 
 @dataclass(kw_only=True)

@@ -44,7 +44,7 @@ def embed(model, cfg, tokenizer, split: str, modality: str, device) -> tuple[dic
     loader = EvalLoader(cfg.data.shards, tokenizer,
                         LoaderConfig(batch_size=cfg.data.eval_batch_size,
                                      image_size=tuple(cfg.model.image_size),
-                                     num_workers=min(cfg.data.num_workers, 2), augment=False),
+                                     num_workers=min(cfg.data.num_workers, 2), augment=None),
                         split=split, modality=modality, rank=dist.rank(),
                         world_size=dist.world_size())
     feats, pids, index, dims = {}, [], [], {}

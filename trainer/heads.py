@@ -7,8 +7,9 @@ out_proj weight without calling the module, so ZeRO-3 would never gather it).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from trainer.model import attention
 
 
 class QuickGELU(nn.Module):
@@ -30,7 +31,7 @@ class Attention(nn.Module):
         k = self.k(ctx_BTE).view(B, T, self.heads, -1).transpose(1, 2)
         v = self.v(ctx_BTE).view(B, T, self.heads, -1).transpose(1, 2)
         mask = None if pad_BT is None else ~pad_BT[:, None, None, :]     # True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, keep_mask=mask)
         return self.out(out.transpose(1, 2).reshape(B, L, E))
 
 

@@ -40,16 +40,22 @@ def retrieval_loss(kind: str, img_BE, txt_BE, pid_B, keys: GatheredKeys, *, tau:
     return i2t + t2i
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Low-precision logits to fp32 for the softmax; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def id_loss(logits_img_BC: torch.Tensor, logits_txt_BC: torch.Tensor, pid_B: torch.Tensor
             ) -> torch.Tensor:
     """IRRA's identity loss: one classifier shared by both modalities, mean of the two CEs."""
-    return (F.cross_entropy(logits_img_BC.float(), pid_B) +
-            F.cross_entropy(logits_txt_BC.float(), pid_B)) / 2
+    return (F.cross_entropy(_upcast(logits_img_BC), pid_B) +
+            F.cross_entropy(_upcast(logits_txt_BC), pid_B)) / 2
 
 
 def mlm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
     """Cross entropy on masked positions only (labels -100 elsewhere)."""
-    return F.cross_entropy(logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=-100)
+    return F.cross_entropy(_upcast(logits_BLV).flatten(0, 1), labels_BL.flatten(),
+                           ignore_index=-100)
 
 
 def local_mean(per_sample_B: torch.Tensor) -> torch.Tensor:

@@ -178,12 +178,32 @@ def _transformer(layers, x_BTD: torch.Tensor, *, causal: bool, query_B: torch.Te
             return t.view(B, T, heads, -1).transpose(1, 2)
 
         q, k, v = split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=attn.scale)
+        out = attention(q, k, v, causal=causal, scale=attn.scale)
         x_BTD = x_BTD + attn.out_proj(out.transpose(1, 2).reshape(B, T, -1))
         x_BTD = x_BTD + layer.mlp(layer.layer_norm2(x_BTD))
         if i == len(layers) - 1:
             row = _attention_row(q, k, query_B, attn.scale, causal)
     return x_BTD, row
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
+              keep_mask=None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over B x H x T x d; keep_mask (broadcastable, True = attend).
+
+    SDPA on GPU; on CPU, for the short sequences here, plain matmul + softmax, which is as fast
+    in fp32 and several times faster in bf16 (CPU flash attention's bf16 backward is slow)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep_mask, is_causal=causal,
+                                              scale=scale)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        T = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
+    if keep_mask is not None:
+        scores = scores.masked_fill(~keep_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 def _attention_row(q_BHTd, k_BHTd, query_B, scale: float, causal: bool) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 
 from data_pipeline.loader import LoaderConfig, TrainLoader
 from data_pipeline.manifest import read_meta
+from data_pipeline.transforms import TrainAugment
 from trainer import checkpoint, dist
 from trainer.build import build_model, load_tokenizer, save_weights
 from trainer.checkpoint import TrainState
@@ -39,6 +41,11 @@ from trainer.optim import build_optimizer, lr_factor, set_lr
 from trainer.recipes import StepInfo
 
 log = logging.getLogger("trainer")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Stopped(Exception):
+    """Training stopped early on request (a scheduler's SIGTERM / SIGUSR1) after a checkpoint."""
 
 
 def parse_args(argv):
@@ -87,6 +94,9 @@ class Run:
             log.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
                      self.state.batch_in_epoch, self.state.step)
         self.select_split = self._select_split()
+        self._stop_signal = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
         self.monitor = Monitor(self.acc, self.run_dir, self.total_steps, self.state.step)
         self._announce()
 
@@ -94,9 +104,10 @@ class Run:
 
     def _loader_cfg(self) -> LoaderConfig:
         d, m = self.cfg.data, self.cfg.model
+        augment = TrainAugment(pad=d.crop_pad, erase_p=d.erase_prob) if d.augment else None
         return LoaderConfig(batch_size=d.batch_size, image_size=tuple(m.image_size),
                             num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-                            seed=self.cfg.train.seed, augment=d.augment)
+                            seed=self.cfg.train.seed, augment=augment)
 
     def _check_run_dir(self) -> None:
         exists = (self.run_dir / checkpoint.CKPT_DIR).exists()
@@ -133,6 +144,17 @@ class Run:
         if self.acc.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
             self.monitor.log("config", echo=True, config=self.cfg.to_dict(), **info)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got a stop signal (ranks must stop together)."""
+        flag = torch.tensor([self._stop_signal is not None], dtype=torch.long,
+                            device=self.acc.device)
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag)
 
     # -- per-step values ---------------------------------------------------------------------
 
@@ -211,6 +233,14 @@ class Run:
                 sums, count = {}, 0
             if cfg.train.ckpt_every_steps and s.step % cfg.train.ckpt_every_steps == 0:
                 checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints)
+            if self._stop_requested():
+                path = checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints)
+                self.monitor.log("stopped", echo=True, step=s.step, epoch=s.epoch,
+                                 checkpoint=str(path))
+                self.monitor.close()
+                raise Stopped(f"stopped by signal at step {s.step} (epoch {s.epoch}, batch "
+                              f"{s.batch_in_epoch}); checkpoint {path}; continue with "
+                              "train.resume=latest")
             if self._done():
                 break
         stats = self.loader.stats.snapshot()
@@ -296,6 +326,9 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         Run(cfg).fit()
+    except Stopped as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        return 3
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,79 @@
+"""Real training runs under `accelerate launch` with 2 CPU processes (gloo)."""
+import json
+import signal
+import time
+
+import pytest
+
+from tests.trainer.conftest import launch, step_losses
+from trainer import checkpoint
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+EPOCHS = ["train.epochs=2"]          # 320 pairs / (16 x 2 ranks) = 10 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_shards):
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    launch("cpu_ddp.yaml", run, tiny_shards, *EPOCHS)
+    return run
+
+
+def _falls(losses: dict[int, float]) -> None:
+    steps = sorted(losses)
+    first = sum(losses[s] for s in steps[:3]) / 3
+    last = sum(losses[s] for s in steps[-3:]) / 3
+    assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+def test_ddp_trains_evaluates_and_exports(ddp_run):
+    losses = step_losses(ddp_run)
+    assert sorted(losses) == list(range(1, 21))
+    _falls(losses)
+    report = json.loads((ddp_run / "metrics.json").read_text())
+    assert report["select_split"] == "val" and report["best_epoch"] in (1, 2)
+    for key in ("best", "final"):
+        assert set(report[key]["t2i"]) == {"R1", "R5", "R10", "mAP", "mINP"}
+    for name in ("best/model.safetensors", "final/model.safetensors", "hf/model.safetensors",
+                 "hf/tokenizer.json", "config.yaml", "checkpoints/latest"):
+        assert (ddp_run / name).is_file(), name
+
+
+@pytest.mark.parametrize("zero", ["cpu_zero2.yaml", "cpu_zero3.yaml"])
+def test_deepspeed_zero_matches_ddp(tmp_path, tiny_shards, ddp_run, zero):
+    run = tmp_path / "run"
+    launch(zero, run, tiny_shards, *EPOCHS)
+    ds, ddp = step_losses(run), step_losses(ddp_run)
+    _falls(ds)
+    assert sorted(ds) == sorted(ddp)
+    for step in ds:       # the same computation, distributed differently
+        assert ds[step] == pytest.approx(ddp[step], rel=2e-4), step
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_shards, ddp_run):
+    proc = launch(None, ddp_run, tiny_shards, *EPOCHS, wait=False)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "already holds a run" in out
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_losses(tmp_path, tiny_shards, ddp_run):
+    run = tmp_path / "run"
+    proc = launch("cpu_ddp.yaml", run, tiny_shards, *EPOCHS, wait=False)
+    log = run / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(step_losses(run)) >= 3:
+            proc.send_signal(signal.SIGTERM)          # as a cluster scheduler preempting the job
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    state = json.loads((checkpoint.find(run, "latest") / checkpoint.STATE_FILE).read_text())
+    stopped = state["step"]
+    assert 3 <= stopped < 20, out[-3000:]
+    assert "stopped by signal" in out
+    launch("cpu_ddp.yaml", run, tiny_shards, *EPOCHS, "train.resume=latest")
+    resumed, full = step_losses(run), step_losses(ddp_run)
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(stopped + 1, 21):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
