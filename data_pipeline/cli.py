@@ -25,7 +25,8 @@ def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 384x128, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected HEIGHTxWIDTH such as 384x128, got {text!r}") from None
     return h, w
 
 
@@ -148,10 +149,11 @@ def _stats(args) -> int:
 
 
 def _bench(args) -> int:
-    from data_pipeline.bench import print_report, run_bench
-    from data_pipeline.tokenizer import CaptionTokenizer
-    from data_pipeline.manifest import read_meta
     from pathlib import Path
+
+    from data_pipeline.bench import print_report, run_bench
+    from data_pipeline.manifest import read_meta
+    from data_pipeline.tokenizer import CaptionTokenizer
 
     name = args.tokenizer or read_meta(args.shards).get("tokenizer")
     if name is None:

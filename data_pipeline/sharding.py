@@ -151,7 +151,7 @@ def _plan(records: dict[str, list[Record]], options: ShardOptions) -> dict[str, 
 
 def _fingerprint(fmt: str, options: ShardOptions, plan) -> str:
     h = hashlib.sha256(json.dumps([fmt, asdict(options)], sort_keys=True).encode())
-    for split, shards in plan.items():
+    for shards in plan.values():
         for recs in shards:
             for r in recs:
                 h.update(json.dumps(r.sample_json(), sort_keys=True).encode())

@@ -8,8 +8,11 @@
 Importing this package never touches CUDA. The package attributes `similarity_loss` and
 `topk_select` are the functions; reach the modules with importlib.import_module("kernels.<op>").
 """
-from kernels.similarity_loss import (bidirectional_similarity_loss, similarity_loss,
-                                     similarity_loss_reference)
+from kernels.similarity_loss import (
+                                     bidirectional_similarity_loss,
+                                     similarity_loss,
+                                     similarity_loss_reference,
+)
 from kernels.topk_select import TopK, topk_select, topk_select_reference
 
 __all__ = ["similarity_loss", "bidirectional_similarity_loss", "similarity_loss_reference",

@@ -48,13 +48,15 @@ recomputed by the backward kernel (2 n N D more, 4 n N D with momentum), so the 
 the tensor-core peak. At n = N = 65536, D = 1024: 26.4 TFLOP useful, about 27 ms at 989 dense bf16
 TFLOP/s. Bytes: the forward reads Q once and K once per row block (BLOCK_M flops per byte of K,
 below the H100's ~300, so it relies on the row blocks in flight sharing K tiles in L2: they walk K
-in the same order) and writes 11 n floats; the backward writes g once and reads it twice (6 n N bytes in bf16: 26 GB, about 8 ms
-at 3.35 TB/s, at the size above). Eager reads and writes n x N fp32 matrices about ten times per
-direction, and at n = N = 65536 one such matrix is 16 GiB.
+in the same order) and writes 11 n floats; the backward writes g once and reads it twice
+(6 n N bytes in bf16: 26 GB, about 8 ms at 3.35 TB/s, at the size above). Eager reads and
+writes n x N fp32 matrices about ten times per direction, and at n = N = 65536 one such matrix is
+16 GiB.
 
 Numerics: accumulation, exponentials and row statistics in fp32; bf16/fp16 operands go to tl.dot
 as they are on a GPU (tensor cores, fp32 accumulate); in the interpreter, which mishandles bf16
-arithmetic, bf16 is cast to fp32 right after the load (fp16 is not, so its native path is tested). fp32 inputs use TF32 exactly when
+arithmetic, bf16 is cast to fp32 right after the load (fp16 is not, so its native path is
+tested). fp32 inputs use TF32 exactly when
 torch.backends.cuda.matmul.allow_tf32 is set, as eager matmul does. The op takes activations only,
 no parameters, so it needs nothing special under ZeRO-3.
 """

@@ -9,12 +9,12 @@ import logging
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+from transformers import CLIPConfig
 
 from data_pipeline.manifest import read_meta
 from data_pipeline.tokenizer import CaptionTokenizer
 from trainer.config import Config, load_config, save_config
 from trainer.model import DualEncoder
-from transformers import CLIPConfig
 from trainer.recipes import RetrievalModel, build_recipe
 
 log = logging.getLogger(__name__)

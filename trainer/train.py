@@ -144,6 +144,12 @@ class Run:
         if self.acc.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
             self.monitor.log("config", echo=True, config=self.cfg.to_dict(), **info)
+        if self.cfg.train.tensorboard:
+            flat = {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                    for sec, fields in self.cfg.to_dict().items() if isinstance(fields, dict)
+                    for k, v in fields.items()}
+            flat["method"] = self.cfg.method
+            self.acc.init_trackers("tensorboard", config=flat)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum

@@ -3,7 +3,6 @@ import json
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
 from PIL import Image
 

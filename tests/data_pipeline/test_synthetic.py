@@ -11,8 +11,15 @@ import pytest
 from PIL import Image
 
 from data_pipeline.synthetic import (
-    ANNOTATION_FILE, META_FILE, PROBE_CAPTION, SynthConfig, generate, make_captions, preview,
-    sample_identities, tokenize,
+    ANNOTATION_FILE,
+    META_FILE,
+    PROBE_CAPTION,
+    SynthConfig,
+    generate,
+    make_captions,
+    preview,
+    sample_identities,
+    tokenize,
 )
 
 SMALL = {"num_train_ids": 12, "num_val_ids": 4, "num_test_ids": 4, "images_per_id": 3}

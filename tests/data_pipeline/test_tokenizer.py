@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.tokenizer import (PROBE, CaptionTokenizer, TokenizerError, train_word_level)
+from data_pipeline.tokenizer import PROBE, CaptionTokenizer, TokenizerError, train_word_level
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag"]
 

@@ -1,8 +1,14 @@
 import numpy as np
 import torch
 
-from data_pipeline.transforms import (CLIP_MEAN, CLIP_STD, TrainAugment, erase_box,
-                                      shift_with_zeros, to_normalized_batch)
+from data_pipeline.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    TrainAugment,
+    erase_box,
+    shift_with_zeros,
+    to_normalized_batch,
+)
 
 
 def _pad_crop_reference(img, pad, top, left):

@@ -1,13 +1,12 @@
 """similarity_loss: the Triton kernel (interpreter on CPU) against a float64 reference, the
 reference against the formulas written out, the conventions, and the GPU-only numerics."""
+import importlib
 import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import importlib
 
 from kernels import bidirectional_similarity_loss, similarity_loss, similarity_loss_reference
 from tests.kernels.utils import DEVICE, assert_close_verbose, gpu, requires_cuda

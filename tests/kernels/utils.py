@@ -16,7 +16,7 @@ def assert_close_verbose(actual, expected, *, atol, rtol, name="", max_print=5):
     if bad.any():
         err = (actual - expected).abs()
         worst = err.flatten().nan_to_num(float("inf")).argsort(descending=True)[:max_print]
-        lines = [f"  {tuple(int(j) for j in torch.unravel_index(torch.tensor(i), err.shape))}: {actual.flatten()[i]:.6g} vs "
-                 f"{expected.flatten()[i]:.6g}" for i in worst.tolist()]
+        lines = [f"  {tuple(int(j) for j in torch.unravel_index(torch.tensor(i), err.shape))}: "
+                 f"{actual.flatten()[i]:.6g} vs {expected.flatten()[i]:.6g}" for i in worst.tolist()]
         raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (atol={atol}, "
                              f"rtol={rtol}), max abs err {err.max():.3g}\n" + "\n".join(lines))

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer, CLIPModel
 
 from data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
 from trainer.build import load_weights_folder, save_weights
-from trainer.config import Config, ModelConfig, load_config
+from trainer.config import ModelConfig, load_config
 from trainer.export import export_hf
 from trainer.model import DualEncoder
 

@@ -77,3 +77,31 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_losses(tmp_path, tiny_sha
     assert sorted(resumed) == list(range(1, 21))
     for step in range(stopped + 1, 21):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def test_evaluate_cli_reproduces_the_run_figures(tmp_path, ddp_run):
+    import os
+    import subprocess
+    import sys
+
+    from tests.trainer.conftest import REPO
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(ddp_run / "best"),
+                           "--split", "test", "--out", str(tmp_path)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "metrics.json").read_text())["metrics"]["t2i"]
+    want = json.loads((ddp_run / "metrics.json").read_text())["best"]["t2i"]
+    assert got == pytest.approx(want, abs=1e-6)
+    assert "R1" in proc.stdout and "mINP" in proc.stdout
+
+
+def test_gradient_accumulation_in_bf16(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    launch("cpu_ddp.yaml", run, tiny_shards, "train.epochs=1", "optim.grad_accum=2",
+           "train.precision=bf16")
+    losses = step_losses(run)
+    assert sorted(losses) == [1, 2, 3, 4, 5]          # 10 batches a rank, 2 per step
+    assert all(0 < v < 100 for v in losses.values())
