@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.loader import EvalLoader, LoaderConfig
+from data_pipeline.transforms import prepare_batch
 from trainer import dist
 from trainer.metrics import retrieval_metrics
 
@@ -32,7 +33,8 @@ def _dummy_batch(modality: str, cfg, tokenizer, device) -> dict:
     ids[0, 0], ids[0, 1] = tokenizer.sot_id, tokenizer.eot_id
     batch = {"input_ids": ids.to(device)}
     if modality == "image":
-        batch["image"] = torch.zeros(1, 3, *cfg.model.image_size, device=device)
+        batch["image"] = torch.zeros(1, *cfg.model.image_size, 3, dtype=torch.uint8,
+                                     device=device)
     return batch
 
 
@@ -59,7 +61,7 @@ def embed(model, cfg, tokenizer, split: str, modality: str, device) -> tuple[dic
         real = batch is not None
         if not real:
             batch = _dummy_batch(modality, cfg, tokenizer, device)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = prepare_batch(batch, device)
         out = model(batch, mode=modality)
         dims = {name: f.shape[-1] for name, f in out.items()}
         if real:

@@ -30,7 +30,7 @@ import torch
 
 from data_pipeline.loader import LoaderConfig, TrainLoader
 from data_pipeline.manifest import read_meta
-from data_pipeline.transforms import TrainAugment
+from data_pipeline.transforms import TrainAugment, prepare_batch
 from trainer import checkpoint, dist
 from trainer.build import build_model, load_tokenizer, save_weights
 from trainer.checkpoint import TrainState
@@ -209,7 +209,7 @@ class Run:
         self.model.train()
         sums, count = {}, 0
         for batch in self.loader.epoch(s.epoch, s.batch_in_epoch):
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            batch = prepare_batch(batch, acc.device)
             lr = set_lr(self.optimizer, cfg.optim.lr, self.lr_factor(s.step))
             info = self.step_info()
             with acc.accumulate(self.model):

@@ -38,7 +38,8 @@ def test_two_ranks_two_workers_see_every_sample_once(shard_root, tokenizer):
     again, _ = _epoch(shard_root, tokenizer, 1, rank=0)
     assert torch.cat([b["index"] for b in again]).tolist() == orders[0, 1]   # not between runs
     b = again[0]
-    assert b["image"].shape == (8, 3, 96, 32) and b["input_ids"].shape == (8, 77)
+    assert b["image"].shape == (8, 96, 32, 3) and b["image"].dtype == torch.uint8
+    assert b["erase"].shape == (8, 4) and b["input_ids"].shape == (8, 77)
     assert b["pid"].dtype == torch.long and b["noisy"].dtype == torch.bool
 
 

@@ -7,7 +7,8 @@ from data_pipeline.transforms import (
     TrainAugment,
     erase_box,
     shift_with_zeros,
-    to_normalized_batch,
+    normalize_images,
+    prepare_batch,
 )
 
 
@@ -45,9 +46,24 @@ def test_augment_is_deterministic_per_generator_and_flips():
 
 
 def test_normalized_batch_values_and_erasing():
-    img = np.full((2, 4, 3, 3), 255, dtype=np.uint8)
-    x = to_normalized_batch(img, np.array([[0, 0, 2, 2], [0, 0, 0, 0]]))
+    img = torch.full((2, 4, 3, 3), 255, dtype=torch.uint8)
+    x = normalize_images(img, torch.tensor([[0, 0, 2, 2], [0, 0, 0, 0]]))
     assert x.shape == (2, 3, 4, 3) and x.dtype == torch.float32
     expect = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(x[1, :, 0, 0], expect)
     assert (x[0, :, :2, :2] == 0).all() and torch.allclose(x[0, :, 3, 2], expect)
+    assert int((x[0] == 0).all(0).sum()) == 4                   # only the 2 x 2 box
+
+
+def test_prepare_batch_matches_a_per_image_reference():
+    rng = np.random.default_rng(0)
+    imgs = torch.from_numpy(rng.integers(0, 256, (3, 8, 5, 3), dtype=np.uint8))
+    boxes = torch.tensor([[1, 2, 3, 2], [0, 0, 0, 0], [6, 0, 2, 5]], dtype=torch.int32)
+    out = prepare_batch({"image": imgs, "erase": boxes, "pid": torch.arange(3)}, "cpu")
+    assert set(out) == {"image", "pid"}
+    for b in range(3):
+        ref = (imgs[b].permute(2, 0, 1).float() / 255 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) \
+            / torch.tensor(CLIP_STD).view(3, 1, 1)
+        top, left, h, w = boxes[b].tolist()
+        ref[:, top:top + h, left:left + w] = 0
+        torch.testing.assert_close(out["image"][b], ref)
