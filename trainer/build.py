@@ -37,7 +37,8 @@ def load_tokenizer(cfg: Config) -> CaptionTokenizer:
     return CaptionTokenizer.from_pretrained(Path(cfg.data.shards) / folder, context_length=length)
 
 
-def build_model(cfg: Config, tokenizer: CaptionTokenizer, num_classes: int) -> RetrievalModel:
+def build_model(cfg: Config, tokenizer: CaptionTokenizer, num_classes: int,
+                num_samples: int) -> RetrievalModel:
     if cfg.model.pretrained:
         encoder = DualEncoder.from_pretrained(cfg.model.pretrained, cfg.model,
                                               vocab_size=tokenizer.vocab_size,
@@ -47,7 +48,7 @@ def build_model(cfg: Config, tokenizer: CaptionTokenizer, num_classes: int) -> R
                                           sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id,
                                           pad_id=tokenizer.pad_id)
     recipe = build_recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
-                          tokenizer=tokenizer)
+                          num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
     return RetrievalModel(encoder, recipe)
 
 
@@ -77,10 +78,11 @@ def load_weights_folder(folder: Path, overrides=()) -> tuple[Config, CaptionToke
     state = load_file(str(folder / WEIGHTS))
     num_classes = state["recipe.classifier.weight"].shape[0] \
         if "recipe.classifier.weight" in state else 0
+    num_samples = state["recipe.lhat"].shape[0] if "recipe.lhat" in state else 0
     encoder = DualEncoder.from_clip_config(CLIPConfig.from_json_file(str(folder / CLIP_CONFIG)),
                                            cfg.model.image_size, tokenizer.eot_id)
     recipe = build_recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
-                          tokenizer=tokenizer)
+                          num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
     model = RetrievalModel(encoder, recipe)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

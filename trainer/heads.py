@@ -110,3 +110,36 @@ def _init_like_clip(module: nn.Module, width: int, layers: int) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+class TokenSelectionEmbedding(nn.Module):
+    """RDE's TSE aggregation of already selected tokens (METHODS.md).
+
+    Each valid selected token is L2-normalised, mapped by FC(E -> out) + MLP(E -> E, BatchNorm,
+    ReLU, -> out), and the results are max-pooled over the valid tokens of the sample. Slots
+    that are not valid (a caption shorter than k) take part in nothing, BatchNorm statistics
+    included. `keep_bn_eval=True` reproduces the authors' released code, whose training ran
+    with these BatchNorms in eval mode.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, keep_bn_eval: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.BatchNorm1d(in_dim), nn.ReLU(),
+                                 nn.Linear(in_dim, out_dim))
+        self.keep_bn_eval = keep_bn_eval
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.keep_bn_eval:
+            self.mlp[1].eval()
+        return self
+
+    def forward(self, tokens_BkE: torch.Tensor, valid_Bk: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.normalize(tokens_BkE[valid_Bk], dim=-1)
+        y = self.fc(x) + self.mlp(x)
+        out = torch.full((*valid_Bk.shape, y.shape[-1]), float("-inf"), dtype=y.dtype,
+                         device=y.device)
+        out[valid_Bk] = y
+        pooled = out.max(dim=1).values
+        return torch.where(valid_Bk.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))

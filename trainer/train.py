@@ -74,7 +74,8 @@ class Run:
         self.meta = read_meta(cfg.data.shards)
         self.splits = set(self.meta["splits"])
         with dist.plain_init(self.acc):
-            model = build_model(cfg, self.tokenizer, self.meta["num_classes"])
+            model = build_model(cfg, self.tokenizer, self.meta["num_classes"],
+                                self.meta["splits"]["train"]["num_samples"])
         self.clip_config = model.encoder.clip.config
         self.loader = TrainLoader(cfg.data.shards, self.tokenizer, self._loader_cfg(),
                                   rank=self.acc.process_index, world_size=self.acc.num_processes)
@@ -184,15 +185,46 @@ class Run:
                                                     s.epoch, s.batch_in_epoch))
         return StepInfo(epoch=s.epoch, step=s.step, tau=self.tau(s.step), generator=gen)
 
+    @torch.no_grad()
+    def score_training_set(self) -> dict:
+        """Per-sample losses (the recipe's per_sample_losses) of this epoch's training batches,
+        in eval mode with the training augmentations, gathered from every rank by sample index:
+        {"index": N, "noisy": N, <branch>: N} numpy arrays on every rank. Samples the epoch
+        leaves out (fewer than batch x ranks) are absent."""
+        s, acc = self.state, self.acc
+        was_training = self.model.training
+        self.model.eval()
+        parts = {}
+        for b, batch in enumerate(self.loader.epoch(s.epoch)):
+            batch = prepare_batch(batch, acc.device)
+            gen = torch.Generator().manual_seed(seed_of(self.cfg.train.seed, acc.process_index,
+                                                        s.epoch, b, 1))
+            out = self.model(batch, mode="per_sample",
+                             step=StepInfo(epoch=s.epoch, step=s.step, tau=self.tau(s.step),
+                                           generator=gen))
+            out = {**out, "index": batch["index"], "noisy": batch["noisy"]}
+            for k, v in out.items():
+                parts.setdefault(k, []).append(dist.gather_nograd(v.detach()))
+        self.model.train(was_training)
+        return {k: torch.cat(v).float().cpu().numpy() if k not in ("index", "noisy")
+                else torch.cat(v).cpu().numpy() for k, v in parts.items()}
+
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict:
         cfg, s = self.cfg, self.state
         while s.epoch < cfg.train.epochs and not self._done():
-            epoch_logs = self._unwrap().recipe.before_epoch(self)
-            if epoch_logs:
-                self.monitor.log("epoch_start", epoch=s.epoch, step=s.step, **epoch_logs)
+            t0 = time.time()
+            if s.batch_in_epoch == 0:       # a resumed epoch keeps the state it started with
+                epoch_logs = self._unwrap().recipe.before_epoch(self)
+                if epoch_logs:
+                    self.monitor.log("epoch_start", epoch=s.epoch, step=s.step, **epoch_logs)
+            t1 = time.time()
             self._train_epoch()
+            self.monitor.log("epoch", epoch=s.epoch, step=s.step,
+                             epoch_start_seconds=round(t1 - t0, 2),
+                             train_seconds=round(time.time() - t1, 2),
+                             epoch_start_fraction=round((t1 - t0) / max(time.time() - t0, 1e-9), 4))
             if self._done() and s.batch_in_epoch < self.loader.num_batches:
                 break
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0

@@ -14,7 +14,7 @@ TINY_MODEL = ["model.vision_width=64", "model.text_width=64", "model.embed_dim=6
               "model.vision_layers=2", "model.text_layers=2", "model.cross_layers=1",
               "data.batch_size=16", "data.num_workers=0", "data.eval_batch_size=64",
               "optim.lr=1e-3", "optim.warmup_epochs=0.2", "train.log_every_steps=1",
-              "train.tensorboard=false"]
+              "train.tensorboard=false", "train.precision=fp32"]
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +26,15 @@ def tiny_shards(tmp_path_factory):
     shard_dataset("cuhk-pedes", root / "data", root / "shards", ShardOptions(shard_size=32),
                   progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards_noisy(tiny_shards):
+    """The same pairs with 50 % of the train captions permuted (RDE protocol)."""
+    root = tiny_shards.parent
+    shard_dataset("cuhk-pedes", root / "data", root / "shards-n50",
+                  ShardOptions(shard_size=32, noise_rate=0.5, noise_seed=0), progress=False)
+    return root / "shards-n50"
 
 
 def launch(accelerate_config: str | None, run_dir: Path, shards: Path, *overrides,

@@ -29,7 +29,7 @@ def _setup(tok_dir):
     tok = CaptionTokenizer.from_pretrained(tok_dir)
     cfg = load_config(None, OVERRIDES)
     torch.manual_seed(0)
-    model = build_model(cfg, tok, num_classes=5).double()
+    model = build_model(cfg, tok, num_classes=5, num_samples=B * WORLD).double()
     g = torch.Generator().manual_seed(1)
     captions = [PROBE, "the man wears blue jeans", "a man with a green bag", "a woman in red"]
     batch = {

@@ -100,7 +100,7 @@ def test_export_loads_with_transformers_alone_and_gives_the_same_embeddings(tok,
                              "model.text_width=64", "model.embed_dim=32", "model.vision_layers=2",
                              "model.text_layers=2", "loss.mlm=0"])
     torch.manual_seed(1)
-    model = build_model(cfg, tok, num_classes=5).eval()
+    model = build_model(cfg, tok, num_classes=5, num_samples=10).eval()
     save_weights(model.state_dict(), tmp_path / "w", cfg, tok, model.encoder.clip.config)
     info = export_hf(tmp_path / "w", tmp_path / "hf")
     assert info["exact_position_grid"]
