@@ -6,9 +6,9 @@ from data_pipeline.transforms import (
     CLIP_STD,
     TrainAugment,
     erase_box,
-    shift_with_zeros,
     normalize_images,
     prepare_batch,
+    shift_with_zeros,
 )
 
 
