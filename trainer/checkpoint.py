@@ -19,6 +19,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from trainer import dist
 
 CKPT_DIR = "checkpoints"
@@ -37,7 +39,7 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def save(acc, run_dir: Path, state: TrainState, keep: int) -> Path:
+def save(acc, run_dir: Path, state: TrainState, keep: int, ema=None) -> Path:
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{state.step:08d}"
     tmp = root / (final.name + ".partial")
@@ -46,6 +48,8 @@ def save(acc, run_dir: Path, state: TrainState, keep: int) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
     acc.save_state(str(tmp))
+    if ema is not None:              # every rank its own fragments
+        torch.save(ema.state_dict(), tmp / f"ema-rank{dist.rank():05d}.pt")
     dist.barrier()
     if acc.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
@@ -74,8 +78,13 @@ def find(run_dir: Path, resume: str) -> Path:
     return done[-1]
 
 
-def load(acc, path: Path) -> TrainState:
+def load(acc, path: Path, ema=None) -> TrainState:
     acc.load_state(str(path))
+    if ema is not None:
+        shard = Path(path) / f"ema-rank{dist.rank():05d}.pt"
+        if not shard.is_file():
+            raise FileNotFoundError(f"{shard} is missing: the checkpoint has no EMA for this rank")
+        ema.load_state_dict(torch.load(shard, weights_only=True))
     return TrainState(**json.loads((Path(path) / STATE_FILE).read_text()))
 
 

@@ -155,6 +155,26 @@ class RDEConfig:
 
 
 @dataclass(kw_only=True)
+class EMAConfig:
+    """A ZeRO-sharded EMA (momentum) copy of chosen modules (trainer/ema.py)."""
+
+    modules: tuple[str, ...] = ()
+    """Module paths inside the model to keep an EMA of, e.g. ["encoder"] or
+    ["encoder.clip.vision_model", "encoder.clip.visual_projection"]; empty: no EMA."""
+    momentum: float = 0.995
+    momentum_end: float = 1.0
+    """Momentum rises from `momentum` to this on a cosine over training (equal: constant)."""
+    refresh_every: int = 1
+    """Steps between refreshes of the EMA's compute copy (DDP / ZeRO-1/2: an all-gather)."""
+
+    def __post_init__(self):
+        _check(0 <= self.momentum < 1, "ema.momentum", "must be in [0, 1)")
+        _check(self.momentum <= self.momentum_end <= 1, "ema.momentum_end",
+               "must be in [momentum, 1]")
+        _check(self.refresh_every >= 1, "ema.refresh_every", "must be >= 1")
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     optimizer: str = "adam"
     """"adam" (L2 weight decay, as the authors) or "adamw"."""
@@ -234,6 +254,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rde: RDEConfig = field(default_factory=RDEConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self):
         _check(self.method in METHODS, "method", f"one of {METHODS}")
@@ -316,6 +337,10 @@ def _coerce(tp, value, name: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, name)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"invalid config field '{name}': expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, name) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"invalid config field '{name}': expected {len(args)} values, "

@@ -103,13 +103,20 @@ def rank() -> int:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenation over ranks (rank order) of x, differentiable back to every rank's x."""
+    """Concatenation over ranks (rank order) of x, differentiable back to every rank's x.
+
+    torch.distributed.nn's all_gather: synchronous, and its backward (a reduce-scatter, done as
+    an all-to-all where the backend has none, as gloo) sums each key's gradients from every rank
+    back to its owner."""
     if world_size() == 1:
         return x
-    import torch.distributed._functional_collectives as fc
+    import warnings
 
-    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
-    return fc.wait_tensor(gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD))
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)     # "use the functional collectives"
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +147,73 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
+
+
+def all_gather_object(obj) -> list:
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_varlen_list(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D tensor (lengths may differ), as a list in rank order."""
+    if world_size() == 1:
+        return [x]
+    sizes = all_gather_object(int(x.numel()))
+    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [p[:n] for p, n in zip(parts, sizes)]
+
+
+# -- DeepSpeed ZeRO-3 specifics --------------------------------------------------------------
+
+
+def register_external_parameters(acc, model) -> None:
+    """Under ZeRO-3, parameters the model reads outside their own module's forward (it lists
+    them in `external_parameters()`) must be gathered by the forward of the module that reads
+    them, here the root: DeepSpeed would otherwise hand over its empty placeholder."""
+    if zero_stage(acc) != 3:
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    root = getattr(model, "module", model)
+    for param in root.external_parameters():
+        register_external_parameter(root, param)
+
+
+def local_fp32_partition(param) -> torch.Tensor:
+    """This rank's partition of a ZeRO-3 parameter, from the optimizer's fp32 master copy."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    return safe_get_local_fp32_param(param).view(-1)
+
+
+def set_local_partition(param, values: torch.Tensor) -> None:
+    """Overwrite the first values.numel() elements of this rank's ZeRO-3 partition."""
+    param.ds_tensor.data.view(-1)[: values.numel()].copy_(values.view(-1))
+
+
+def inference_engine(acc, module, dtype: torch.dtype):
+    """A ZeRO-3 DeepSpeed engine without optimizer (a partitioned module for no-grad forwards,
+    e.g. an EMA copy): it partitions `module` like the training engine partitions its model."""
+    import deepspeed
+
+    train_cfg = acc.state.deepspeed_plugin.deepspeed_config
+    zero = {k: v for k, v in train_cfg.get("zero_optimization", {}).items()
+            if k.startswith("stage3_param") or k in ("stage",)}
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {**zero, "stage": 3},
+              "bf16": {"enabled": dtype == torch.bfloat16},
+              "fp16": {"enabled": dtype == torch.float16}, "steps_per_print": 2**31}
+    for p in module.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    register_external_parameters(acc, engine)
+    return engine
 
 
 def broadcast_object(obj, src: int = 0):

@@ -124,6 +124,15 @@ class DualEncoder(nn.Module):
         clip.config.text_config.eos_token_id = eot_id
         return cls(clip, grid, eot_id)
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters read outside their own module's forward (ZeRO-3 must be told)."""
+        return [self.clip.vision_model.embeddings.class_embedding]
+
+    def forward(self, image=None, input_ids=None, keep_BK=None):
+        """(ImageFeatures, TextFeatures); either may be None."""
+        return (None if image is None else self.encode_image(image, keep_BK),
+                None if input_ids is None else self.encode_text(input_ids))
+
     # -- forward ------------------------------------------------------------------------------
 
     @property
@@ -140,7 +149,7 @@ class DualEncoder(nn.Module):
             raise ValueError(f"images of {tuple(pixels_BCHW.shape[-2:])} give a "
                              f"{tuple(x.shape[-2:])} patch grid; the model was built for "
                              f"{self.grid_hw} (model.image_size)")
-        pos = emb.position_embedding.weight
+        pos = emb.position_embedding(torch.arange(1 + x.shape[-2] * x.shape[-1], device=x.device))
         x_BND = x.flatten(2).transpose(1, 2) + pos[1:]
         if keep_BK is not None:
             x_BND = torch.gather(x_BND, 1, keep_BK.unsqueeze(-1).expand(-1, -1, x_BND.shape[-1]))
@@ -158,7 +167,8 @@ class DualEncoder(nn.Module):
             raise ValueError("every caption needs an end-of-text token (use CaptionTokenizer)")
         eos_B = is_eot.int().argmax(dim=1)
         ids = input_ids_BL[:, : int(eos_B.max()) + 1]
-        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding.weight[: ids.shape[1]]
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding(positions)
         x, row_BL = _transformer(tm.encoder.layers, x, causal=True, query_B=eos_B)
         tokens = self.clip.text_projection(tm.final_layer_norm(x))
         embeds = tokens[torch.arange(tokens.shape[0], device=tokens.device), eos_B]

@@ -88,10 +88,12 @@ class Run:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         optimizer = build_optimizer(model, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        dist.register_external_parameters(self.acc, self.model)
+        self.ema = self._build_ema()
         self.state = TrainState()
         if cfg.train.resume:
             path = checkpoint.find(self.run_dir, cfg.train.resume)
-            self.state = checkpoint.load(self.acc, path)
+            self.state = checkpoint.load(self.acc, path, self.ema)
             log.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
                      self.state.batch_in_epoch, self.state.step)
         self.select_split = self._select_split()
@@ -109,6 +111,20 @@ class Run:
         return LoaderConfig(batch_size=d.batch_size, image_size=tuple(m.image_size),
                             num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
                             seed=self.cfg.train.seed, augment=augment)
+
+    def _build_ema(self):
+        e = self.cfg.ema
+        if not e.modules:
+            return None
+        from trainer.ema import ShardedEMA
+
+        def factory():
+            return build_model(self.cfg, self.tokenizer, self.meta["num_classes"],
+                               self.meta["splits"]["train"]["num_samples"])
+
+        return ShardedEMA(self.acc, self.model, factory=factory, modules=e.modules,
+                          momentum=e.momentum, momentum_end=e.momentum_end,
+                          total_steps=self.total_steps, refresh_every=e.refresh_every)
 
     def _check_run_dir(self) -> None:
         exists = (self.run_dir / checkpoint.CKPT_DIR).exists()
@@ -141,7 +157,7 @@ class Run:
                 "global_batch": self.cfg.data.batch_size * self.acc.num_processes *
                 self.cfg.optim.grad_accum, "num_classes": self.meta["num_classes"],
                 "vocab_size": self.tokenizer.vocab_size,
-                "parameters": sum(p.numel() for p in self.model.parameters())}
+                "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())}
         if self.acc.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
             self.monitor.log("config", echo=True, config=self.cfg.to_dict(), **info)
@@ -228,7 +244,7 @@ class Run:
             if self._done() and s.batch_in_epoch < self.loader.num_batches:
                 break
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints)
+            checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints, self.ema)
             if self.select_split and cfg.eval.every_epochs and s.epoch % cfg.eval.every_epochs == 0:
                 self._select(self.select_split)
         return self._finish()
@@ -262,17 +278,22 @@ class Run:
             s.samples_seen += batch["pid"].shape[0] * acc.num_processes
             if not acc.sync_gradients:
                 continue
+            if self.ema is not None:
+                self.ema.update(s.step)
             s.step += 1
             if s.step % cfg.train.log_every_steps == 0 or self._done():
                 values = dist.mean_over_ranks({k: v / count for k, v in sums.items()}, acc.device)
                 values.update(lr=lr, tau=info.tau, epoch=s.epoch,
                               samples_per_s=self.monitor.rate(s.samples_seen))
+                if self.ema is not None:
+                    values["ema_momentum"] = self.ema.momentum(s.step - 1)
                 self.monitor.step(s.step, values)
                 sums, count = {}, 0
             if cfg.train.ckpt_every_steps and s.step % cfg.train.ckpt_every_steps == 0:
-                checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints)
+                checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints, self.ema)
             if self._stop_requested():
-                path = checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints)
+                path = checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints,
+                                       self.ema)
                 self.monitor.log("stopped", echo=True, step=s.step, epoch=s.epoch,
                                  checkpoint=str(path))
                 self.monitor.close()
@@ -327,6 +348,7 @@ class Run:
                                                    if k != "history"})
             self._export()
         self.monitor.close()
+        dist.barrier()                      # no rank leaves while another still works
         self.acc.end_training()
         return report
 

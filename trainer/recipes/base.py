@@ -66,7 +66,12 @@ class RetrievalModel(nn.Module):
             return self.recipe.per_sample_losses(self.encoder, batch, step)
         if mode in ("image", "text"):
             return self.recipe.embed(self.encoder, batch, mode)
+        if mode == "features":                  # the encoder's own outputs (EMA copies use this)
+            return self.encoder(batch.get("image"), batch.get("input_ids"), batch.get("keep"))
         raise ValueError(f"unknown forward mode {mode!r}")
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        return self.encoder.external_parameters() if self.encoder is not None else []
 
     def new_parameter_names(self) -> set[str]:
         names = set()
