@@ -134,8 +134,9 @@ def main(argv=None) -> int:
         for rate in rates:
             for method in args.methods:
                 run_dir = out / f"{method}-n{int(round(rate * 100)):02d}-s{seed}"
-                commands.append(" ".join(train(method, shards[rate], run_dir, seed,
-                                               args.overrides)))
+                cmd = train(method, shards[rate], run_dir, seed, args.overrides)
+                commands.append(" ".join(cmd).replace(sys.executable, "python")
+                                .replace(f"{REPO}/", ""))
                 results.append({"method": method, "rate": rate, "seed": seed,
                                 **summarize(run_dir)})
                 print(json.dumps(results[-1]), flush=True)
