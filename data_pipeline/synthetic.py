@@ -25,8 +25,8 @@ From Python (a tiny run, well under a second):
 
     from data_pipeline.synthetic import SynthConfig, generate, preview
     cfg = SynthConfig(seed=0, num_train_ids=20, num_val_ids=4, num_test_ids=4)
-    generate("/tmp/synth-tiny", cfg, workers=2)
-    preview("/tmp/synth-tiny", "/tmp/synth-tiny.png")   # contact sheet to look at
+    generate("data/synth-tiny", cfg, workers=2)
+    preview("data/synth-tiny", "data/synth-tiny.png")   # contact sheet to look at
 
 Difficulty knobs (fields of SynthConfig). A prototype of this design, a small CLIP trained from
 scratch on 2 CPU cores, reached Rank-1 54 in 6 epochs on the default sizes and did not saturate.

@@ -1,6 +1,6 @@
 """Tests of the synthetic dataset generator: format, determinism, identities, captions, config.
 
-    /work/main/.venv/bin/pytest tests/data_pipeline/test_synthetic.py -q
+    python -m pytest tests/data_pipeline/test_synthetic.py -q
 
 Small sizes (a few dozen ids) keep the whole file to a few seconds on 2 CPU cores.
 """

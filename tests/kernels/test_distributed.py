@@ -2,7 +2,6 @@
 concatenated batch: per-query losses and the gradients of every local feature. The ranks run the
 kernel in the Triton interpreter; the single process runs it on DEVICE (compiled on a GPU box)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from kernels import bidirectional_similarity_loss
+from tests.distributed import free_port, init_gloo
 from tests.kernels.utils import DEVICE
 
 WORLD, N_LOCAL, D = 2, 24, 16
@@ -53,8 +53,7 @@ def gathered_keys(img, txt, mimg, mtxt, ids):
 
 
 def worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, port, WORLD)
     img, txt, mimg, mtxt, ids, weights = global_batch()
     rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
     results = {}
@@ -65,11 +64,6 @@ def worker(rank, port, out_dir):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

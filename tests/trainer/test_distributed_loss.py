@@ -4,8 +4,6 @@ Each rank scores its own rows against the embeddings and ids of both ranks (gath
 gradient); averaging the two ranks' losses and their parameter gradients, as data-parallel
 training does, must give the single-process loss and gradients on the concatenated batch.
 """
-import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data_pipeline.tokenizer import PROBE, train_word_level
+from tests.distributed import free_port, init_gloo
 from trainer.build import build_model
 from trainer.config import load_config
 from trainer.recipes import StepInfo
@@ -49,8 +48,7 @@ def _loss_and_grads(model, batch, tau):
 
 
 def _worker(rank, port, tok_dir, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, port, WORLD)
     torch.set_num_threads(1)
     model, batch = _setup(tok_dir)
     local = {k: v[rank * B:(rank + 1) * B] for k, v in batch.items()}
@@ -65,18 +63,13 @@ def _worker(rank, port, tok_dir, out_path):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_two_rank_local_loss_equals_one_process(tmp_path):
     tok_dir = tmp_path / "tok"
     train_word_level([PROBE, "the man wears blue jeans", "a man with a green bag"] * 2, tok_dir)
     out_path = tmp_path / "dist.pt"
-    mp.start_processes(_worker, args=(_free_port(), str(tok_dir), str(out_path)), nprocs=WORLD,
+    mp.start_processes(_worker, args=(free_port(), str(tok_dir), str(out_path)), nprocs=WORLD,
                        start_method="spawn")
     got = torch.load(out_path)
     model, batch = _setup(str(tok_dir))

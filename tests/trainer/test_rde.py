@@ -1,8 +1,6 @@
 """RDE: token selection against a plain reference, CCD on a planted mixture, the 2-rank
 per-sample and weighted losses against one process, and a short 2-process run with division."""
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
+from tests.distributed import free_port, init_gloo
 from trainer import ccd
 from trainer.build import build_model
 from trainer.config import load_config
@@ -116,8 +115,7 @@ BN_EVAL = ["rde.authors_bn_eval=true"]
 
 
 def _worker(rank, port, tok_dir, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_gloo(rank, port, 2)
     torch.set_num_threads(1)
     model, tok = _model(tok_dir, extra=BN_EVAL)
     model.recipe.lhat[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
@@ -145,16 +143,11 @@ def _worker(rank, port, tok_dir, out_path):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_two_rank_per_sample_and_weighted_losses_equal_one_process(tmp_path, tok_dir):
     out_path = tmp_path / "dist.pt"
-    mp.start_processes(_worker, args=(_free_port(), tok_dir, str(out_path)), nprocs=2,
+    mp.start_processes(_worker, args=(free_port(), tok_dir, str(out_path)), nprocs=2,
                        start_method="spawn")
     got = torch.load(out_path)
     model, tok = _model(tok_dir, extra=BN_EVAL)
