@@ -220,6 +220,7 @@ class TrainConfig:
     """Also checkpoint every this many optimizer steps (0: only at epoch ends)."""
     keep_checkpoints: int = 2
     log_every_steps: int = 10
+    """Log (and check for a SIGTERM / SIGUSR1 stop request) every this many optimizer steps."""
     tensorboard: bool = True
 
     def __post_init__(self):

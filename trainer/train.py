@@ -74,8 +74,7 @@ class Run:
         self.meta = read_meta(cfg.data.shards)
         self.splits = set(self.meta["splits"])
         with dist.plain_init(self.acc):
-            model = build_model(cfg, self.tokenizer, self.meta["num_classes"],
-                                self.meta["splits"]["train"]["num_samples"])
+            model = self._build_model()
         self.clip_config = model.encoder.clip.config
         self.loader = TrainLoader(cfg.data.shards, self.tokenizer, self._loader_cfg(),
                                   rank=self.acc.process_index, world_size=self.acc.num_processes)
@@ -112,17 +111,17 @@ class Run:
                             num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
                             seed=self.cfg.train.seed, augment=augment)
 
+    def _build_model(self):
+        return build_model(self.cfg, self.tokenizer, self.meta["num_classes"],
+                           self.meta["splits"]["train"]["num_samples"])
+
     def _build_ema(self):
         e = self.cfg.ema
         if not e.modules:
             return None
         from trainer.ema import ShardedEMA
 
-        def factory():
-            return build_model(self.cfg, self.tokenizer, self.meta["num_classes"],
-                               self.meta["splits"]["train"]["num_samples"])
-
-        return ShardedEMA(self.acc, self.model, factory=factory, modules=e.modules,
+        return ShardedEMA(self.acc, self.model, factory=self._build_model, modules=e.modules,
                           momentum=e.momentum, momentum_end=e.momentum_end,
                           total_steps=self.total_steps, refresh_every=e.refresh_every)
 
@@ -172,7 +171,8 @@ class Run:
         self._stop_signal = signum
 
     def _stop_requested(self) -> bool:
-        """True on every rank once any rank got a stop signal (ranks must stop together)."""
+        """True on every rank once any rank got a stop signal (ranks must stop together).
+        Asked at logging steps only: the all-reduce and its host sync stay out of other steps."""
         flag = torch.tensor([self._stop_signal is not None], dtype=torch.long,
                             device=self.acc.device)
         if dist.world_size() > 1:
@@ -291,7 +291,7 @@ class Run:
                 sums, count = {}, 0
             if cfg.train.ckpt_every_steps and s.step % cfg.train.ckpt_every_steps == 0:
                 checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints, self.ema)
-            if self._stop_requested():
+            if s.step % cfg.train.log_every_steps == 0 and self._stop_requested():
                 path = checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints,
                                        self.ema)
                 self.monitor.log("stopped", echo=True, step=s.step, epoch=s.epoch,
