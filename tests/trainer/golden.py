@@ -1,0 +1,122 @@
+"""Golden per-step losses of the IRRA and RDE presets: the refactor-parity acceptance.
+
+    python -m tests.trainer.golden --write       # record (only when a change is meant to move them)
+    python -m tests.trainer.golden               # run both presets and compare with the record
+
+Each preset trains 50 optimizer steps in fp32 on 2 processes (`accelerate launch`, DDP over gloo)
+on a small synthetic dataset (40 train identities, 320 pairs; 10 steps an epoch), logging every
+step; RDE's division runs at the start of epochs 2, 3 and 4, inside the 50 steps. The record keeps
+every logged loss term per step.
+
+Floating-point sums depend on the CPU's instruction set (MKL and oneDNN pick kernels by it), so
+the runs pin the code paths: MKL's conditional numerical reproducibility (MKL_CBWR=COMPATIBLE),
+ATen's scalar kernels (ATEN_CPU_CAPABILITY=default), oneDNN limited to SSE4.1, one thread. With
+those the same code gives the same bits on any x86-64 CPU; without them a 50-step run drifts
+by about 1e-5 between CPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RECORD = Path(__file__).with_name("golden_losses.json")
+STEPS = 50
+REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default",
+                    "ONEDNN_MAX_CPU_ISA": "SSE41", "OMP_NUM_THREADS": "1",
+                    "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+TINY = ["model.vision_width=64", "model.text_width=64", "model.embed_dim=64",
+        "model.vision_layers=2", "model.text_layers=2", "model.cross_layers=1",
+        "data.batch_size=16", "data.num_workers=0", "data.eval_batch_size=64",
+        "optim.lr=1e-3", "optim.warmup_epochs=0.2", "train.log_every_steps=1",
+        "train.tensorboard=false", "train.precision=fp32", f"train.max_steps={STEPS}",
+        "train.epochs=5", "eval.every_epochs=0"]
+PRESETS = {
+    "irra": ["--config", "launch/configs/irra_synth.yaml"],
+    "rde": ["--config", "launch/configs/rde_synth.yaml", "rde.tse_dim=128"],
+}
+# values a step logs that are not losses
+NOT_LOSSES = {"lr", "tau", "epoch", "samples_per_s", "step", "event", "time", "ema_momentum"}
+
+
+def make_shards(root: Path) -> Path:
+    from data_pipeline.sharding import ShardOptions, shard_dataset
+    from data_pipeline.synthetic import SynthConfig, generate
+
+    generate(root / "data", SynthConfig(seed=5, num_train_ids=40, num_val_ids=8,
+                                        num_test_ids=10), progress=False)
+    shard_dataset("cuhk-pedes", root / "data", root / "shards", ShardOptions(shard_size=32),
+                  progress=False)
+    return root / "shards"
+
+
+def run_preset(name: str, shards: Path, out: Path, extra=()) -> dict[str, dict[str, float]]:
+    """Train one preset for STEPS steps on 2 processes: {"<step>": {term: value}} for every
+    step, and {"division-<epoch>": {kept, disagree, scored}} for every consensus division."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "launch/accelerate/cpu_ddp.yaml"), "--num_processes", "2",
+           "-m", "trainer.train", *PRESETS[name], f"data.shards={shards}",
+           f"train.output_dir={out}", *TINY, *extra]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(REPRODUCIBLE_ENV)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    steps = {}
+    for line in (out / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["event"] == "step":
+            steps[str(rec["step"])] = {k: v for k, v in rec.items()
+                                       if k not in NOT_LOSSES and isinstance(v, (int, float))}
+        elif rec["event"] == "epoch_start" and "kept" in rec:
+            steps[f"division-{rec['epoch']}"] = {k: rec[k] for k in ("kept", "disagree", "scored")}
+    return steps
+
+
+def compare(got: dict, want: dict, rel: float = 1e-6) -> list[str]:
+    """Differences beyond `rel` (relative; 1e-9 absolute for values near 0), as messages."""
+    problems = []
+    if sorted(got) != sorted(want):
+        return [f"steps {sorted(got)[:5]}... != {sorted(want)[:5]}..."]
+    for step in want:
+        for term, value in want[step].items():
+            mine = got[step].get(term)
+            if mine is None:
+                problems.append(f"step {step}: no {term!r}")
+            elif abs(mine - value) > max(rel * abs(value), 1e-9):
+                problems.append(f"step {step} {term}: {mine!r} != {value!r} "
+                                f"(rel {abs(mine - value) / max(abs(value), 1e-30):.2e})")
+    return problems
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", action="store_true", help="record the golden values")
+    p.add_argument("--presets", nargs="*", default=list(PRESETS))
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_shards(Path(tmp))
+        got = {name: run_preset(name, shards, Path(tmp) / name) for name in args.presets}
+    if args.write:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=REPO).stdout.strip()
+        record = {"commit": commit, "command": "python -m tests.trainer.golden --write",
+                  "env": REPRODUCIBLE_ENV, "steps": STEPS, "losses": got}
+        RECORD.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {RECORD}")
+        return 0
+    want = json.loads(RECORD.read_text())["losses"]
+    bad = [f"{name}: {m}" for name in got for m in compare(got[name], want[name])]
+    print("\n".join(bad[:40]) or "all golden losses reproduced")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
