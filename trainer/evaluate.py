@@ -9,6 +9,11 @@ of both (the eval loaders split samples so each is embedded exactly once), the e
 gathered by sample index, and rank 0 computes the similarity per branch (the recipe names them:
 "t2i", or RDE's BGE / TSE / BGE+TSE) and `retrieval_metrics`. Prints a table and writes
 metrics.json beside the weights (or --out).
+
+    python -m trainer.evaluate runs/irra-synth/best --split test --report runs/irra-synth/report
+
+also writes the report a person reads into that folder (trainer/report.py): a CMC curve, a
+retrieval grid of sampled queries, the worst queries, and report.html showing all of it.
 """
 from __future__ import annotations
 
@@ -117,6 +122,13 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--shards", help="shard folder (default: the one the run trained on)")
     p.add_argument("--out", help="where to write metrics.json (default: the weights folder)")
+    p.add_argument("--report", metavar="DIR", help="also write the evaluation report (report.html, "
+                   "cmc.png, retrieval.png, worst.png, metrics.json) into DIR")
+    p.add_argument("--report-queries", type=int, default=8, metavar="N",
+                   help="queries sampled for the report's retrieval grid (default 8)")
+    p.add_argument("--report-worst", type=int, default=8, metavar="N",
+                   help="worst queries the report shows (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the report's query sample")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from accelerate import Accelerator
@@ -125,11 +137,21 @@ def main(argv=None) -> int:
     from trainer.build import load_weights_folder
 
     try:
+        if args.report is not None and min(args.report_queries, args.report_worst) < 1:
+            raise ValueError("--report-queries and --report-worst must be at least 1")
         overrides = [f"data.shards={args.shards}"] if args.shards else []
         cfg, tokenizer, model = load_weights_folder(Path(args.weights), overrides)
         acc = Accelerator(cpu=not torch.cuda.is_available())
         model = acc.prepare(model)
-        results = evaluate(model, cfg, tokenizer, args.split, acc.device)
+        if args.report is None:
+            results = evaluate(model, cfg, tokenizer, args.split, acc.device)
+        else:
+            from trainer.report import write_report
+
+            results = write_report(model, cfg, tokenizer, args.split, acc.device,
+                                   Path(args.report), title=f"{args.weights} on {args.split}",
+                                   queries=args.report_queries, worst=args.report_worst,
+                                   seed=args.seed)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -138,6 +160,8 @@ def main(argv=None) -> int:
         out = Path(args.out or args.weights) / "metrics.json"
         out.write_text(json.dumps({"split": args.split, "metrics": results}, indent=1))
         print(json.dumps({"split": args.split, "metrics": results}))
+        if args.report is not None:
+            print(f"report: {Path(args.report) / 'report.html'}")
     return 0
 
 
