@@ -1,18 +1,25 @@
-"""Loader throughput: samples/s per CPU core for read + decode + augment + tokenize (+ batch).
+"""Loader throughput on one CPU core, against the rate of decoding the JPEGs alone.
 
-    python -m data_pipeline bench shards/synth384 --samples 4000
+    python -m data_pipeline bench shards/synth384 --samples 2000 --repeats 3
 
-Runs the training stream in this process on one core (torch and its helpers limited to one
-thread, no loader workers), first stage by stage to show where the time goes, then end to end
-through `TrainLoader` exactly as training uses it. The loader hands uint8 images and erase boxes
-to the trainer, which normalises them on its device; what that step would cost on this CPU is
-reported beside. Prints a table and one JSON line last.
+Runs everything in this process on one core (torch limited to one thread, the tokenizer's
+thread pool off, no loader workers):
+1. the training stream stage by stage (read, parse, decode, augment, batch, tokenize), each time
+   a prefix of the stage list, to show where the time goes;
+2. then, `repeats` times in turn after one warm-up round: decoding the same samples' JPEG bytes
+   from memory (the decode-only rate: what a loader that did nothing but decode would reach) and
+   `TrainLoader` end to end exactly as training uses it. Their ratio is the loader's efficiency;
+   it holds across CPUs where absolute rates do not. Median and range over the repeats are
+   reported (another process on the machine shows up as spread).
+The loader hands uint8 images and erase boxes to the trainer, which normalises them on its device;
+what that step would cost on this CPU is reported beside. Prints a table and one JSON line last.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -23,6 +30,8 @@ from data_pipeline import loader as L
 from data_pipeline.manifest import read_meta, split_info
 from data_pipeline.transforms import TrainAugment, normalize_images
 
+TARGET_RATIO = 0.40
+
 
 def _drain(source) -> float:
     t0 = time.perf_counter()
@@ -31,23 +40,33 @@ def _drain(source) -> float:
     return time.perf_counter() - t0
 
 
-def run_bench(shard_dir, tokenizer, *, samples: int = 2000, batch_size: int = 64,
-              image_size=(384, 128), split: str = "train") -> dict:
-    torch.set_num_threads(1)
-    root = Path(shard_dir)
-    info = split_info(read_meta(root), split)
+def _spread(values: list[float], digits: int = 1) -> dict:
+    return {"median": round(statistics.median(values), digits),
+            "min": round(min(values), digits), "max": round(max(values), digits)}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def stage_times(root: Path, info, tokenizer, n: int, batch_size: int, image_size) -> dict:
+    """us per sample of each training stage (streaming: each prefix's time minus the last)."""
     stats = L.LoaderStats(L._mp_context())
-    n = min(samples, info.num_samples)
     augment = TrainAugment()
     stages = [
         ("read", lambda src: L.read_pieces(src, root, stats, 100)),
         ("parse", lambda src: L.parse_samples(src, stats, 100)),
         ("decode", lambda src: L.decode_images(src, image_size, stats, 100)),
         ("augment", lambda src: L.augment_samples(src, augment, 0, 0)),
-        ("tokenize", lambda src: L.tokenize_samples(src, tokenizer)),
         ("batch", lambda src: L.batch_samples(src, batch_size)),
+        ("tokenize", lambda src: L.tokenize_batches(src, tokenizer)),
     ]
-    # streaming, as in training: the time of each prefix of the stage list, minus the previous
     prefix, per_stage = 0.0, {}
     for i, (name, _) in enumerate(stages):
         source = iter(L.ranges_of(list(info.shards), 0, n))
@@ -55,48 +74,86 @@ def run_bench(shard_dir, tokenizer, *, samples: int = 2000, batch_size: int = 64
             source = stage(source)
         total = _drain(source)
         per_stage[name], prefix = max(total - prefix, 0.0), total
+    return {"per_sample_us": {k: round(v / n * 1e6, 1) for k, v in per_stage.items()},
+            "stages_samples_per_s": round(n / prefix, 1)}
 
-    cfg = L.LoaderConfig(batch_size=batch_size, image_size=tuple(image_size), num_workers=0)
+
+def run_bench(shard_dir, tokenizer, *, samples: int = 2000, batch_size: int = 64,
+              image_size=(384, 128), split: str = "train", repeats: int = 3) -> dict:
+    if repeats < 1 or samples < 1 or batch_size < 1:
+        raise ValueError("--samples, --batch-size and --repeats must be at least 1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"     # one core: no tokenizer thread pool
+    torch.set_num_threads(1)
+    root = Path(shard_dir)
+    info = split_info(read_meta(root), split)
+    n = min(samples, info.num_samples)
+    image_size = tuple(image_size)
+    result = {"samples": n, "batch_size": batch_size}
+    result.update(stage_times(root, info, tokenizer, n, batch_size, image_size))
+
+    stats = L.LoaderStats(L._mp_context())
+    jpegs = [next(v for k, v in s.items() if k in L.IMAGE_EXTS)
+             for s in L.read_pieces(L.ranges_of(list(info.shards), 0, n), root, stats, 100)]
+    cfg = L.LoaderConfig(batch_size=batch_size, image_size=image_size, num_workers=0,
+                         pin_memory=False)
     train = L.TrainLoader(root, tokenizer, cfg, split=split)
     want = max(1, min(train.num_batches, n // batch_size))
-    got, t_loader = 0, 0.0
-    for epoch in range(2):                       # the first epoch warms the page cache
-        t0, got = time.perf_counter(), 0
-        for i, batch in enumerate(train.epoch(epoch)):
+    decode_rates, loader_rates = [], []
+    for r in range(repeats + 1):                 # round 0 warms the page cache and the code
+        t0 = time.perf_counter()
+        for data in jpegs:
+            L.decode_image(data, image_size)
+        decode_rate = len(jpegs) / (time.perf_counter() - t0)
+        got, t0 = 0, time.perf_counter()
+        for i, batch in enumerate(train.epoch(r)):
             got += batch["input_ids"].shape[0]
             if i + 1 == want:
                 break
-        t_loader = time.perf_counter() - t0
-    shape = tuple(batch["image"].shape[1:3])
+        loader_rate = got / (time.perf_counter() - t0)
+        if r:
+            decode_rates.append(decode_rate)
+            loader_rates.append(loader_rate)
+    ratios = [a / b for a, b in zip(loader_rates, decode_rates, strict=True)]
     t0 = time.perf_counter()
     normalize_images(batch["image"], batch["erase"])
     t_norm = (time.perf_counter() - t0) / batch["image"].shape[0]
-    return {
-        "samples": n, "image_size": list(shape), "batch_size": batch_size,
-        "per_sample_us": {k: round(v / n * 1e6, 1) for k, v in per_stage.items()},
-        "stages_samples_per_s": round(n / prefix, 1),
-        "loader_samples_per_s_per_core": round(got / t_loader, 1),
+    result.update({
+        "image_size": list(batch["image"].shape[1:3]), "repeats": repeats,
+        "decode_only_samples_per_s": _spread(decode_rates),
+        "loader_samples_per_s_per_core": _spread(loader_rates),
+        "loader_to_decode_ratio": _spread(ratios, 3), "target_ratio": TARGET_RATIO,
         "normalize_on_cpu_us": round(t_norm * 1e6, 1),
         "jpeg_decoder": "simplejpeg" if L.simplejpeg is not None else "PIL",
-        "cpu": platform.processor() or platform.machine(), "cores_used": 1,
-        "torch": torch.__version__, "numpy": np.__version__,
-        "pillow": __import__("PIL").__version__, "omp_threads": os.environ.get("OMP_NUM_THREADS"),
-    }
+        "cpu": cpu_model(), "cores_used": 1, "torch": torch.__version__,
+        "numpy": np.__version__, "pillow": __import__("PIL").__version__,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+    })
+    return result
 
 
 def print_report(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"loader throughput, one core, images {result['image_size'][0]}x"
-                        f"{result['image_size'][1]}, {result['samples']} samples")
+    h, w = result["image_size"]
+    table = Table(title=f"loader throughput, one core of {result['cpu']}, images {h}x{w}, "
+                        f"{result['samples']} samples")
     table.add_column("stage")
     table.add_column("us / sample", justify="right")
     for k, v in result["per_sample_us"].items():
         table.add_row(k, f"{v:.1f}")
     table.add_row("[bold]stages, samples/s", f"{result['stages_samples_per_s']:.0f}")
-    table.add_row("[bold]TrainLoader, samples/s/core",
-                  f"{result['loader_samples_per_s_per_core']:.0f}")
+
+    def spread(d, fmt):
+        return f"{d['median']:{fmt}} ({d['min']:{fmt}}-{d['max']:{fmt}})"
+
+    reps = result["repeats"]
+    table.add_row(f"[bold]decode only, samples/s (median, range of {reps})",
+                  spread(result["decode_only_samples_per_s"], ".0f"))
+    table.add_row(f"[bold]TrainLoader, samples/s/core (median, range of {reps})",
+                  spread(result["loader_samples_per_s_per_core"], ".0f"))
+    table.add_row(f"[bold]TrainLoader / decode only (target >= {result['target_ratio']:.2f})",
+                  spread(result["loader_to_decode_ratio"], ".3f"))
     table.add_row("(normalise + erase, done on the device: us/sample on this CPU)",
                   f"{result['normalize_on_cpu_us']:.1f}")
     Console().print(table)

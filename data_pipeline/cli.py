@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--image-size", type=_size, default=(384, 128))
     s.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the shards' own)")
+    s.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds of decode-only vs TrainLoader (median and range)")
     for sp in sub.choices.values():
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -161,7 +163,7 @@ def _bench(args) -> int:
     path = Path(args.shards) / name
     tok = CaptionTokenizer.from_pretrained(path if path.is_dir() else name)
     print_report(run_bench(args.shards, tok, samples=args.samples, batch_size=args.batch_size,
-                           image_size=args.image_size))
+                           image_size=args.image_size, repeats=args.repeats))
     return 0
 
 

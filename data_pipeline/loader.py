@@ -23,11 +23,15 @@ DataPipeline):
                      anything was skipped (counted as padded), so ranks never disagree on counts
   9. sample shuffle  buffer seeded by (seed, epoch, rank, worker)
  10. resume skip     drops the samples of batches already trained on (mid-epoch resume)
- 11. augment         flip, pad-and-crop, erasing box, from a generator seeded by
+ 11. augment         draws flip, crop offset and erasing box from a generator seeded by
                      (seed, epoch, sample index): independent of worker layout and position
- 12. tokenize        CaptionTokenizer -> 77 ids
- 13. batch           a dict of tensors; images stay uint8 H x W x 3 with their erase boxes:
-                     `transforms.prepare_batch` normalises and erases them on the device
+ 12. batch           copies each image into its slot of a uint8 B x H x W x 3 buffer (in shared
+                     memory in a worker, so the hand-over to the training process copies
+                     nothing), flipped and cropped on the way: a shifted slice, zeros around
+ 13. tokenize        the batch's captions in one call of the fast tokenizer -> B x 77 ids
+The images stay uint8 with their erase boxes: `transforms.prepare_batch` normalises and erases
+them on the training device. With `pin_memory` the DataLoader copies each batch into page-locked
+memory, so that `prepare_batch(batch, "cuda")` (non_blocking) overlaps the copy with compute.
 
 Splitting ranges of samples rather than whole shards gives every rank exactly
 num_batches = floor(N / (batch * world)) batches, and every sample at most once per epoch (all
@@ -47,7 +51,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import multiprocessing as mp
+import os
 import random
 import tarfile
 from dataclasses import dataclass
@@ -62,7 +68,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.manifest import ShardInfo, SplitInfo, read_manifest, read_meta, split_info
 from data_pipeline.schema import IMAGE_EXTS, REQUIRED_SAMPLE_FIELDS
-from data_pipeline.transforms import TrainAugment
+from data_pipeline.transforms import IDENTITY, TrainAugment, place_image
 
 try:                                   # libjpeg-turbo straight to numpy: about 2x PIL's speed
     import simplejpeg
@@ -90,6 +96,9 @@ class LoaderConfig:
     """Training augmentations (flip, pad-and-crop, random erasing); None: normalise only."""
     warn_every: int = 100
     """Warn on the first bad sample of a kind and then every this many."""
+    pin_memory: bool | None = None
+    """Hand batches over in page-locked memory (faster, asynchronous host-to-GPU copies). Set it
+    to whether the training device is a GPU; None: pin when CUDA is available."""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -100,6 +109,10 @@ class LoaderConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+
+    @property
+    def pin(self) -> bool:
+        return torch.cuda.is_available() if self.pin_memory is None else bool(self.pin_memory)
 
 
 # -- shared state between the training process and its loader workers -------------------------
@@ -195,6 +208,74 @@ def read_pieces(pieces, root: Path, stats: LoaderStats, every: int):
 
 
 def _read_range(path: Path, first: int, end: int):
+    """Samples at positions [first, end) of one tar; the tar format is read here (4x faster than
+    tarfile), leaving tars with extended headers (pax, GNU long names) to `_read_range_tarfile`."""
+    group, key, position = None, None, -1
+    try:
+        with open(path, "rb") as fh:
+            size_of_file = os.fstat(fh.fileno()).st_size
+            for name, size, regular in _ustar_members(fh):
+                k, _, ext = name.partition(".")
+                if regular and k != key:
+                    if group is not None:
+                        yield group
+                        group = None
+                    key, position = k, position + 1
+                    if position >= end:
+                        return
+                    if position >= first:
+                        group = {"__key__": k, "__url__": str(path)}
+                if group is not None and regular:
+                    data = fh.read(size)
+                    if len(data) != size:
+                        raise tarfile.ReadError(f"unexpected end of data in {name}")
+                    group[ext.lower()] = data
+                    fh.seek(-size % 512, os.SEEK_CUR)
+                else:
+                    if fh.tell() + size > size_of_file:
+                        raise tarfile.ReadError(f"unexpected end of data in {name}")
+                    fh.seek(size + -size % 512, os.SEEK_CUR)
+    except _ExtendedHeader:
+        # position: the sample being read, or the next one; tarfile starts over from there
+        resume = position if group is not None else position + 1
+        yield from _read_range_tarfile(path, max(first, resume), end)
+        return
+    if group is not None:
+        yield group
+
+
+class _ExtendedHeader(Exception):
+    pass
+
+
+def _ustar_members(fh):
+    """(name, size, is regular file) of each member; the file position is at its data."""
+    while True:
+        header = fh.read(512)
+        if len(header) < 512 or header == _EMPTY_BLOCK:
+            if 0 < len(header) < 512:
+                raise tarfile.ReadError("unexpected end of data in a header")
+            return
+        kind = header[156:157]
+        if kind in (b"x", b"g", b"L", b"K"):
+            raise _ExtendedHeader
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            checksum = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
+        except ValueError:
+            raise _ExtendedHeader from None    # base-256 numbers, or not a tar: tarfile decides
+        if checksum != sum(header) - sum(header[148:156]) + 256:
+            raise tarfile.ReadError("bad checksum in a tar header")
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        yield name, size, kind in (b"0", b"\0", b"7")
+
+
+_EMPTY_BLOCK = bytes(512)
+
+
+def _read_range_tarfile(path: Path, first: int, end: int):
     group, key, position = None, None, -1
     with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
         for member in tar:
@@ -296,32 +377,39 @@ def skip_samples(samples, n: int):
 
 
 def augment_samples(samples, augment: TrainAugment | None, seed: int, epoch: int):
+    """Draws each sample's flip, crop and erase box; the pixels move later, in `collate`."""
     for s in samples:
         if augment is not None:
             rng = np.random.default_rng([seed, epoch, s["index"], 0xA06])
-            s["image"], s["erase"] = augment(s["image"], rng)
-        yield s
-
-
-def tokenize_samples(samples, tokenizer):
-    for s in samples:
-        s["input_ids"] = tokenizer.encode(s["caption"])
+            s["geometry"], s["erase"] = augment.draw(*s["image"].shape[:2], rng)
         yield s
 
 
 def collate(samples: list[dict], with_images: bool = True) -> dict:
+    """The batch's tensors, input_ids aside (`tokenize_batches` adds them)."""
     batch = {
-        "input_ids": torch.from_numpy(np.stack([s["input_ids"] for s in samples])),
+        "caption": [s["caption"] for s in samples],
         "pid": torch.tensor([s["pid"] for s in samples], dtype=torch.long),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
         "noisy": torch.tensor([s["noisy"] for s in samples], dtype=torch.bool),
     }
     if with_images:                    # uint8; normalised on the device (transforms.prepare_batch)
-        batch["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))
+        images = _batch_buffer((len(samples), *samples[0]["image"].shape))
+        for slot, s in zip(images.numpy(), samples):
+            place_image(s["image"], s.get("geometry", IDENTITY), slot)
+        batch["image"] = images
         if "erase" in samples[0]:
             batch["erase"] = torch.tensor([s["erase"] for s in samples], dtype=torch.int32)
     return batch
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8 tensor; in a loader worker in shared memory, where the DataLoader would copy it."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
 
 def batch_samples(samples, batch_size: int, with_images: bool = True, partial: bool = False):
@@ -333,6 +421,13 @@ def batch_samples(samples, batch_size: int, with_images: bool = True, partial: b
             buf = []
     if buf and partial:
         yield collate(buf, with_images)
+
+
+def tokenize_batches(batches, tokenizer):
+    """Replaces each batch's captions by their ids, all captions in one tokenizer call."""
+    for batch in batches:
+        batch["input_ids"] = torch.from_numpy(tokenizer.encode_batch(batch.pop("caption")))
+        yield batch
 
 
 # -- datasets ----------------------------------------------------------------------------------
@@ -376,8 +471,8 @@ class TrainStream(IterableDataset):
             wds.filters.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng),
             partial(skip_samples, n=done_batches * B),
             partial(augment_samples, augment=cfg.augment, seed=cfg.seed, epoch=epoch),
-            partial(tokenize_samples, tokenizer=self.tokenizer),
             partial(batch_samples, batch_size=B),
+            partial(tokenize_batches, tokenizer=self.tokenizer),
         ))
 
 
@@ -406,12 +501,18 @@ class EvalStream(IterableDataset):
             partial(keep_only, keep=self.keep),
             partial(decode_images, size_HW=cfg.image_size, stats=self.stats, every=every)
             if images else None,
-            partial(tokenize_samples, tokenizer=self.tokenizer),
             partial(batch_samples, batch_size=cfg.batch_size, with_images=images, partial=True),
+            partial(tokenize_batches, tokenizer=self.tokenizer),
         ))
 
 
 # -- loaders -----------------------------------------------------------------------------------
+
+
+def _init_worker(_worker_id: int) -> None:
+    # each worker tokenizes on one thread: the workers are the parallelism (and a tokenizer
+    # thread pool per worker would oversubscribe the cores)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _mp_context():
@@ -444,7 +545,8 @@ class TrainLoader:
         self.num_workers = min(cfg.num_workers, self.num_batches)
         self._loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0, pin_memory=cfg.pin,
+            worker_init_fn=_init_worker if self.num_workers > 0 else None,
             multiprocessing_context=ctx if self.num_workers > 0 else None)
 
     def epoch(self, epoch: int, start_batch: int = 0):
@@ -485,6 +587,8 @@ class EvalLoader:
                              keep, self.stats)
         workers = min(cfg.num_workers, max(1, self.info.num_samples // world_size))
         self._loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                                  pin_memory=cfg.pin,
+                                  worker_init_fn=_init_worker if workers > 0 else None,
                                   multiprocessing_context=ctx if workers > 0 else None)
 
     def __iter__(self):

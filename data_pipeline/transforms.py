@@ -4,23 +4,38 @@ Training: flip (p 0.5) -> pad 10 with zeros -> random crop back to H x W -> to f
 normalisation -> random erasing (p 0.5, area 2-40 %, aspect 0.3-3.3). Evaluation: normalisation
 only. Images arrive already resized to H x W (at shard time or on decode).
 
-Split in two for speed: `TrainAugment` draws every random choice for one sample from that sample's
-own generator and applies the geometric part to its uint8 H x W x 3 array (index copies) in the
-loader worker; `normalize_images` converts a whole batch to float, normalises it and paints the
-erasing rectangles in one pass on the training device (on a CPU worker this costs more than the
-JPEG decode). Erased pixels get 0 after normalisation, i.e. the mean colour, which is what
-torchvision's RandomErasing(value=mean) is meant to paint.
+Split in three for speed: `TrainAugment.draw` takes every random choice for one sample from that
+sample's own generator (flip, crop offset, erasing rectangle); `place_image` applies the flip and
+the crop while it copies the decoded image into its slot of the batch buffer, so the geometric part
+costs one copy (the crop is a shifted slice, the padding zeros are the slot's borders); and
+`normalize_images` converts a whole batch to float, normalises it and paints the erasing rectangles
+in one pass on the training device (on a CPU worker this costs more than the JPEG decode). Erased
+pixels get 0 after normalisation, i.e. the mean colour, which is what torchvision's
+RandomErasing(value=mean) is meant to paint.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Geometry(NamedTuple):
+    """Where one image goes: mirrored or not, then shifted so that its content moves by (-dy, -dx),
+    zeros filling in (the crop at offset (pad + dy, pad + dx) of the zero-padded image)."""
+
+    flip: bool
+    dy: int
+    dx: int
+
+
+IDENTITY = Geometry(False, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -33,32 +48,52 @@ class TrainAugment:
     erase_scale: tuple[float, float] = (0.02, 0.4)
     erase_ratio: tuple[float, float] = (0.3, 3.3)
 
-    def __call__(self, img_HWC: np.ndarray, rng: np.random.Generator
-                 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-        """Returns the augmented uint8 image and the erase box (top, left, h, w); h = 0: none."""
+    def draw(self, H: int, W: int, rng: np.random.Generator
+             ) -> tuple[Geometry, tuple[int, int, int, int]]:
+        """This sample's flip and crop, and its erase box (top, left, h, w); h = 0: none."""
         u = rng.random(3)
-        if u[0] < self.flip_p:
-            img_HWC = img_HWC[:, ::-1]
+        dy = dx = 0
         if self.pad > 0:
-            dy, dx = rng.integers(0, 2 * self.pad + 1, size=2)
-            img_HWC = shift_with_zeros(img_HWC, int(dy) - self.pad, int(dx) - self.pad)
+            dy, dx = (int(v) - self.pad for v in rng.integers(0, 2 * self.pad + 1, size=2))
         box = (0, 0, 0, 0)
         if u[1] < self.erase_p:
-            box = erase_box(img_HWC.shape[0], img_HWC.shape[1], rng, self.erase_scale,
-                            self.erase_ratio)
-        return np.ascontiguousarray(img_HWC), box
+            box = erase_box(H, W, rng, self.erase_scale, self.erase_ratio)
+        return Geometry(bool(u[0] < self.flip_p), dy, dx), box
+
+    def __call__(self, img_HWC: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        """Returns the augmented uint8 image and the erase box (one sample; the loader places
+        images straight into its batch buffer instead)."""
+        geometry, box = self.draw(img_HWC.shape[0], img_HWC.shape[1], rng)
+        out = np.empty_like(img_HWC)
+        place_image(img_HWC, geometry, out)
+        return out, box
 
 
-def shift_with_zeros(img_HWC: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """The crop at offset (pad + dy, pad + dx) of the zero-padded image: content moves by -dy, -dx."""
+def place_image(img_HWC: np.ndarray, geometry: Geometry, out_HWC: np.ndarray) -> None:
+    """Write the flipped and shifted image into out_HWC (same shape): one copy, zeros around.
+
+    A flipped image's columns [sx, sx + w) are the original's [W - sx - w, W - sx) reversed, so
+    only the cropped slice is flipped, by torch: numpy copies a reversed uint8 H x W x 3 view
+    about 8x slower.
+    """
+    flip, dy, dx = geometry
     H, W = img_HWC.shape[:2]
-    out = np.zeros_like(img_HWC)
-    src_y, dst_y = (dy, 0) if dy >= 0 else (0, -dy)
-    src_x, dst_x = (dx, 0) if dx >= 0 else (0, -dx)
     h, w = H - abs(dy), W - abs(dx)
-    if h > 0 and w > 0:
-        out[dst_y:dst_y + h, dst_x:dst_x + w] = img_HWC[src_y:src_y + h, src_x:src_x + w]
-    return out
+    if h <= 0 or w <= 0:
+        out_HWC[:] = 0
+        return
+    sy, ty = (dy, 0) if dy >= 0 else (0, -dy)
+    sx, tx = (dx, 0) if dx >= 0 else (0, -dx)
+    if flip:
+        src = torch.from_numpy(img_HWC[sy:sy + h, W - sx - w:W - sx]).flip(1).numpy()
+    else:
+        src = img_HWC[sy:sy + h, sx:sx + w]
+    out_HWC[ty:ty + h, tx:tx + w] = src
+    out_HWC[:ty] = 0
+    out_HWC[ty + h:] = 0
+    out_HWC[ty:ty + h, :tx] = 0
+    out_HWC[ty:ty + h, tx + w:] = 0
 
 
 def erase_box(H: int, W: int, rng: np.random.Generator, scale, ratio

@@ -7,9 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.loader import EvalLoader, LoaderConfig, TrainLoader
-from data_pipeline.manifest import read_manifest, read_meta
+from data_pipeline.bench import run_bench
+from data_pipeline.loader import (
+    EvalLoader,
+    LoaderConfig,
+    LoaderStats,
+    TrainLoader,
+    _mp_context,
+    _read_range,
+    _read_range_tarfile,
+    decode_image,
+    ranges_of,
+    read_pieces,
+)
+from data_pipeline.manifest import ShardInfo, read_manifest, read_meta
 from data_pipeline.sharding import ShardOptions, shard_dataset
+from data_pipeline.transforms import TrainAugment
 
 CFG = dict(image_size=(96, 32), shuffle_buffer=32)
 
@@ -139,3 +152,75 @@ def test_eval_loader_yields_each_sample_once_across_ranks(shard_root, tokenizer,
             got += b["index"].tolist()
             assert ("image" in b) == (modality == "image")
     assert sorted(got) == want
+
+
+def test_augmented_images_follow_the_per_sample_law_whatever_the_workers(shard_root, tokenizer):
+    """Each image is flip -> pad -> crop of its decoded sample, drawn from (seed, epoch, index):
+    the same bytes with 0 or 2 workers, and equal to a plain numpy reference."""
+    aug = TrainAugment(pad=4, erase_p=1.0)
+    images = {}
+    for workers in (0, 2):
+        cfg = LoaderConfig(batch_size=8, num_workers=workers, augment=aug, seed=7, **CFG)
+        for b in TrainLoader(shard_root, tokenizer, cfg).epoch(3):
+            for i, idx in enumerate(b["index"].tolist()):
+                got = (b["image"][i].numpy(), tuple(b["erase"][i].tolist()))
+                assert images.setdefault(idx, got)[1] == got[1]
+                assert np.array_equal(images[idx][0], got[0])
+    shards = [ShardInfo(**s) for s in read_meta(shard_root)["splits"]["train"]["shards"]]
+    raw = read_pieces(ranges_of(shards, 0, 40), shard_root, LoaderStats(_mp_context()), 100)
+    for s in raw:
+        idx = int(json.loads(s["json"])["index"])
+        img = decode_image(s["jpg"], (96, 32))
+        geometry, box = aug.draw(96, 32, np.random.default_rng([7, 3, idx, 0xA06]))
+        src = img[:, ::-1] if geometry.flip else img
+        padded = np.pad(src, ((4, 4), (4, 4), (0, 0)))
+        ref = padded[4 + geometry.dy:4 + geometry.dy + 96, 4 + geometry.dx:4 + geometry.dx + 32]
+        assert np.array_equal(images[idx][0], ref) and images[idx][1] == box
+
+
+def test_pin_memory_is_an_option_defaulting_to_cuda(shard_root, tokenizer, monkeypatch):
+    cfg = LoaderConfig(batch_size=8, num_workers=0, **CFG)
+    assert cfg.pin == torch.cuda.is_available()
+    assert TrainLoader(shard_root, tokenizer, LoaderConfig(batch_size=8, num_workers=0,
+                                                           pin_memory=True, **CFG)
+                       )._loader.pin_memory
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cfg.pin and not LoaderConfig(batch_size=8, pin_memory=False, **CFG).pin
+    assert EvalLoader(shard_root, tokenizer, cfg, split="test", modality="text")._loader.pin_memory
+
+
+def test_tar_reader_matches_tarfile_and_falls_back_for_pax(tmp_path, shard_root):
+    name = read_meta(shard_root)["splits"]["train"]["shards"][0]["name"]
+    path = shard_root / name
+    for first, end in ((0, 16), (5, 9)):
+        assert list(_read_range(path, first, end)) == list(_read_range_tarfile(path, first, end))
+    # a pax tar (long member names) is read by tarfile from the sample where the fast reader stops
+    pax = tmp_path / "pax.tar"
+    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tar:
+        for k in range(4):
+            for ext, data in (("jpg", b"img%d" % k), ("json", b"{}")):
+                key = f"s{k}" if k < 2 else "s" + "x" * 120 + str(k)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    got = [(s["__key__"][:3], s["jpg"]) for s in _read_range(pax, 1, 4)]
+    assert got == [("s1", b"img1"), ("sxx", b"img2"), ("sxx", b"img3")]
+    # a damaged header ends the piece with an error the stream counts
+    data = bytearray(path.read_bytes())
+    first_size = int(data[124:136].split(b"\0")[0].strip(), 8)
+    second = 512 + (first_size + 511) // 512 * 512
+    data[second + 5] ^= 0xFF                         # the name field of the second header
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(_read_range(bad, 0, 16))
+
+
+def test_bench_reports_both_rates_and_their_ratio(shard_root, tokenizer):
+    r = run_bench(shard_root, tokenizer, samples=48, batch_size=8, image_size=(96, 32), repeats=1)
+    assert set(r["per_sample_us"]) == {"read", "parse", "decode", "augment", "batch", "tokenize"}
+    for key in ("decode_only_samples_per_s", "loader_samples_per_s_per_core"):
+        assert r[key]["median"] > 0
+    ratio = r["loader_to_decode_ratio"]["median"]
+    assert ratio == pytest.approx(r["loader_samples_per_s_per_core"]["median"]
+                                  / r["decode_only_samples_per_s"]["median"], rel=1e-2)

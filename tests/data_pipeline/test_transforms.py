@@ -4,11 +4,12 @@ import torch
 from data_pipeline.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    Geometry,
     TrainAugment,
     erase_box,
     normalize_images,
+    place_image,
     prepare_batch,
-    shift_with_zeros,
 )
 
 
@@ -17,13 +18,18 @@ def _pad_crop_reference(img, pad, top, left):
     return padded[top:top + img.shape[0], left:left + img.shape[1]]
 
 
-def test_shift_equals_pad_then_crop():
+def test_placing_equals_flip_then_pad_then_crop():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (37, 13, 3), dtype=np.uint8)
-    for top in range(0, 21, 3):
-        for left in range(0, 21, 4):
-            assert np.array_equal(shift_with_zeros(img, top - 10, left - 10),
-                                  _pad_crop_reference(img, 10, top, left))
+    out = np.full((37, 13, 3), 7, dtype=np.uint8)           # stale content must not survive
+    for flip in (False, True):
+        src = img[:, ::-1] if flip else img
+        for top in [*range(0, 21, 3), 20]:
+            for left in [*range(0, 21, 4), 19, 20]:
+                place_image(img, Geometry(flip, top - 10, left - 10), out)
+                assert np.array_equal(out, _pad_crop_reference(src, 10, top, left))
+    place_image(img, Geometry(True, 0, 20), out)             # shifted out of view
+    assert not out.any()
 
 
 def test_erase_box_inside_and_sized():
