@@ -10,15 +10,23 @@ Real data:  --format cuhk-pedes --root data/CUHK-PEDES (reid_raw.json + imgs/),
             --format icfg-pedes --root data/ICFG-PEDES (ICFG-PEDES.json + imgs/),
             --format rstpreid   --root data/RSTPReid   (data_captions.json + imgs/).
 Noisy correspondence (RDE protocol on the train split): --noise-rate 0.5 --noise-seed 0.
+
+Exit codes: 0 done; 1 `verify` found problems; 2 bad input (a missing or damaged file, a wrong
+value, an impossible combination: one paragraph on stderr saying what and what to do); 3 stopped
+by SIGTERM or Ctrl-C (the message says how to continue; `shard` resumes where it stopped).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import re
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 from data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS
+from data_pipeline.workers import stop_on_signals
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -28,6 +36,24 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(
             f"expected HEIGHTxWIDTH such as 384x128, got {text!r}") from None
     return h, w
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+# config fields named in error messages -> the flags that set them
+_FLAGS = {"SynthConfig.num_train_ids": "--train-ids", "SynthConfig.num_val_ids": "--val-ids",
+          "SynthConfig.num_test_ids": "--test-ids", "SynthConfig.images_per_id": "--images-per-id",
+          "SynthConfig.height": "--image-size (height)", "SynthConfig.width": "--image-size (width)",
+          "SynthConfig.seed": "--seed", "shard_size": "--shard-size", "resize": "--resize",
+          "noise_rate": "--noise-rate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-ids", type=int, default=200)
     s.add_argument("--images-per-id", type=int, default=4)
     s.add_argument("--image-size", type=_size, default=(96, 32), help="HEIGHTxWIDTH")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=_positive, default=1)
     s.add_argument("--preview", help="also write a PNG contact sheet here")
     s.add_argument("--overwrite", action="store_true")
 
@@ -51,19 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", required=True, choices=["cuhk-pedes", "icfg-pedes", "rstpreid"])
     s.add_argument("--root", required=True, help="dataset folder (annotation file + imgs/)")
     s.add_argument("--out", required=True)
-    s.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    s.add_argument("--shard-size", type=_positive, default=DEFAULT_SHARD_SIZE)
     s.add_argument("--resize", type=_size, help="HEIGHTxWIDTH to resize images to")
     s.add_argument("--noise-rate", type=float, default=0.0)
     s.add_argument("--noise-seed", type=int, default=0)
     s.add_argument("--shuffle-seed", type=int, default=0)
     s.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     s.add_argument("--tokenizer", choices=["word-level", "none"], default="word-level")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=_positive, default=1)
     s.add_argument("--overwrite", action="store_true")
 
     s = sub.add_parser("verify", help="check every shard against the manifest")
     s.add_argument("shards")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=_positive, default=1)
 
     s = sub.add_parser("stats", help="per-split counts from the manifest")
     s.add_argument("shards")
@@ -71,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="loader samples/s per CPU core")
     s.add_argument("shards")
-    s.add_argument("--samples", type=int, default=2000)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--samples", type=_positive, default=2000)
+    s.add_argument("--batch-size", type=_positive, default=64)
     s.add_argument("--image-size", type=_size, default=(384, 128))
     s.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the shards' own)")
-    s.add_argument("--repeats", type=int, default=3,
+    s.add_argument("--repeats", type=_positive, default=3,
                    help="timed rounds of decode-only vs TrainLoader (median and range)")
     for sp in sub.choices.values():
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -86,10 +112,44 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        with stop_on_signals():
+            return COMMANDS[args.command](args)
+    except KeyboardInterrupt as exc:                     # StopRequested too
+        what = "SIGINT" if type(exc) is KeyboardInterrupt else str(exc)
+        print(f"stopped by {what}: {_how_to_continue(args)}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"error: {_describe(exc)}", file=sys.stderr)
         return 2
+
+
+def _describe(exc: Exception) -> str:
+    """The message of a user error: the exception's own where it names the thing and what to
+    do (this package's are written so); a hint added to the system's bare ones."""
+    if isinstance(exc, BrokenProcessPool):
+        return (f"a worker process died ({exc}), e.g. killed for memory; run the command again "
+                "(with fewer --workers if memory is short; shard resumes)")
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        hints = {errno.ENOENT: "check the path", errno.EACCES: "check its permissions",
+                 errno.ENOSPC: "free some space and run the command again",
+                 errno.ENOTDIR: "a part of the path is a file, not a folder",
+                 errno.EISDIR: "it is a folder; give a file path"}
+        hint = hints.get(exc.errno, "check the path")
+        return f"{exc.filename}: {exc.strerror.lower()}; {hint}"
+    text = str(exc) or type(exc).__name__
+    for field, flag in _FLAGS.items():
+        text = re.sub(rf"\b{re.escape(field)}\b", flag, text)
+    return text
+
+
+def _how_to_continue(args) -> str:
+    if args.command == "shard":
+        return (f"the shards written so far are kept in {args.out}; run the same command again "
+                "to continue (finished shards are skipped)")
+    if args.command == "synth":
+        return (f"the dataset in {args.out} is incomplete; run the same command with --overwrite "
+                "to generate it again")
+    return "nothing was changed; run the command again"
 
 
 def _synth(args) -> int:

@@ -536,7 +536,8 @@ class TrainLoader:
                 f"{max(1, info.num_samples // readers)}) or use fewer loader workers.")
         if info.num_samples < cfg.batch_size * world_size:
             raise ValueError(f"{split} has {info.num_samples} samples, fewer than one batch of "
-                             f"{cfg.batch_size} on each of {world_size} rank(s)")
+                             f"{cfg.batch_size} on each of {world_size} rank(s); lower the batch "
+                             "size")
         ctx = _mp_context()
         self.shared, self.stats = SharedEpoch(ctx), LoaderStats(ctx)
         self.dataset = TrainStream(self.root, info, tokenizer, cfg, rank, world_size,

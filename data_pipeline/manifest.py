@@ -71,12 +71,24 @@ def manifest_path(shard_dir: str | os.PathLike) -> Path:
     return path
 
 
+def _damaged(path: Path, exc: Exception) -> ValueError:
+    return ValueError(f"{path} is not a readable manifest ({exc}); shard the dataset again "
+                      "(`python -m data_pipeline shard ... --overwrite`) or restore the file")
+
+
 def read_meta(shard_dir: str | os.PathLike) -> dict:
-    schema = pq.read_schema(manifest_path(shard_dir))
+    path = manifest_path(shard_dir)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _damaged(path, exc) from None
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise ValueError(f"{manifest_path(shard_dir)} has no '{META_KEY.decode()}' metadata")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise _damaged(path, exc) from None
     if meta.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{manifest_path(shard_dir)}: manifest version {meta.get('version')}, "
                          f"this code reads version {MANIFEST_VERSION}; re-shard the dataset")
@@ -86,7 +98,11 @@ def read_meta(shard_dir: str | os.PathLike) -> dict:
 def read_manifest(shard_dir: str | os.PathLike, columns=None, split: str | None = None
                   ) -> pa.Table:
     filters = [("split", "=", split)] if split else None
-    return pq.read_table(manifest_path(shard_dir), columns=columns, filters=filters)
+    path = manifest_path(shard_dir)
+    try:
+        return pq.read_table(path, columns=columns, filters=filters)
+    except (pa.ArrowException, OSError) as exc:
+        raise _damaged(path, exc) from None
 
 
 def split_info(meta: dict, split: str) -> SplitInfo:
@@ -94,5 +110,9 @@ def split_info(meta: dict, split: str) -> SplitInfo:
     if split not in splits:
         raise ValueError(f"the shards hold no {split!r} split (they have {sorted(splits)})")
     s = splits[split]
-    shards = tuple(ShardInfo(**sh) for sh in s["shards"])
-    return SplitInfo(split=split, num_samples=s["num_samples"], shards=shards)
+    try:
+        shards = tuple(ShardInfo(**sh) for sh in s["shards"])
+        return SplitInfo(split=split, num_samples=int(s["num_samples"]), shards=shards)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"the manifest's entry for the {split!r} split is damaged ({exc!r}); "
+                         "shard the dataset again") from None

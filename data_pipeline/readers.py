@@ -114,9 +114,12 @@ def read_annotations(fmt: str, root: str | os.PathLike, *, on_error: str = "fail
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        raise ValueError(f"{path} is not valid JSON ({exc}); repair or restore the file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc}); repair or restore the file") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
+        raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}; "
+                         f"is it the {fmt} annotation file?")
 
     report = AnnotationReport(source=str(path), max_examples=max_examples, entries=len(entries))
     pairs = _validate_entries(entries, spec, image_dir if check_images else None, report)

@@ -18,6 +18,11 @@ whatever the number of workers.
 Resuming: a shard counts as done once its tar was renamed into place and its record was written
 to OUT/.progress; a rerun with the same input and options skips done shards. A rerun with other
 input or options refuses to mix the two (use a new --out, or --overwrite).
+
+Safety: an OUT that is the input folder, lies inside it or holds it is refused; --overwrite
+deletes only what this tool writes, and refuses before deleting anything when OUT holds other
+files. A dataset without any usable record is refused before OUT is touched. Worker processes end
+with the command (`data_pipeline.workers`); a stop (SIGTERM, Ctrl-C) leaves done shards in place.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -42,6 +48,7 @@ from data_pipeline.manifest import MANIFEST, write_manifest
 from data_pipeline.noise import apply_noise
 from data_pipeline.progress import progress_bar
 from data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS, Record, sample_key, shard_name
+from data_pipeline.workers import init_worker, stop_pool
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +106,15 @@ def shard_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike,
     """Read, (noise,) plan, write shards in parallel, then the manifest. Returns a summary."""
     t0 = time.time()
     root, out = Path(root), Path(out)
+    _check_not_input(root, out)
     records, report = readers.read_annotations(fmt, root, on_error=options.on_error)
     if not report.ok:
         log.warning("skipping malformed records:\n%s", report.render())
+    if not any(records.values()):
+        raise ShardError(f"{report.source} holds no usable (image, caption) pair ({report.entries} "
+                         "entries" + (", all malformed" if report.entries else "") + "): nothing "
+                         f"to shard. Check that --root {root} is the dataset folder and --format "
+                         f"{fmt} its format.")
     if "train" in records and options.noise_rate > 0:
         records["train"] = apply_noise(records["train"], options.noise_rate, options.noise_seed)
     plan = _plan(records, options)
@@ -158,17 +171,63 @@ def _fingerprint(fmt: str, options: ShardOptions, plan) -> str:
     return h.hexdigest()
 
 
+def _check_not_input(root: Path, out: Path) -> None:
+    r, o = root.resolve(), out.resolve()
+    if o == r or r in o.parents or o in r.parents:
+        where = "is" if o == r else "lies inside" if r in o.parents else "holds"
+        raise ShardError(f"--out {out} {where} the input folder --root {root}; shards are written "
+                         "next to a dataset, never into it: choose an --out outside it")
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """What OUT holds that this tool did not write (and --overwrite must therefore keep)."""
+    ours = {*SPLITS, PROGRESS_DIR, TOKENIZER_DIR, PLAN, MANIFEST}
+    foreign = []
+    for p in sorted(out.iterdir()):
+        name = p.name.removesuffix(".partial")
+        if name not in ours or p.is_dir() != (name in (*SPLITS, PROGRESS_DIR, TOKENIZER_DIR)):
+            foreign.append(p.name)
+        elif name in SPLITS:
+            foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())
+                        if not _SHARD_FILE.fullmatch(q.name)]
+        elif name in (PROGRESS_DIR, TOKENIZER_DIR):
+            foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())
+                        if q.is_dir() or q.suffix not in (".json", ".txt", ".partial")]
+    return foreign
+
+
+_SHARD_FILE = re.compile(r"shard-\d{6}\.tar(\.partial)?")
+
+
+def _read_plan(plan_file: Path) -> dict:
+    try:
+        plan = json.loads(plan_file.read_text())
+        if isinstance(plan, dict):
+            return plan
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise ShardError(f"{plan_file} is damaged, so the shards beside it cannot be resumed: pass "
+                     "--overwrite to shard again into this folder, or use a new --out")
+
+
 def _prepare_out(out: Path, fingerprint: str, fmt: str, options: ShardOptions,
                  overwrite: bool) -> None:
     plan_file = out / PLAN
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} is a file; choose a folder")
     if overwrite and out.exists():
+        foreign = _foreign_files(out)
+        if foreign:
+            raise ShardError(f"--overwrite replaces the shards in {out}, but the folder holds files "
+                             f"this tool did not write ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}); nothing was deleted. "
+                             "Move them away or choose another --out.")
         for name in [*SPLITS, PROGRESS_DIR, TOKENIZER_DIR]:
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (PLAN, MANIFEST):
             (out / name).unlink(missing_ok=True)
     if plan_file.exists():
-        old = json.loads(plan_file.read_text())
-        if old.get("fingerprint") != fingerprint:
+        if _read_plan(plan_file).get("fingerprint") != fingerprint:
             raise ShardError(f"{out} holds shards of other input or options (a different plan); "
                              "use a new --out or pass --overwrite to replace them")
     elif out.exists() and any(out.iterdir()):
@@ -185,9 +244,14 @@ def _prepare_out(out: Path, fingerprint: str, fmt: str, options: ShardOptions,
 def _load_progress(out: Path) -> dict[str, dict]:
     done = {}
     for f in sorted((out / PROGRESS_DIR).glob("*.json")):
-        info = json.loads(f.read_text())
-        if (out / info["name"]).is_file():
-            done[info["name"]] = info
+        try:
+            info = json.loads(f.read_text())
+            name = info["name"]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            log.warning("%s is damaged: its shard is written again", f)
+            continue
+        if (out / name).is_file():
+            done[name] = info
     return done
 
 
@@ -196,27 +260,32 @@ def _load_progress(out: Path) -> dict[str, dict]:
 
 def _run_tasks(todo, image_dir: Path, out: Path, options: ShardOptions, workers: int,
                progress: bool, total: int, resumed: int, done: dict) -> None:
-    with progress_bar("sharding", total=total, unit="samples", enabled=progress) as bar:
-        bar.advance(resumed)
-        if workers <= 1:
+    if workers <= 1 or not todo:
+        with progress_bar("sharding", total=total, unit="samples", enabled=progress) as bar:
+            bar.advance(resumed)
             for split, sid, recs in todo:
                 info = write_shard(split, sid, recs, image_dir, out, options)
                 done[info["name"]] = info
                 bar.advance(len(recs))
-            return
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(write_shard, split, sid, recs, image_dir, out, options):
-                       len(recs) for split, sid, recs in todo}
-            try:
-                for fut in cf.as_completed(futures):
-                    info = fut.result()
-                    done[info["name"]] = info
-                    bar.advance(futures[fut])
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
+                                  initargs=(os.getpid(),))
+    try:
+        # every task submitted (so every worker forked) before the progress bar's thread starts:
+        # forking beside a running thread can deadlock
+        futures = {pool.submit(write_shard, split, sid, recs, image_dir, out, options):
+                   len(recs) for split, sid, recs in todo}
+        with progress_bar("sharding", total=total, unit="samples", enabled=progress) as bar:
+            bar.advance(resumed)
+            for fut in cf.as_completed(futures):
+                info = fut.result()
+                done[info["name"]] = info
+                bar.advance(futures[fut])
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown()
 
 
 def write_shard(split: str, shard_id: int, records: list[Record], image_dir: Path, out: Path,
@@ -264,8 +333,9 @@ def load_image_bytes(path: Path, options: ShardOptions) -> tuple[bytes, str]:
                 buf = io.BytesIO()
                 im.save(buf, format="JPEG", quality=options.jpeg_quality)
                 return buf.getvalue(), "jpg"
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ShardError(f"{path}: cannot read image ({exc})") from None
+    except Exception as exc:           # PIL reports a damaged file in many ways (SyntaxError too)
+        raise ShardError(f"{path}: cannot read image ({exc}); replace the file, or pass "
+                         "--on-error skip to leave it out") from None
     if fmt not in PIL_FORMAT_EXT:
         raise ShardError(f"{path}: unsupported image format {fmt}")
     return data, PIL_FORMAT_EXT[fmt]

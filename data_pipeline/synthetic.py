@@ -55,6 +55,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data_pipeline.workers import init_worker, stop_pool
+
 ANNOTATION_FILE = "reid_raw.json"
 META_FILE = "synth_meta.json"
 IMAGE_SUBDIR = "synth"  # file_path prefix, under OUT/imgs/
@@ -640,11 +642,17 @@ def _write_json_list(path: Path, items: list) -> None:
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; choose a folder")
     existing = [p for p in (out / ANNOTATION_FILE, out / "imgs" / IMAGE_SUBDIR) if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{out} already holds a dataset ({', '.join(str(p) for p in existing)}); choose "
             "another output folder or pass overwrite=True (CLI: --overwrite) to replace it")
+    if (out / ANNOTATION_FILE).exists() and not (out / META_FILE).exists():
+        raise FileExistsError(
+            f"{out / ANNOTATION_FILE} was not written by this generator (no {META_FILE} beside "
+            "it), so it is not replaced, even with --overwrite; choose another output folder")
     for p in (out / ANNOTATION_FILE, out / META_FILE):
         p.unlink(missing_ok=True)  # first, so a failed run leaves no annotation file behind
     shutil.rmtree(out / "imgs" / IMAGE_SUBDIR, ignore_errors=True)
@@ -664,7 +672,8 @@ def _render_all(out: Path, config: SynthConfig, identities: list[Identity], work
     methods = multiprocessing.get_all_start_methods()
     pool = None
     if workers > 1:
-        pool = multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        pool = ctx.Pool(workers, initializer=init_worker, initargs=(os.getpid(),))
     columns = (TextColumn("synthetic ids"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     records = []
     try:
@@ -674,10 +683,13 @@ def _render_all(out: Path, config: SynthConfig, identities: list[Identity], work
             for chunk, chunk_records in zip(chunks, results, strict=True):
                 records.extend(chunk_records)
                 bar.advance(bar_task, len(chunk))
-    finally:
+    except BaseException:
         if pool:
-            pool.close()
-            pool.join()
+            stop_pool(pool)
+        raise
+    if pool:
+        pool.close()
+        pool.join()
     return records
 
 

@@ -12,10 +12,14 @@ EOT kept last. The EOS position is the first EOT (CLIP pads with EOT itself, so 
 position, never by id). A mask token (<|mask|>) is added if the tokenizer has none.
 
 Offline, `from_pretrained("openai/...")` can return a tokenizer with two tokens that maps every
-caption to [0, 2, 2, ...] without raising; `validate()` refuses such a tokenizer.
+caption to [0, 2, 2, ...] without raising; `validate()` refuses such a tokenizer. It judges the
+tokenizer by probe captions: a tokenizer trained on a dataset's captions keeps a few of them
+(`caption_probe.json` beside its files), so a small or non-English dataset is judged by its own
+words; any other tokenizer by a fixed English sentence (PROBE).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -29,6 +33,8 @@ EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 PROBE = "a woman in a red coat carrying a black backpack"
+PROBE_FILE = "caption_probe.json"
+PROBE_CAPTIONS = 8
 CONTEXT_LENGTH = 77
 
 
@@ -39,12 +45,15 @@ class TokenizerError(ValueError):
 class CaptionTokenizer:
     """Wraps a transformers tokenizer; picklable, so loader workers tokenize."""
 
-    def __init__(self, hf_tokenizer, *, context_length: int = CONTEXT_LENGTH, source: str = ""):
+    def __init__(self, hf_tokenizer, *, context_length: int = CONTEXT_LENGTH, source: str = "",
+                 probe: list[str] | None = None):
         if context_length < 3:
             raise ValueError(f"context_length must be at least 3, got {context_length}")
         self.hf = hf_tokenizer
         self.context_length = context_length
         self.source = source or getattr(hf_tokenizer, "name_or_path", "")
+        self.probe = list(probe) if probe else None
+        """Captions the tokenizer is judged by (None: PROBE)."""
         if self.hf.mask_token is None:
             self.hf.add_special_tokens({"mask_token": MASK_TOKEN})
             log.info("tokenizer %s had no mask token: added %s", self.source, MASK_TOKEN)
@@ -65,15 +74,17 @@ class CaptionTokenizer:
         name = str(name_or_path)
         try:
             hf = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:        # the Rust tokenizer reports a damaged file as Exception
             where = "local folder" if Path(name).exists() else "hub id (offline or unknown?)"
             raise TokenizerError(f"could not load a tokenizer from {name!r} ({where}): {exc}. "
                                  "Pass a folder holding tokenizer files, e.g. the shards' "
                                  "tokenizer/ folder or a downloaded model.") from None
-        return cls(hf, context_length=context_length, source=name)
+        return cls(hf, context_length=context_length, source=name, probe=_read_probe(name))
 
     def save(self, out_dir: str | Path) -> None:
         self.hf.save_pretrained(str(out_dir))
+        if self.probe:
+            (Path(out_dir) / PROBE_FILE).write_text(json.dumps({"captions": self.probe}, indent=1))
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -130,15 +141,21 @@ class CaptionTokenizer:
     # -- checks --------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Refuse a tokenizer that cannot tell captions apart (the offline trap)."""
-        ids = self.hf(PROBE, add_special_tokens=False)["input_ids"]
+        """Refuse a tokenizer that cannot tell captions apart (the offline trap), judged by the
+        probe captions: as many distinct ids as they have distinct words (up to 5), at most a
+        quarter of their tokens unknown."""
+        probe = self.probe or [PROBE]
+        rows = self._token_ids(probe)
+        ids = [i for row in rows for i in row]
+        words = {w for caption in probe for w in caption.lower().split()}
         distinct = set(ids)
         unknown = sum(i == self.unk_id for i in ids) if self.unk_id is not None else 0
+        shown = probe[0] if len(probe) == 1 else f"{probe[0]} (and {len(probe) - 1} more)"
         problems = []
-        if self.vocab_size < 16:
+        if self.vocab_size < min(16, len(words) + 2):
             problems.append(f"a vocabulary of only {self.vocab_size} tokens")
-        if len(distinct) < 5:
-            problems.append(f"the probe {PROBE!r} maps to {ids}")
+        if len(distinct) < min(5, len(words)):
+            problems.append(f"the probe {shown!r} maps to {rows[0]}")
         if ids and unknown > len(ids) // 4:
             problems.append(f"{unknown} of the probe's {len(ids)} tokens are unknown")
         if self.sot_id == self.eot_id:
@@ -175,11 +192,30 @@ def train_word_level(captions, out_dir: str | Path, *, context_length: int = CON
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1,
                                         show_progress=False)
-    tok.train_from_iterator(list(captions), trainer=trainer)
+    captions = list(captions)
+    tok.train_from_iterator(captions, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, unk_token=UNK_TOKEN,
                                  mask_token=MASK_TOKEN, bos_token=SOT_TOKEN, eos_token=EOT_TOKEN,
                                  model_max_length=context_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out_dir))
+    unique = sorted({c for c in captions if c.strip()})
+    probe = unique[:: max(1, len(unique) // PROBE_CAPTIONS)][:PROBE_CAPTIONS]
+    (out_dir / PROBE_FILE).write_text(json.dumps({"captions": probe}, indent=1))
     return CaptionTokenizer.from_pretrained(out_dir, context_length=context_length)
+
+
+def _read_probe(name: str) -> list[str] | None:
+    path = Path(name) / PROBE_FILE
+    if not path.is_file():
+        return None
+    try:
+        captions = json.loads(path.read_text())["captions"]
+        if isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions):
+            return captions
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    raise TokenizerError(f"{path} is damaged: it should hold {{\"captions\": [...]}}, a few of "
+                         "the captions the tokenizer was trained on; rewrite it or delete it "
+                         "(then the tokenizer is judged by an English sentence)")

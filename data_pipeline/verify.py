@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +24,7 @@ from PIL import Image
 from data_pipeline.manifest import read_manifest, read_meta
 from data_pipeline.progress import progress_bar
 from data_pipeline.schema import IMAGE_EXTS
+from data_pipeline.workers import init_worker, stop_pool
 
 _CHECKED_FIELDS = ("caption", "pid", "index", "image_id", "noisy", "caption_src")
 
@@ -46,10 +48,22 @@ def verify(shard_dir, *, workers: int = 1, progress: bool = True) -> list[str]:
                 problems += verify_shard(*job)
                 bar.advance()
         else:
-            with cf.ProcessPoolExecutor(max_workers=workers) as pool:
-                for found in pool.map(verify_shard, *zip(*jobs)):
-                    problems += found
-                    bar.advance()
+            problems += _verify_parallel(jobs, workers, bar)
+    return problems
+
+
+def _verify_parallel(jobs, workers: int, bar) -> list[str]:
+    problems = []
+    pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=init_worker,
+                                  initargs=(os.getpid(),))
+    try:
+        for found in pool.map(verify_shard, *zip(*jobs)):
+            problems += found
+            bar.advance()
+    except BaseException:
+        stop_pool(pool)
+        raise
+    pool.shutdown()
     return problems
 
 
@@ -116,7 +130,7 @@ def _check_sample(sample: dict, row: dict) -> list[str]:
     try:
         with Image.open(io.BytesIO(image)) as im:
             im.load()
-    except (OSError, ValueError) as exc:
+    except Exception as exc:           # PIL reports a damaged file in many ways (SyntaxError too)
         problems.append(f"image does not decode ({exc})")
     return problems
 

@@ -139,3 +139,23 @@ def test_cli_shard_errors_are_clear(tmp_path, capsys):
     assert "reid_raw.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="shard_size"):
         ShardOptions(shard_size=0)
+
+
+def test_a_small_non_english_dataset_shards(tmp_path):
+    root = tmp_path / "de"
+    (root / "imgs").mkdir(parents=True)
+    captions = {1: ["eine frau in einem roten mantel", "sie trägt eine schwarze tasche"],
+                2: ["ein mann mit blauer hose"], 3: ["ein kind mit gelber mütze"]}
+    entries = []
+    for pid, caps in captions.items():
+        Image.new("RGB", (8, 16), (pid * 60, 0, 0)).save(root / "imgs" / f"{pid}.jpg")
+        entries.append({"split": "test" if pid == 3 else "train", "id": pid,
+                        "file_path": f"{pid}.jpg", "captions": caps, "processed_tokens": []})
+    (root / "reid_raw.json").write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    assert main(["shard", "--format", "cuhk-pedes", "--root", str(root), "--out", str(out),
+                 "--quiet"]) == 0
+    from data_pipeline.tokenizer import CaptionTokenizer
+
+    tok = CaptionTokenizer.from_pretrained(out / "tokenizer")
+    assert tok.unk_id not in tok.encode_batch(captions[1] + captions[2])

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from data_pipeline.tokenizer import PROBE, CaptionTokenizer, TokenizerError, train_word_level
+from data_pipeline.tokenizer import (
+    PROBE,
+    PROBE_FILE,
+    CaptionTokenizer,
+    TokenizerError,
+    train_word_level,
+)
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag"]
 
@@ -53,3 +59,18 @@ def test_unknown_source_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TokenizerError, match="could not load a tokenizer"):
         CaptionTokenizer.from_pretrained(tmp_path / "nothing-here")
+
+
+def test_a_trained_tokenizer_is_judged_by_its_own_captions(tmp_path):
+    """A tiny non-English vocabulary fails the English sentence but passes its own captions."""
+    captions = ["eine frau in einem roten mantel", "ein mann mit blauer hose", "一个穿红色外套的女人"]
+    tok = train_word_level(captions * 2, tmp_path / "tok")
+    assert tok.probe == sorted(captions)
+    assert tok.unk_id not in tok.encode(captions[0])
+    with pytest.raises(TokenizerError, match="unknown"):
+        CaptionTokenizer(tok.hf)                               # judged by PROBE
+    tok.save(tmp_path / "saved")                               # the probe travels with it
+    assert CaptionTokenizer.from_pretrained(tmp_path / "saved").probe == tok.probe
+    (tmp_path / "tok" / PROBE_FILE).write_text("[")
+    with pytest.raises(TokenizerError, match="damaged"):
+        CaptionTokenizer.from_pretrained(tmp_path / "tok")
