@@ -297,12 +297,12 @@ def build_index(embedder: Embedder, gallery: Path, out: Path, *, split: str = "t
     share, rank 0 writes. Returns a summary (on every rank)."""
     gallery, out = Path(gallery), Path(out)
     kind = gallery_kind(gallery)
-    where = {"path": str(gallery.resolve()), "kind": kind, "split": split if kind == "shards" else None}
+    where = {"path": str(gallery.resolve()), "kind": kind,
+             "split": split if kind == "shards" else None}
     items, problems = list_gallery(gallery, split, exclude=out)
     old = _reusable(out, embedder, where)
-    have = {} if old is None else {k: (j, s) for j, (k, s) in
-                                   enumerate(zip(old.rows["key"], old.rows["stamp"]))}
-    pending = [it for it in items if have.get(it.key, (None, None))[1] != it.stamp]
+    have = {} if old is None else dict(zip(old.rows["key"], old.rows["stamp"]))
+    pending = [it for it in items if have.get(it.key) != it.stamp]
     counts = _balanced(len(pending), dist.world_size())
     start = sum(counts[:dist.rank()])
     mine = pending[start:start + counts[dist.rank()]]
@@ -316,31 +316,37 @@ def build_index(embedder: Embedder, gallery: Path, out: Path, *, split: str = "t
                "kept": len(items) - len(pending), "skipped": len(problems),
                "removed": 0 if old is None else len(set(have) - {it.key for it in items})}
     if dist.rank() == 0:
-        fresh = {pending[p].key: (pending[p], r) for r, p in enumerate(positions.tolist())}
-        keys = sorted({it.key for it in items if it.key in fresh or
-                       (it.key in have and have[it.key][1] == it.stamp)})
-        rows = {c: [] for c in TEXT_COLUMNS}
-        vecs = {b: np.zeros((len(keys), d), np.float32) for b, d in embedder.dims.items()}
-        by_key = {it.key: it for it in items}
-        for n, key in enumerate(keys):
-            it = by_key[key]
-            for c in TEXT_COLUMNS:
-                rows[c].append(getattr(it, c))
-            for b in vecs:
-                vecs[b][n] = new[b][fresh[key][1]] if key in fresh else old.emb[b][have[key][0]]
-        header = {"format": FORMAT, "count": len(keys), "gallery": where,
+        rows, vecs = _merge(items, pending, positions.tolist(), new, old, embedder.dims)
+        header = {"format": FORMAT, "count": len(rows["key"]), "gallery": where,
                   "model": {"path": embedder.path, "kind": embedder.kind,
                             "sha256": embedder.sha256, "image_size": list(embedder.image_size)},
                   "branches": embedder.dims, "similarities": embedder.similarities,
                   "skipped": sorted((p.as_dict() for p in problems), key=lambda d: d["path"]),
-                  "approximate": None}
-        if approximate:
-            header["approximate"] = _write_approximate(out, vecs)
-        elif (out / APPROX).exists():
+                  "approximate": _write_approximate(out, vecs) if approximate else None}
+        if not approximate and (out / APPROX).exists():
             (out / APPROX).unlink()            # it would describe the old rows
         _write_index(out, header, rows, vecs)
     dist.barrier()
     return summary
+
+
+def _merge(items: list[Item], pending: list[Item], positions: list[int],
+           new: dict[str, np.ndarray], old: Index | None, dims: dict[str, int]):
+    """Rows and embeddings of the new index, sorted by key: the embedded pending items (row r of
+    `new` is pending[positions[r]]) and the old rows of unchanged items."""
+    fresh = {pending[p].key: r for r, p in enumerate(positions)}
+    current = {it.key: it for it in items}
+    unchanged = {} if old is None else {
+        k: j for j, (k, s) in enumerate(zip(old.rows["key"], old.rows["stamp"]))
+        if k in current and current[k].stamp == s}
+    keys = sorted(k for k in current if k in fresh or k in unchanged)
+    rows = {c: [getattr(current[k], c) for k in keys] for c in TEXT_COLUMNS}
+    vecs = {}
+    for b, d in dims.items():
+        vecs[b] = np.zeros((len(keys), d), np.float32)
+        for n, k in enumerate(keys):
+            vecs[b][n] = new[b][fresh[k]] if k in fresh else old.emb[b][unchanged[k]].numpy()
+    return rows, vecs
 
 
 def _balanced(total: int, parts: int) -> list[int]:
