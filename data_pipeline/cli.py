@@ -1,6 +1,8 @@
 """Command line of the data pipeline: `python -m data_pipeline <command>` (or `tbps-data`).
 
     python -m data_pipeline synth  --out data/synth --seed 0               # CUHK-PEDES format
+    python -m data_pipeline synth  --out data/pretrain --population pretrain --disjoint-from data/synth
+    python -m data_pipeline shard  ... --tokenizer synthetic-vocab         # one vocabulary for both
     python -m data_pipeline shard  --format cuhk-pedes --root data/synth --out shards/synth
     python -m data_pipeline verify shards/synth
     python -m data_pipeline stats  shards/synth
@@ -53,6 +55,8 @@ _FLAGS = {"SynthConfig.num_train_ids": "--train-ids", "SynthConfig.num_val_ids":
           "SynthConfig.num_test_ids": "--test-ids", "SynthConfig.images_per_id": "--images-per-id",
           "SynthConfig.height": "--image-size (height)", "SynthConfig.width": "--image-size (width)",
           "SynthConfig.seed": "--seed", "shard_size": "--shard-size", "resize": "--resize",
+          "SynthConfig.caption_style": "--caption-style", "SynthConfig.background": "--background",
+          "SynthConfig.attribute_profile": "--attribute-profile",
           "noise_rate": "--noise-rate"}
 
 
@@ -63,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="generate the synthetic person dataset (CUHK-PEDES format)")
     s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--population", choices=["benchmark", "pretrain"], default="benchmark",
+                   help="pretrain: web-style captions, studio backgrounds, web attribute "
+                        "frequencies, other framing and seed, no identity of the benchmark")
+    s.add_argument("--disjoint-from", metavar="DIR",
+                   help="a synthetic dataset whose identities this one must not repeat "
+                        "(default for --population pretrain: the default benchmark)")
+    s.add_argument("--caption-style", choices=["pedestrian", "web"])
+    s.add_argument("--background", choices=["street", "studio"])
+    s.add_argument("--attribute-profile", choices=["pedestrian", "web"])
+    s.add_argument("--seed", type=int, help="default: 0 (benchmark), 101 (pretrain)")
     s.add_argument("--train-ids", type=int, default=1000)
     s.add_argument("--val-ids", type=int, default=100)
     s.add_argument("--test-ids", type=int, default=200)
@@ -83,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise-seed", type=int, default=0)
     s.add_argument("--shuffle-seed", type=int, default=0)
     s.add_argument("--on-error", choices=["fail", "skip"], default="fail")
-    s.add_argument("--tokenizer", choices=["word-level", "none"], default="word-level")
+    s.add_argument("--tokenizer", choices=["word-level", "synthetic-vocab", "none"],
+                   default="word-level", help="synthetic-vocab: one vocabulary for every "
+                   "synthetic population (shards of each get the same ids)")
     s.add_argument("--workers", type=_positive, default=1)
     s.add_argument("--overwrite", action="store_true")
 
@@ -153,17 +168,42 @@ def _how_to_continue(args) -> str:
 
 
 def _synth(args) -> int:
-    from data_pipeline.synthetic import SynthConfig, generate, preview
+    from data_pipeline.synthetic import SynthConfig, generate, pretrain_config, preview
 
-    cfg = SynthConfig(seed=args.seed, num_train_ids=args.train_ids, num_val_ids=args.val_ids,
-                      num_test_ids=args.test_ids, images_per_id=args.images_per_id,
-                      height=args.image_size[0], width=args.image_size[1])
+    fields = dict(num_train_ids=args.train_ids, num_val_ids=args.val_ids,
+                  num_test_ids=args.test_ids, images_per_id=args.images_per_id,
+                  height=args.image_size[0], width=args.image_size[1])
+    fields.update({k: v for k, v in (("seed", args.seed), ("caption_style", args.caption_style),
+                                     ("background", args.background),
+                                     ("attribute_profile", args.attribute_profile)) if v is not None})
+    if args.disjoint_from:
+        fields["disjoint_from"] = _synth_config_of(args.disjoint_from)
+    if args.population == "pretrain":
+        cfg = pretrain_config(**fields)
+    else:
+        cfg = SynthConfig(**fields)
     summary = generate(args.out, cfg, workers=args.workers, progress=not args.quiet,
                        overwrite=args.overwrite)
     if args.preview:
         preview(args.out, args.preview)
     print(json.dumps(summary))
     return 0
+
+
+def _synth_config_of(folder: str):
+    from pathlib import Path
+
+    from data_pipeline.synthetic import META_FILE, SynthConfig
+
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--disjoint-from {folder}: no {META_FILE} there; give a folder "
+                                "written by `python -m data_pipeline synth`")
+    try:
+        return SynthConfig.from_json(json.loads(path.read_text())[0]["config"])
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(f"--disjoint-from {folder}: {path} is damaged or from another version "
+                         f"({exc}); generate that dataset again") from None
 
 
 def _shard(args) -> int:

@@ -56,6 +56,7 @@ PLAN = ".plan.json"
 PROGRESS_DIR = ".progress"
 TOKENIZER_DIR = "tokenizer"
 TAR_MTIME = 946684800          # 2000-01-01: fixed, so tars are byte-reproducible
+TOKENIZERS = ("word-level", "synthetic-vocab", "none")
 PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 
 
@@ -83,7 +84,9 @@ class ShardOptions:
     on_error: str = "fail"
     """"fail": stop on a malformed record; "skip": drop it and report it."""
     tokenizer: str = "word-level"
-    """"word-level": train a tokenizer on the train captions into OUT/tokenizer; "none": skip."""
+    """"word-level": train a tokenizer on the train captions into OUT/tokenizer;
+    "synthetic-vocab": a word-level tokenizer over every word the synthetic generator can write
+    (every population: the same ids for all of them); "none": no tokenizer."""
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -96,8 +99,8 @@ class ShardOptions:
             raise ValueError(f"noise_rate must be in [0, 1), got {self.noise_rate}")
         if self.on_error not in readers.ON_ERROR:
             raise ValueError(f"on_error must be one of {readers.ON_ERROR}, got {self.on_error!r}")
-        if self.tokenizer not in ("word-level", "none"):
-            raise ValueError(f"tokenizer must be 'word-level' or 'none', got {self.tokenizer!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
 
 
 def shard_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike,
@@ -136,6 +139,11 @@ def shard_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike,
         from data_pipeline.tokenizer import train_word_level
 
         train_word_level(sorted(r.caption for r in records["train"]), out / TOKENIZER_DIR)
+        meta["tokenizer"] = TOKENIZER_DIR
+    elif options.tokenizer == "synthetic-vocab":
+        from data_pipeline.synthetic import train_shared_tokenizer
+
+        train_shared_tokenizer(out / TOKENIZER_DIR)
         meta["tokenizer"] = TOKENIZER_DIR
     meta["annotation_report"] = {"problems": dict(report.counts), "entries": report.entries}
     write_manifest(out, rows, meta)

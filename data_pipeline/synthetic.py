@@ -38,6 +38,26 @@ scratch on 2 CPU cores, reached Rank-1 54 in 6 epochs on the default sizes and d
 - pose_jitter: scales all geometric variation (position, scale, width, leg and arm spread); 0 draws
   every image of an identity in the same pose.
 - clutter: the most background rectangles per image.
+
+Population knobs: a second population for pretraining, shifted from the benchmark as web photos
+are from pedestrian-camera crops (`pretrain_config()`, CLI `synth --population pretrain`):
+- caption_style: "pedestrian" (the benchmark's five templates) or "web" (four others, other
+  synonyms; data_pipeline.synth_captions).
+- background: "street" (random colour, floor band, clutter) or "studio" (a light gradient
+  backdrop and a floor shadow, no clutter).
+- attribute_profile: "pedestrian" (uniform colours and upper garments, the benchmark's rates of
+  bags, hair and lower garments) or "web" (black, white and blue first; t-shirts, skirts and
+  handbags more often).
+- figure_zoom: a per-image range of figure scale (web photos frame people closer or farther; a
+  close one loses its feet at the bottom edge); pose_jitter and hat_prob above.
+- disjoint_from: the config of a population whose identities this one must not repeat. Two
+  synthetic identities are equal when their attribute tuples (`Identity.attributes()`) are: they
+  then look and read alike whatever their ids. The excluded tuples are recomputed from that config
+  (the benchmark's own draw), so the exclusion holds for every identity of every split.
+The new knobs at their defaults leave the benchmark's output byte-identical (they are written to
+synth_meta.json only when set). `vocabulary()` lists every token either caption style can write,
+and `train_shared_tokenizer()` builds one word-level tokenizer on it, so a model pretrained on one
+population reads the other's captions (`shard --tokenizer synthetic-vocab` puts it beside shards).
 """
 from __future__ import annotations
 
@@ -45,7 +65,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import textwrap
 import time
@@ -55,6 +74,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data_pipeline.synth_captions import STYLES, make_captions, style_words, tokenize
+from data_pipeline.synth_captions import pick as _pick
 from data_pipeline.workers import init_worker, stop_pool
 
 ANNOTATION_FILE = "reid_raw.json"
@@ -76,6 +97,23 @@ SKIN_TONES = {"light": (240, 206, 176), "tan": (204, 150, 106), "dark": (112, 70
 UPPER_TYPES = ("tshirt", "shirt", "jacket", "coat")
 LOWER_TYPES = ("trousers", "shorts", "skirt")
 BAG_TYPES = ("backpack", "handbag")
+
+# Attribute frequencies per profile; None: uniform (the "pedestrian" draw, kept as it was).
+ATTRIBUTE_PROFILES = {
+    "pedestrian": {"colours": None, "upper": None,
+                   "bag_woman": (0.35, 0.35, 0.3), "bag_man": (0.45, 0.4, 0.15),
+                   "hair_woman": (0.3, 0.7), "hair_man": (0.85, 0.15),
+                   "hair_colour": (0.35, 0.3, 0.2, 0.15),
+                   "lower_woman": (0.5, 0.2, 0.3), "lower_man": (0.7, 0.3, 0.0)},
+    "web": {"colours": (0.2, 0.16, 0.1, 0.07, 0.04, 0.04, 0.06, 0.14, 0.04, 0.08, 0.07),
+            "upper": (0.4, 0.25, 0.2, 0.15),
+            "bag_woman": (0.2, 0.3, 0.5), "bag_man": (0.5, 0.45, 0.05),
+            "hair_woman": (0.25, 0.75), "hair_man": (0.8, 0.2),
+            "hair_colour": (0.3, 0.35, 0.25, 0.1),
+            "lower_woman": (0.35, 0.25, 0.4), "lower_man": (0.6, 0.4, 0.0)},
+}
+BACKGROUNDS = ("street", "studio")
+PRETRAIN_SEED = 101
 
 # Design canvas: figures are laid out in units of a 96 x 32 image and drawn at scale.
 _DESIGN_H, _DESIGN_W = 96, 32
@@ -121,6 +159,16 @@ class SynthConfig:
     """Share of images mirrored left-right."""
     jpeg_quality: int = 95
     """JPEG quality of the written images."""
+    caption_style: str = "pedestrian"
+    """Caption templates and synonyms: "pedestrian" (the benchmark) or "web"."""
+    background: str = "street"
+    """Scene behind the figure: "street" (the benchmark) or "studio"."""
+    attribute_profile: str = "pedestrian"
+    """Attribute frequencies: "pedestrian" (the benchmark) or "web" (ATTRIBUTE_PROFILES)."""
+    figure_zoom: tuple[float, float] = (1.0, 1.0)
+    """Range of an extra per-image scale of the figure; (1, 1): the benchmark's framing."""
+    disjoint_from: SynthConfig | None = None
+    """A population (its config) whose identities this one never repeats; None: no exclusion."""
 
     def __post_init__(self):
         ints = {
@@ -143,6 +191,43 @@ class SynthConfig:
         if self.num_ids > 99_999:  # file paths hold the id in 5 digits
             raise ValueError("SynthConfig.num_train_ids + num_val_ids + num_test_ids must be at "
                              f"most 99999, got {self.num_ids}")
+        choices = {"caption_style": tuple(STYLES), "background": BACKGROUNDS,
+                   "attribute_profile": tuple(ATTRIBUTE_PROFILES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SynthConfig.{name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
+        zoom = self.figure_zoom
+        if (not isinstance(zoom, tuple) or len(zoom) != 2
+                or not all(isinstance(z, (int, float)) for z in zoom)
+                or not 0.5 <= zoom[0] <= zoom[1] <= 2.0):
+            raise ValueError("SynthConfig.figure_zoom must be a tuple (low, high) with "
+                             f"0.5 <= low <= high <= 2, got {zoom!r}")
+        if self.disjoint_from is not None and not isinstance(self.disjoint_from, SynthConfig):
+            raise ValueError("SynthConfig.disjoint_from must be a SynthConfig or None, "
+                             f"got {type(self.disjoint_from).__name__}")
+
+    def to_json(self) -> dict:
+        """The fields as JSON; population knobs left at their defaults are omitted (so the
+        benchmark's synth_meta.json reads as it did before they existed)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _POPULATION_KNOBS and value == f.default:
+                continue
+            out[f.name] = value.to_json() if isinstance(value, SynthConfig) else \
+                list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> SynthConfig:
+        """Inverse of to_json (e.g. the config in a dataset's synth_meta.json)."""
+        data = dict(data)
+        if data.get("disjoint_from") is not None:
+            data["disjoint_from"] = cls.from_json(data["disjoint_from"])
+        if "figure_zoom" in data:
+            data["figure_zoom"] = tuple(data["figure_zoom"])
+        return cls(**data)
 
     @property
     def num_ids(self) -> int:
@@ -152,6 +237,21 @@ class SynthConfig:
         if pid <= self.num_train_ids:
             return "train"
         return "val" if pid <= self.num_train_ids + self.num_val_ids else "test"
+
+
+_POPULATION_KNOBS = ("caption_style", "background", "attribute_profile", "figure_zoom",
+                     "disjoint_from")
+
+
+def pretrain_config(*, disjoint_from: SynthConfig | None = None, **changes) -> SynthConfig:
+    """A pretraining population: web captions, studio backgrounds, web attribute frequencies,
+    closer and farther framing, more varied poses, its own seed, and no identity of
+    `disjoint_from` (default: the default benchmark, `SynthConfig()`). `changes` override."""
+    preset = dict(seed=PRETRAIN_SEED, caption_style="web", background="studio",
+                  attribute_profile="web", figure_zoom=(0.85, 1.3), pose_jitter=1.6,
+                  hat_prob=0.35, occlusion_prob=0.05, drop_attribute_prob=0.5,
+                  disjoint_from=disjoint_from if disjoint_from is not None else SynthConfig())
+    return SynthConfig(**{**preset, **changes})
 
 
 @dataclass(frozen=True)
@@ -178,55 +278,48 @@ class Identity:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self)[2:])
 
 
-def _pick(rng: np.random.Generator, options, p=None):
-    """One of options, uniform or with weights p, from one uniform draw (rng.choice is 20x slower;
-    the draws are most of the serial time in sample_identities)."""
-    options = list(options)
-    u = rng.random()
-    if p is None:
-        return options[min(int(u * len(options)), len(options) - 1)]
-    for option, weight in zip(options, p, strict=True):
-        if u < weight:
-            return option
-        u -= weight
-    return options[-1]
-
-
 def _draw_attributes(rng: np.random.Generator, config: SynthConfig) -> dict:
+    f = ATTRIBUTE_PROFILES[config.attribute_profile]
     gender = _pick(rng, ("man", "woman"))
-    woman = gender == "woman"
-    colours = list(COLOURS)
-    bag = _pick(rng, (None, *BAG_TYPES), p=(0.35, 0.35, 0.3) if woman else (0.45, 0.4, 0.15))
+    sex = "woman" if gender == "woman" else "man"
+    colours, pc = list(COLOURS), f["colours"]
+    bag = _pick(rng, (None, *BAG_TYPES), p=f[f"bag_{sex}"])
     return {
         "gender": gender,
         "skin": _pick(rng, SKIN_TONES),
-        "hair_length": _pick(rng, ("short", "long"), p=(0.3, 0.7) if woman else (0.85, 0.15)),
-        "hair_colour": _pick(rng, HAIR_COLOURS, p=(0.35, 0.3, 0.2, 0.15)),
-        "hat_colour": _pick(rng, colours) if rng.random() < config.hat_prob else None,
-        "upper": _pick(rng, UPPER_TYPES),
-        "upper_colour": _pick(rng, colours),
-        "lower": _pick(rng, LOWER_TYPES, p=(0.5, 0.2, 0.3) if woman else (0.7, 0.3, 0.0)),
-        "lower_colour": _pick(rng, colours),
-        "shoes_colour": _pick(rng, colours),
+        "hair_length": _pick(rng, ("short", "long"), p=f[f"hair_{sex}"]),
+        "hair_colour": _pick(rng, HAIR_COLOURS, p=f["hair_colour"]),
+        "hat_colour": _pick(rng, colours, pc) if rng.random() < config.hat_prob else None,
+        "upper": _pick(rng, UPPER_TYPES, p=f["upper"]),
+        "upper_colour": _pick(rng, colours, pc),
+        "lower": _pick(rng, LOWER_TYPES, p=f[f"lower_{sex}"]),
+        "lower_colour": _pick(rng, colours, pc),
+        "shoes_colour": _pick(rng, colours, pc),
         "bag": bag,
-        "bag_colour": _pick(rng, colours) if bag else None,
+        "bag_colour": _pick(rng, colours, pc) if bag else None,
     }
 
 
 def sample_identities(config: SynthConfig) -> list[Identity]:
-    """All identities, ids 1..N in order, with attribute combinations unique across the splits.
+    """All identities, ids 1..N in order, with attribute combinations unique across the splits
+    and absent from the population `config.disjoint_from` (if any).
 
     Sequential on purpose: whether an id's first draw collides depends on the ids before it. An id
-    redraws from its own generator until unique, so the result depends on the seed alone.
+    redraws from its own generator until unique, so the result depends on the config alone.
     """
     seen: set[tuple] = set()
+    if config.disjoint_from is not None:
+        seen = {i.attributes() for i in sample_identities(config.disjoint_from)}
     identities = []
     for pid in range(1, config.num_ids + 1):
         rng = np.random.default_rng([config.seed, 0, pid])
-        while True:
+        for _ in range(10_000):
             ident = Identity(id=pid, split=config.split_of(pid), **_draw_attributes(rng, config))
             if ident.attributes() not in seen:
                 break
+        else:
+            raise ValueError(f"no new attribute combination for id {pid} in 10000 draws: the "
+                             "population is too large for its attribute frequencies")
         seen.add(ident.attributes())
         identities.append(ident)
     return identities
@@ -413,6 +506,22 @@ def _draw_scene(pen: _Pen, rng: np.random.Generator, w: float, h: float, clutter
                  tuple(int(v) for v in rng.integers(0, 256, 3)))
 
 
+def _draw_studio(pen: _Pen, rng: np.random.Generator, w: float, h: float):
+    """A light backdrop, darker towards the floor, in bands (a product-photo look)."""
+    top = rng.integers(175, 250, 3).astype(float)
+    bottom = top * rng.uniform(0.72, 0.92)
+    bands = 12
+    for i in range(bands):
+        c = top + (bottom - top) * i / (bands - 1)
+        pen.rect(0, h * i / bands, w, h * (i + 1) / bands, tuple(int(v) for v in c))
+
+
+def _draw_shadow(pen: _Pen, pose: dict):
+    cx, feet, half = pose["cx"], pose["top"] + pose["height"], 0.17 * pose["height"]
+    pen.ellipse(cx - half, feet - 0.03 * pose["height"], cx + half, feet + 0.02 * pose["height"],
+                (96, 96, 100))
+
+
 def _draw_occluder(pen: _Pen, rng: np.random.Generator, w: float, h: float):
     """A block in front of the figure: from below (a bench, a car) or from one side (a pole)."""
     fill = tuple(int(v) for v in rng.integers(0, 256, 3))
@@ -433,7 +542,10 @@ def render_image(ident: Identity, k: int, config: SynthConfig) -> Image.Image:
     j = config.pose_jitter
     image = Image.new("RGB", (config.width, config.height))
     pen = _Pen(image, scale)
-    _draw_scene(pen, rng, w, h, config.clutter)
+    if config.background == "street":
+        _draw_scene(pen, rng, w, h, config.clutter)
+    else:
+        _draw_studio(pen, rng, w, h)
     colours = _image_colours(ident, rng, config.colour_jitter)
     fig_h = 86.0 * (1.0 - 0.16 * j * rng.uniform())
     bottom = h - 1.5 - j * rng.uniform(0, 4)
@@ -441,6 +553,10 @@ def render_image(ident: Identity, k: int, config: SynthConfig) -> Image.Image:
             "width": 1.0 + j * rng.uniform(-0.15, 0.15), "leg": j * rng.uniform(),
             "arm": j * rng.uniform(), "bag_side": _pick(rng, (-1, 1)),
             "brim_side": _pick(rng, (-1, 1))}
+    if config.figure_zoom != (1.0, 1.0):   # the head stays in place; a close figure loses its feet
+        pose["height"] = fig_h * rng.uniform(*config.figure_zoom)
+    if config.background == "studio":
+        _draw_shadow(pen, pose)
     _draw_figure(pen, ident, colours, pose)
     if rng.random() < config.occlusion_prob:
         _draw_occluder(pen, rng, w, h)
@@ -454,160 +570,25 @@ def render_image(ident: Identity, k: int, config: SynthConfig) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# Captions
-
-_GENDER_WORDS = {"man": ("man", "man", "guy", "gentleman"),
-                 "woman": ("woman", "woman", "lady", "girl")}
-_PRONOUNS = {"man": ("he", "his"), "woman": ("she", "her")}
-_UPPER_WORDS = {"tshirt": ("tee shirt", "tee", "short sleeved top"),
-                "shirt": ("shirt", "long sleeved shirt", "button down shirt"),
-                "jacket": ("jacket", "zip up jacket", "zipped jacket"),
-                "coat": ("coat", "long coat", "overcoat")}
-_LOWER_WORDS = {"trousers": ("trousers", "pants", "long pants"),
-                "shorts": ("shorts", "short pants"),
-                "skirt": ("skirt", "knee length skirt")}
-_SHOE_WORDS = ("shoes", "sneakers", "trainers")
-_HAT_WORDS = ("hat", "cap", "baseball cap")
-_BAG_WORDS = {"backpack": ("backpack", "backpack", "rucksack"),
-              "handbag": ("handbag", "purse", "shoulder bag")}
-_SKIN_WORDS = {"light": ("light", "fair", "pale"), "tan": ("tan", "olive"),
-               "dark": ("dark", "brown")}
-_WEARABLES = ("upper", "lower", "shoes", "hat")
+# One vocabulary for every population
 
 
-def _a(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+def vocabulary(styles=tuple(STYLES)) -> list[str]:
+    """Every token a caption in these styles can contain (words, "," and "."), sorted."""
+    words = {w for name in styles for w in style_words(name)}
+    return sorted(words | set(COLOURS) | set(HAIR_COLOURS))
 
 
-def _join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+def train_shared_tokenizer(out_dir: str | os.PathLike):
+    """A word-level tokenizer over `vocabulary()` (every style), saved in out_dir: the same ids
+    for every synthetic population. Judged by a few captions of each style."""
+    from data_pipeline.tokenizer import train_word_level
 
-
-def _phrases(ident: Identity, rng: np.random.Generator, drop_prob: float) -> dict[str, str]:
-    """Noun phrase per attribute the identity has; with probability drop_prob one is left out."""
-    length = "short"
-    if ident.hair_length == "long":
-        length = _pick(rng, ("long", "long", "shoulder length"))
-    hair = [length, ident.hair_colour] if rng.random() < 0.8 else [ident.hair_colour, length]
-    lower = f"{ident.lower_colour} {_pick(rng, _LOWER_WORDS[ident.lower])}"
-    p = {
-        "hair": " ".join(hair) + " hair",
-        "skin": f"{_pick(rng, _SKIN_WORDS[ident.skin])} skin",
-        "upper": _a(f"{ident.upper_colour} {_pick(rng, _UPPER_WORDS[ident.upper])}"),
-        "lower": _a(lower) if ident.lower == "skirt" else lower,
-        "shoes": f"{ident.shoes_colour} {_pick(rng, _SHOE_WORDS)}",
-    }
-    if ident.hat_colour:
-        p["hat"] = _a(f"{ident.hat_colour} {_pick(rng, _HAT_WORDS)}")
-    if ident.bag:
-        p["bag"] = _a(f"{ident.bag_colour} {_pick(rng, _BAG_WORDS[ident.bag])}")
-    if rng.random() < drop_prob:
-        del p[_pick(rng, p)]
-    return p
-
-
-def _wear_and_features(p: dict, rng: np.random.Generator) -> tuple[list[str], str]:
-    """Garments in a shuffled order (the upper one first more often) and 'hair and skin' text."""
-    wear = [k for k in _WEARABLES if k in p]
-    rng.shuffle(wear)
-    if "upper" in wear and rng.random() < 0.5:
-        wear.remove("upper")
-        wear.insert(0, "upper")
-    feats = [p[k] for k in ("hair", "skin") if k in p]
-    return [p[k] for k in wear], " and ".join(feats)
-
-
-def _t_in(s: dict, p: dict, rng) -> str:
-    # a woman in a red coat and black trousers, with long brown hair, carrying a black backpack.
-    wear, feats = _wear_and_features(p, rng)
-    extras = [f"with {feats}"] if feats else []
-    if "bag" in p:
-        extras.append(f"{_pick(rng, ('carrying', 'holding', 'with'))} {p['bag']}")
-    rng.shuffle(extras)
-    return ", ".join([f"a {s['noun']} in {_join(wear)}"] + extras) + "."
-
-
-def _t_sentences(s: dict, p: dict, rng) -> str:
-    # the woman is wearing a red coat and black trousers. she has long brown hair. she carries ...
-    wear, feats = _wear_and_features(p, rng)
-    verb = _pick(rng, ("is wearing", "wears", "is dressed in"))
-    rest = [f"{s['he']} has {feats}"] if feats else []
-    if "bag" in p:
-        rest.append(f"{s['he']} {_pick(rng, ('is carrying', 'carries', 'has'))} {p['bag']}")
-    rng.shuffle(rest)
-    first = f"{_pick(rng, ('the', 'this'))} {s['noun']} {verb} {_join(wear)}"
-    return ". ".join([first] + rest) + "."
-
-
-def _t_with(s: dict, p: dict, rng) -> str:
-    # a woman with long brown hair wears a red coat and black trousers and carries a black backpack.
-    wear, feats = _wear_and_features(p, rng)
-    verb = _pick(rng, ("wears", "is wearing", "is dressed in"))
-    carry = f"{_pick(rng, ('carrying', 'holding'))} {p['bag']}" if "bag" in p else ""
-    if carry and (not feats or rng.random() < 0.5):  # the bag in the subject, the looks at the end
-        text = f"a {s['noun']} {carry} {verb} {_join(wear)}"
-        return text + (f". {s['he']} has {feats}." if feats else ".")
-    text = f"a {s['noun']}" + (f" with {feats}" if feats else "") + f" {verb} {_join(wear)}"
-    return text + (f" and is {carry}." if carry else ".")
-
-
-def _t_has(s: dict, p: dict, rng) -> str:
-    # this lady has long brown hair. her shoes are white. she wears a red coat. a black backpack
-    # is on her back.
-    wear_keys = [k for k in _WEARABLES if k in p]
-    rest = []
-    if "shoes" in p and rng.random() < 0.5:
-        rest.append(f"{s['his']} {_pick(rng, _SHOE_WORDS)} are {s['shoes_colour']}")
-        wear_keys.remove("shoes")
-    if wear_keys:
-        rng.shuffle(wear_keys)
-        rest.append(f"{s['he']} {_pick(rng, ('wears', 'is wearing', 'has on'))} "
-                    f"{_join([p[k] for k in wear_keys])}")
-    if "bag" in p:
-        where = "is on {his} back" if s["bag"] == "backpack" else "hangs from {his} shoulder"
-        rest.append(_pick(rng, (f"{p['bag']} {where.format(his=s['his'])}",
-                                f"{s['he']} {_pick(rng, ('carries', 'holds'))} {p['bag']}")))
-    rng.shuffle(rest)
-    feats = _wear_and_features(p, rng)[1]
-    first = f"this {s['noun']} has {feats}" if feats else f"this is a {s['noun']}"
-    return ". ".join([first] + rest) + "."
-
-
-def _t_fragment(s: dict, p: dict, rng) -> str:
-    # woman wearing a red coat, black trousers and white shoes, carrying a black backpack.
-    wear, feats = _wear_and_features(p, rng)
-    extras = [f"with {feats}"] if feats else []
-    if "bag" in p:
-        extras.append(f"{_pick(rng, ('carrying', 'with'))} {p['bag']}")
-    rng.shuffle(extras)
-    return ", ".join([f"{s['noun']} {_pick(rng, ('wearing', 'in'))} {_join(wear)}"] + extras) + "."
-
-
-_TEMPLATES = (_t_in, _t_sentences, _t_with, _t_has, _t_fragment)
-
-
-def make_captions(ident: Identity, k: int, config: SynthConfig) -> list[str]:
-    """config.captions_per_image captions of image k, each from a different template when it can.
-
-    From rng (seed, 2, id, k), apart from the image's, so changing captions leaves images alone.
-    """
-    rng = np.random.default_rng([config.seed, 2, ident.id, k])
-    n = config.captions_per_image
-    templates = rng.choice(len(_TEMPLATES), size=n, replace=n > len(_TEMPLATES))
-    captions = []
-    he, his = _PRONOUNS[ident.gender]
-    for t in templates:
-        # the subject, and what a template words other than as a noun phrase
-        s = {"noun": _pick(rng, _GENDER_WORDS[ident.gender]), "he": he, "his": his,
-             "bag": ident.bag, "shoes_colour": ident.shoes_colour}
-        p = _phrases(ident, rng, config.drop_attribute_prob)
-        captions.append(_TEMPLATES[int(t)](s, p, rng))
-    return captions
-
-
-def tokenize(caption: str) -> list[str]:
-    """The processed_tokens of a caption: its lower-case words, punctuation dropped."""
-    return re.findall(r"[a-z]+", caption.lower())
+    probe = []
+    for name in STYLES:
+        config = SynthConfig(num_train_ids=4, num_val_ids=0, num_test_ids=1, caption_style=name)
+        probe += [c for ident in sample_identities(config) for c in make_captions(ident, 0, config)]
+    return train_word_level(vocabulary(), out_dir, probe=probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,7 +705,7 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig, *, workers: int = 
         console.print(f"synthetic: {config} -> {out} ({workers} worker(s))")
     identities = sample_identities(config)
     records = _render_all(out, config, identities, workers, progress, console)
-    meta = [{"generator": "data_pipeline.synthetic", "config": dataclasses.asdict(config)}]
+    meta = [{"generator": "data_pipeline.synthetic", "config": config.to_json()}]
     _write_json_list(out / META_FILE, meta + [dataclasses.asdict(i) for i in identities])
     _write_json_list(out / ANNOTATION_FILE, records)
     summary = _summarize(records, out, time.perf_counter() - start)

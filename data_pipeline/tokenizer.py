@@ -175,9 +175,11 @@ class CaptionTokenizer:
         return tid
 
 
-def train_word_level(captions, out_dir: str | Path, *, context_length: int = CONTEXT_LENGTH
-                     ) -> CaptionTokenizer:
-    """Train a lower-cased word-level tokenizer on `captions` and save it in `out_dir`.
+def train_word_level(captions, out_dir: str | Path, *, context_length: int = CONTEXT_LENGTH,
+                     probe: list[str] | None = None) -> CaptionTokenizer:
+    """Train a lower-cased word-level tokenizer on `captions` and save it in `out_dir`, with the
+    captions it is judged by (`probe`; default: up to 8 of `captions`, spread over their sorted
+    order).
 
     Special tokens take ids 0..4 (<pad>, <unk>, <|mask|>, <|startoftext|>, <|endoftext|>); the
     words follow by decreasing frequency. Saved as a transformers folder: loads with
@@ -200,8 +202,9 @@ def train_word_level(captions, out_dir: str | Path, *, context_length: int = CON
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out_dir))
-    unique = sorted({c for c in captions if c.strip()})
-    probe = unique[:: max(1, len(unique) // PROBE_CAPTIONS)][:PROBE_CAPTIONS]
+    if not probe:
+        unique = sorted({c for c in captions if c.strip()})
+        probe = unique[:: max(1, len(unique) // PROBE_CAPTIONS)][:PROBE_CAPTIONS]
     (out_dir / PROBE_FILE).write_text(json.dumps({"captions": probe}, indent=1))
     return CaptionTokenizer.from_pretrained(out_dir, context_length=context_length)
 

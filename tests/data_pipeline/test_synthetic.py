@@ -110,7 +110,7 @@ def test_identities_unique_and_splits_disjoint():
 
 def test_meta_matches_annotations(small):
     meta = json.loads((small / META_FILE).read_text())
-    assert meta[0]["config"] == {**SynthConfig().__dict__, **SMALL}
+    assert SynthConfig.from_json(meta[0]["config"]) == SynthConfig(**SMALL)
     assert meta[1:] == [i.__dict__ for i in sample_identities(SynthConfig(**SMALL))]
 
 
@@ -138,7 +138,9 @@ def test_drop_attribute_prob():
     ("num_train_ids", 0), ("num_test_ids", -1), ("images_per_id", 0), ("captions_per_image", 0),
     ("height", 10), ("width", 2.5), ("seed", -1), ("occlusion_prob", 1.5), ("hat_prob", -0.1),
     ("drop_attribute_prob", "x"), ("colour_jitter", -1.0), ("noise_std", 500.0), ("clutter", True),
-    ("num_val_ids", 99_999),
+    ("num_val_ids", 99_999), ("caption_style", "tweets"), ("background", None),
+    ("attribute_profile", "x"), ("figure_zoom", (1.2, 1.1)), ("figure_zoom", [1.0, 1.0]),
+    ("disjoint_from", {"seed": 0}),
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
