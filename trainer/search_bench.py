@@ -12,7 +12,8 @@
 2. Search, with synthetic embeddings (no images needed): `--dim`-wide unit vectors of persons
    built from shared attributes (as the synthetic dataset's: sex, colours, bag, hair) plus a part
    of their own, 4 images a person with view noise, queries of random persons with more noise
-   (`person_like`). Exact:
+   (`person_like`); `--embeddings unrelated` shares nothing between persons (the hard case for a
+   graph index). Exact:
    `exact_topk` as `query` runs it (chunks of 256 queries, matrix product, `topk_rows`). Approximate:
    faiss HNSW (M 32, efConstruction 80, efSearch 128), its build time, queries/s and recall@10 =
    the share of exact top-10 it returns.
@@ -127,11 +128,29 @@ def person_like(pids: np.ndarray, dim: int, rng: np.random.Generator, people: di
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def bench_search(size: int, dim: int, n_queries: int, approximate: bool, seed: int = 0) -> dict:
-    rng, people = np.random.default_rng(seed), {}
+def unrelated(pids: np.ndarray, dim: int, rng: np.random.Generator, people: dict,
+              spread: float) -> np.ndarray:
+    """As person_like, but persons share nothing (independent random directions): past a
+    person's own images every neighbour is about as far as any other, the hard case for a graph
+    index (recall@10 counts those near-ties too)."""
+    for pid in np.unique(pids):
+        if pid not in people:
+            people[pid] = rng.standard_normal(dim).astype(np.float32)
+    x = np.stack([people[p] for p in pids])
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    x = x + spread * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(dim)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+EMBEDDINGS = {"person": person_like, "unrelated": unrelated}
+
+
+def bench_search(size: int, dim: int, n_queries: int, approximate: bool, kind: str = "person",
+                 seed: int = 0) -> dict:
+    rng, people, make = np.random.default_rng(seed), {}, EMBEDDINGS[kind]
     ids = max(1, size // 4)
-    gallery = person_like(np.arange(size) % ids, dim, rng, people, spread=0.6)
-    queries = person_like(rng.integers(0, ids, n_queries), dim, rng, people, spread=1.0)
+    gallery = make(np.arange(size) % ids, dim, rng, people, spread=0.6)
+    queries = make(rng.integers(0, ids, n_queries), dim, rng, people, spread=1.0)
     g = {"bge": torch.from_numpy(gallery)}
 
     def similarity(t, i):
@@ -145,7 +164,7 @@ def bench_search(size: int, dim: int, n_queries: int, approximate: bool, seed: i
     exact()                                            # warm-up
     t0 = time.perf_counter()
     top = exact()
-    row = {"gallery": size, "dim": dim, "queries": n_queries,
+    row = {"gallery": size, "dim": dim, "queries": n_queries, "embeddings": kind,
            "exact_queries_per_s": n_queries / (time.perf_counter() - t0)}
     if approximate:
         with tempfile.TemporaryDirectory() as tmp:
@@ -171,6 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="1000,10000,100000", help="gallery sizes of the search part")
     p.add_argument("--dim", type=int, default=512, help="embedding width (ViT-B/16 CLIP: 512)")
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--embeddings", default="person", choices=sorted(EMBEDDINGS),
+                   help="synthetic embeddings of the search part (default person: attributes "
+                        "shared between persons; unrelated: nothing shared, the hard case)")
     p.add_argument("--no-approximate", action="store_true", help="skip faiss")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -205,9 +227,10 @@ def main(argv=None) -> int:
               f"{row['parameters'] / 1e6:6.1f}M params: {row['images_per_s']:8.1f} images/s, "
               f"{row['captions_per_s']:8.1f} captions/s", flush=True)
     for size in sizes:
-        row = bench_search(size, args.dim, args.queries, not args.no_approximate)
+        row = bench_search(size, args.dim, args.queries, not args.no_approximate,
+                           args.embeddings)
         result["search"].append(row)
-        line = f"search {size:>7,} x {args.dim}: exact {row['exact_queries_per_s']:9.1f} queries/s"
+        line = f"search {args.embeddings} {size:>7,} x {args.dim}: exact {row['exact_queries_per_s']:9.1f} queries/s"
         if "approx_queries_per_s" in row:
             line += (f"; HNSW {row['approx_queries_per_s']:9.1f} queries/s, recall@10 "
                      f"{row['approx_recall_at_10']:.3f}, build {row['approx_build_s']:.1f} s")
