@@ -405,11 +405,12 @@ def collate(samples: list[dict], with_images: bool = True) -> dict:
 
 
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """uint8 tensor; in a loader worker in shared memory, where the DataLoader would copy it."""
-    if get_worker_info() is None:
+    """uint8 tensor; in a loader worker in shared memory, where the DataLoader would copy it
+    (as torch's own default_collate does)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if get_worker_info() is None or new_shared is None:
         return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+    return torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape)), 0, shape)
 
 
 def batch_samples(samples, batch_size: int, with_images: bool = True, partial: bool = False):
