@@ -7,8 +7,8 @@ Every run is `accelerate launch` with 2 CPU processes (launch/accelerate/cpu_ddp
 default synthetic dataset, sharded once per noise rate with the RDE protocol (noise seed 0), and
 trained identically but for the method:
   irra      launch/configs/irra_synth.yaml           SDM + ID + MLM (the baseline)
-  tal       launch/configs/rde_synth.yaml rde.ccd=false   BGE + TSE with TAL on every pair (the
-                                                          control: TAL's gain without division)
+  tal       launch/configs/rde_synth.yaml recipe.weighting.kind=none   BGE + TSE with TAL on
+                                                every pair (the control: TAL's gain without division)
   rde       launch/configs/rde_synth.yaml            BGE + TSE, TAL, consensus division
 A run whose metrics.json exists is skipped, so an interrupted study resumes. The table (test
 Rank-1 / mAP of the val-selected weights; RDE's BGE+TSE row; the consensus's precision and recall
@@ -31,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {
     "irra": ("launch/configs/irra_synth.yaml", []),
-    "tal": ("launch/configs/rde_synth.yaml", ["rde.ccd=false"]),
+    "tal": ("launch/configs/rde_synth.yaml", ["recipe.weighting.kind=none"]),
     "rde": ("launch/configs/rde_synth.yaml", []),
 }
 

@@ -53,4 +53,5 @@ def test_every_study_recipe_loads_with_its_overrides(method):
     cfg = load_config(REPO / config, overrides)
     assert cfg.method == ("irra" if method == "irra" else "rde")
     if method != "irra":
-        assert cfg.rde.ccd is (method == "rde")
+        want = "consensus" if method == "rde" else "none"
+        assert cfg.recipe.weighting.kind == want

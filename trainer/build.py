@@ -1,13 +1,20 @@
 """Build the tokenizer and the model from a config; save and load consolidated weights.
 
-A weights folder (`best/`, `final/` of a run) holds model.safetensors (the whole
-RetrievalModel), config.yaml and tokenizer/: everything `python -m trainer.evaluate` needs.
+A weights folder (`best/`, `final/` of a run) holds everything `python -m trainer.evaluate`
+needs: model.safetensors (the whole RetrievalModel), config.yaml (the run's resolved config,
+recipe parts included), clip_config.json (the encoder's architecture), tokenizer/, and
+model.json, which says what rebuilding the model takes (format, number of training identities
+and samples, the recipe's parts) so nothing is guessed from tensor names. Folders written
+before model.json existed still load: their counts are read off the tensors they hold and
+their old-style config is read as the recipe it meant (trainer/config.py upgrade_legacy).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig
 
@@ -15,12 +22,16 @@ from data_pipeline.manifest import read_meta
 from data_pipeline.tokenizer import CaptionTokenizer
 from trainer.config import Config, load_config, save_config
 from trainer.model import DualEncoder
-from trainer.recipes import RetrievalModel, build_recipe
+from trainer.recipe import Recipe, RetrievalModel
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CLIP_CONFIG = "clip_config.json"
+MODEL_INFO = "model.json"
+FORMAT = 2
+# tensors renamed when recipes were composed from parts
+LEGACY_NAMES = {"recipe.lhat": "recipe.sample_weight"}
 
 
 def load_tokenizer(cfg: Config) -> CaptionTokenizer:
@@ -47,14 +58,32 @@ def build_model(cfg: Config, tokenizer: CaptionTokenizer, num_classes: int,
         encoder = DualEncoder.from_config(cfg.model, vocab_size=tokenizer.vocab_size,
                                           sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id,
                                           pad_id=tokenizer.pad_id)
-    recipe = build_recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
-                          num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
+    recipe = Recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
+                    num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
     return RetrievalModel(encoder, recipe)
 
 
+def model_info(cfg: Config, num_classes: int, num_samples: int) -> dict:
+    """What rebuilding the model from a weights folder takes (written as model.json)."""
+    rc = cfg.recipe
+    return {"format": FORMAT, "num_classes": num_classes, "num_samples": num_samples,
+            "image_size": list(cfg.model.image_size), "method": cfg.method,
+            "branches": list(rc.branches), "terms": [t.kind for t in rc.losses],
+            "parts": {"image_tokens": rc.image_tokens.kind, "caption_mask": rc.caption_mask.kind,
+                      "enrich": rc.enrich.kind, "weighting": rc.weighting.kind}}
+
+
 def save_weights(state_dict: dict, out_dir: Path, cfg: Config, tokenizer, clip_config,
-                 extra: dict | None = None) -> None:
-    """Rank 0 only: a self-contained weights folder."""
+                 extra: dict | None = None, *, num_classes: int | None = None,
+                 num_samples: int | None = None) -> None:
+    """Rank 0 only: a self-contained weights folder. The counts default to the sizes of the
+    identity classifier and of the per-sample weights in the state dict (0 without them)."""
+    if num_classes is None:
+        w = state_dict.get("recipe.classifier.weight")
+        num_classes = 0 if w is None else int(w.shape[0])
+    if num_samples is None:
+        w = state_dict.get("recipe.sample_weight")
+        num_samples = 0 if w is None else int(w.shape[0])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
@@ -64,28 +93,48 @@ def save_weights(state_dict: dict, out_dir: Path, cfg: Config, tokenizer, clip_c
     save_config(cfg, out_dir / "config.yaml")
     clip_config.to_json_file(str(out_dir / CLIP_CONFIG))
     tokenizer.save(out_dir / "tokenizer")
+    info = model_info(cfg, num_classes, num_samples)
+    (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=1) + "\n")
 
 
 def load_weights_folder(folder: Path, overrides=()) -> tuple[Config, CaptionTokenizer,
                                                               RetrievalModel]:
     """Config, tokenizer and model (weights loaded, eval mode) from a weights folder."""
     folder = Path(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{folder / WEIGHTS} does not exist")
+    for name in (WEIGHTS, "config.yaml", CLIP_CONFIG):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a weights folder: {name} is missing "
+                                    "(a run writes best/ and final/ with it)")
     cfg = load_config(folder / "config.yaml", list(overrides))
     tokenizer = CaptionTokenizer.from_pretrained(folder / "tokenizer",
                                                  context_length=cfg.model.context_length)
-    state = load_file(str(folder / WEIGHTS))
-    num_classes = state["recipe.classifier.weight"].shape[0] \
-        if "recipe.classifier.weight" in state else 0
-    num_samples = state["recipe.lhat"].shape[0] if "recipe.lhat" in state else 0
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{folder / WEIGHTS} cannot be read ({exc}): the file is damaged or "
+                         "incomplete; use another weights folder or re-export it") from None
+    info_path = folder / MODEL_INFO
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("format", 0) > FORMAT:
+            raise ValueError(f"{info_path} has format {info['format']}; this version reads up "
+                             f"to {FORMAT}: update the code")
+        num_classes, num_samples = info["num_classes"], info["num_samples"]
+    else:                           # written before model.json: counts from the tensors
+        state = {LEGACY_NAMES.get(k, k): v for k, v in state.items()}
+        num_classes = state["recipe.classifier.weight"].shape[0] \
+            if "recipe.classifier.weight" in state else 0
+        num_samples = state["recipe.sample_weight"].shape[0] \
+            if "recipe.sample_weight" in state else 0
+        log.info("%s has no %s (written by an older version): %d classes and %d samples read "
+                 "off its tensors", folder, MODEL_INFO, num_classes, num_samples)
     encoder = DualEncoder.from_clip_config(CLIPConfig.from_json_file(str(folder / CLIP_CONFIG)),
                                            cfg.model.image_size, tokenizer.eot_id)
-    recipe = build_recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
-                          num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
+    recipe = Recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
+                    num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
     model = RetrievalModel(encoder, recipe)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{folder / WEIGHTS} does not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(f"{folder / WEIGHTS} does not fit the model its config describes: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return cfg, tokenizer, model.eval()

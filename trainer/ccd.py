@@ -10,10 +10,15 @@ epoch. The labels weight each pair's loss as an anchor; every pair stays a negat
 Runs on one process (the trainer broadcasts the labels); seeded, so a rerun gives the same labels.
 Where the shards carry ground-truth noise flags, `diagnostics` scores the division (precision and
 recall of "clean") and `plot` draws the normalised losses by true label with the fitted mixture.
+
+`ConsensusWeighting` is the recipe's weighting part (recipe.weighting.kind=consensus): the trainer
+asks it each epoch whether it wants the training set scored, and hands it the scores; it returns
+each pair's weight: the consensus label (RDE) or the mean clean posterior of the branches.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +39,42 @@ class Division:
     labels: np.ndarray                         # 0/1 per scored pair (consensus)
     branches: dict[str, BranchFit] = field(default_factory=dict)
     disagree: int = 0
+
+    @property
+    def clean_probability(self) -> np.ndarray:
+        """Mean over the branches of each pair's clean posterior."""
+        return np.mean([f.clean_prob for f in self.branches.values()], axis=0).astype(np.float32)
+
+
+class ConsensusWeighting:
+    """The weighting part: per-pair weights from the consensus division, once an epoch."""
+
+    def __init__(self, cfg, seed: int):
+        self.cfg, self.seed = cfg, seed          # cfg: config.WeightingConfig
+
+    def wants_scores(self, epoch: int) -> bool:
+        return epoch >= self.cfg.warmup_epochs
+
+    def divide(self, scores: dict, epoch: int, plot_dir: Path | None = None
+               ) -> tuple[np.ndarray, dict]:
+        """scores: {"index", "noisy", <branch>: per-pair loss} (numpy, every scored pair);
+        returns (weight per pair, values to log)."""
+        c = self.cfg
+        branches = {k: v for k, v in scores.items() if k not in ("index", "noisy")}
+        division = divide(branches, seed=self.seed * 100003 + epoch, max_iter=c.gmm_max_iter,
+                          tol=c.gmm_tol, reg_covar=c.gmm_reg_covar, threshold=c.threshold)
+        logs = {"kept": float(division.labels.mean()), "disagree": division.disagree,
+                "scored": int(len(division.labels))}
+        noisy = scores.get("noisy")
+        if noisy is not None and noisy.any():
+            logs.update({f"ccd/{k}": v for k, v in diagnostics(division, noisy).items()})
+            if c.plots and plot_dir is not None:
+                Path(plot_dir).mkdir(parents=True, exist_ok=True)
+                plot(division, noisy, Path(plot_dir) / f"epoch-{epoch:02d}.png",
+                     f"epoch {epoch}: consensus precision {logs['ccd/consensus_precision']:.3f}, "
+                     f"recall {logs['ccd/consensus_recall']:.3f}")
+        weights = division.labels if c.use == "labels" else division.clean_probability
+        return weights, logs
 
 
 def fit_branch(losses: np.ndarray, *, max_iter: int, tol: float, reg_covar: float,

@@ -1,16 +1,23 @@
-"""Typed configuration: one dataclass per concern, a YAML recipe per method, dotted overrides.
+"""Typed configuration: one dataclass per concern, YAML experiments, presets, dotted overrides.
 
     cfg = load_config("launch/configs/irra_synth.yaml", ["optim.lr=3e-4", "train.epochs=2"])
+    cfg = load_config(None, ["method=rde", "recipe.image_tokens.kind=attention"])
 
-A recipe YAML mirrors the tree below (`model:`, `data:`, `loss:`, `optim:`, `train:`,
-`eval:`). An override is `section.field=value` (or `--section.field value` on the command line);
-the value is read as YAML and converted to the field's type. An unknown field or a bad value
-raises ValueError naming it.
+An experiment YAML mirrors the tree below (`method:`, `model:`, `data:`, `recipe:`, `loss:`,
+`optim:`, `train:`, `eval:`, `ema:`). `recipe:` names the method's parts (RecipeConfig);
+`method: irra|rde|...` is a preset of them (trainer/presets/), and what `recipe:` sets goes on
+top. An override is `section.field=value` (or `--section.field value` on the command line; a
+list element is `recipe.losses[0].weight=2`); the value is read as YAML and converted to the
+field's type. An unknown field, a bad value or a combination of parts that cannot work raises
+ValueError naming the fields.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("irra", "rde")
+log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -95,72 +102,283 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    sdm: float = 1.0
-    """Weight of similarity distribution matching (0 disables)."""
-    id: float = 1.0
-    """Weight of the identity classification loss."""
-    mlm: float = 1.0
-    """Weight of the masked-language-modelling (IRR) loss."""
+    """The temperature schedule every similarity term shares (a term may fix its own tau)."""
+
     tau: float = 0.02
     """Temperature of the similarity softmax after annealing."""
     tau_start: float | None = 0.1
     """Temperature at step 0, annealed linearly to tau; None: fixed tau from the start."""
     tau_anneal_epochs: float = 1.0
     """Epochs over which tau_start goes to tau."""
-    mlm_prob: float = 0.15
-    """Fraction of word tokens masked for MLM (80 % mask, 10 % random, 10 % kept)."""
-    margin: float = 0.1
-    """TAL's margin m (RDE)."""
 
     def __post_init__(self):
         _check(self.tau > 0, "loss.tau", "must be positive")
         _check(self.tau_start is None or self.tau_start > 0, "loss.tau_start", "must be > 0")
-        _check(0 < self.mlm_prob < 1, "loss.mlm_prob", "must be in (0, 1)")
-        for name in ("sdm", "id", "mlm"):
-            _check(getattr(self, name) >= 0, f"loss.{name}", "weights must be >= 0")
+        _check(self.tau_anneal_epochs >= 0, "loss.tau_anneal_epochs", "must be >= 0")
+
+
+# -- the recipe's parts ---------------------------------------------------------------------------
+
+BRANCHES = ("bge", "tse")
+SIMILARITY_KINDS = ("sdm", "bsdm", "tal", "waf", "itc")
+TERM_KINDS = SIMILARITY_KINDS + ("itm", "id", "mlm")
+# the parameters each kind reads, with their defaults (METHODS.md)
+TERM_PARAMS = {"sdm": {"tau": None, "eps": 1e-8}, "bsdm": {"tau": None, "eps": 1e-8, "lam": 1.0},
+               "tal": {"tau": None, "margin": 0.1}, "waf": {"tau": None, "gamma": 2.0},
+               "itc": {"tau": None, "alpha": 0.4}, "itm": {}, "id": {}, "mlm": {}}
 
 
 @dataclass(kw_only=True)
-class RDEConfig:
-    """RDE (CVPR'24): token selection embedding, TAL, consensus division (METHODS.md)."""
+class LossTerm:
+    """One term of the training loss: `weight x reduction over samples of the per-sample loss`.
 
-    select_ratio: float = 0.3
-    """Share of patches / caption tokens the TSE branch keeps (top by CLS / EOS attention)."""
-    tse_dim: int = 1024
+    kinds (METHODS.md): sdm (IRRA), bsdm and waf (AMNS), tal (RDE), itc with momentum
+    distillation, itm (AGA; both need the parts named there), id (IRRA's identity classifier on
+    the global embeddings), mlm (masked language modelling through the cross-modal encoder).
+    """
+
+    kind: str
+    weight: float = 1.0
+    branches: tuple[str, ...] | None = None
+    """Embedding branches a similarity term (sdm, bsdm, tal, waf, itc) applies to, summed per
+    sample; default [bge]. id works on bge only; itm and mlm take none."""
+    reduction: str = "mean"
+    """"mean" or "sum" of the per-sample loss over this rank's samples (RDE's TAL: sum). mlm is
+    always a mean over the masked tokens."""
+    weighted: bool = True
+    """Multiply each sample's loss by its weight from recipe.weighting (when that is on)."""
+    tau: float | None = None
+    """Fixed temperature for this term; None: the loss.tau schedule (similarity kinds)."""
+    eps: float | None = None
+    """sdm, bsdm: inside log(q + eps); default 1e-8."""
+    lam: float | None = None
+    """bsdm: weight of KL(q || p); default 1."""
+    margin: float | None = None
+    """tal: the margin m; default 0.1."""
+    gamma: float | None = None
+    """waf: the focal exponent; default 2."""
+    alpha: float | None = None
+    """itc: weight of the momentum model's similarity in the targets; default 0.4 (0: identity
+    targets only, no momentum model needed)."""
+
+    def param(self, name: str):
+        """The parameter's value: as set, else the kind's default (None if the kind has none)."""
+        value = getattr(self, name)
+        return TERM_PARAMS[self.kind].get(name) if value is None else value
+
+    def check(self, where: str, recipe_branches: tuple[str, ...]) -> None:
+        _check(self.kind in TERM_KINDS, f"{where}.kind", f"one of {TERM_KINDS}, got {self.kind!r}")
+        _check(self.weight >= 0, f"{where}.weight", "must be >= 0")
+        _check(self.reduction in ("mean", "sum"), f"{where}.reduction", "mean or sum")
+        _check(not (self.kind == "mlm" and self.reduction == "sum"), f"{where}.reduction",
+               "mlm is a mean over the masked tokens")
+        for name in ("tau", "eps", "lam", "margin", "gamma", "alpha"):
+            _check(getattr(self, name) is None or name in TERM_PARAMS[self.kind], f"{where}.{name}",
+                   f"{self.kind} has no parameter {name} (it reads "
+                   f"{sorted(TERM_PARAMS[self.kind]) or 'none'})")
+        _check(self.tau is None or self.tau > 0, f"{where}.tau", "must be positive")
+        _check(self.alpha is None or 0 <= self.alpha <= 1, f"{where}.alpha", "must be in [0, 1]")
+        _check(self.gamma is None or self.gamma >= 0, f"{where}.gamma", "must be >= 0")
+        _check(self.eps is None or self.eps > 0, f"{where}.eps", "must be > 0")
+        if self.kind in ("itm", "mlm"):
+            _check(self.branches is None, f"{where}.branches",
+                   f"{self.kind} works on the cross-modal encoder, not on embedding branches")
+            return
+        for b in self.branches_or_default():
+            _check(b in BRANCHES, f"{where}.branches", f"{b!r} is not a branch; one of {BRANCHES}")
+            _check(b in recipe_branches, f"{where}.branches",
+                   f"branch {b!r} is off (recipe.branches={list(recipe_branches)}): add it "
+                   "there or take it out of the term")
+        if self.kind == "id":
+            _check(self.branches_or_default() == ("bge",), f"{where}.branches",
+                   "the identity classifier works on the global embeddings: [bge]")
+
+    def branches_or_default(self) -> tuple[str, ...]:
+        return ("bge",) if self.branches is None else tuple(self.branches)
+
+    def needs_momentum(self) -> bool:
+        return self.kind == "itc" and self.param("alpha") > 0
+
+
+def _default_terms() -> tuple[LossTerm, ...]:
+    return (LossTerm(kind="sdm"), LossTerm(kind="id"), LossTerm(kind="mlm"))
+
+
+@dataclass(kw_only=True)
+class ImageTokensConfig:
+    """Which patches the online image encoder sees in training (evaluation sees all)."""
+
+    kind: str = "all"
+    """"all"; "random": drop `ratio` of the patches uniformly (token-dropping augmentation);
+    "attention": AMNS's AWM, drop them with probability proportional to 1 - their normalised
+    score from the momentum image encoder (needs the momentum model)."""
+    ratio: float = 0.3
+    """Share of the patches dropped (floor(ratio x patches))."""
+    score: str = "text"
+    """AWM's patch score: "text" = cosine of the momentum model's projected patch token with the
+    paired caption's embedding; "cls" = the momentum model's last-layer CLS attention row."""
+
+    def __post_init__(self):
+        _check(self.kind in ("all", "random", "attention"), "recipe.image_tokens.kind",
+               "all, random or attention")
+        _check(0 < self.ratio < 1, "recipe.image_tokens.ratio", "must be in (0, 1)")
+        _check(self.score in ("text", "cls"), "recipe.image_tokens.score", "text or cls")
+
+
+@dataclass(kw_only=True)
+class CaptionMaskConfig:
+    """Which caption words the mlm term (and text enrichment) hide."""
+
+    kind: str = "random"
+    """"random": IRRA's, each word with probability `ratio` (at least one); "uniform": k =
+    ceil(ratio x words) drawn uniformly without replacement (AGM's ablation); "attention": AGA's
+    AGM, k words drawn without replacement with probability proportional to the layer-aggregated
+    EOS attention."""
+    ratio: float = 0.15
+    beta: float = 0.5
+    """AGM's layer aggregation: a_bar^l = beta a_bar^(l-1) + (1 - beta) a^l."""
+
+    def __post_init__(self):
+        _check(self.kind in ("random", "uniform", "attention"), "recipe.caption_mask.kind",
+               "random, uniform or attention")
+        _check(0 < self.ratio < 1, "recipe.caption_mask.ratio", "must be in (0, 1)")
+        _check(0 <= self.beta < 1, "recipe.caption_mask.beta", "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class TSEConfig:
+    """RDE's token selection embedding branch (used when recipe.branches holds tse)."""
+
+    ratio: float = 0.3
+    """Share of patches / caption tokens kept (top by the last layer's CLS / EOS attention)."""
+    dim: int = 1024
     """Output size of the TSE embedding."""
-    ccd: bool = True
-    """Consensus division of clean and noisy pairs each epoch; False: TAL on every pair (the
-    control that separates TAL's gain from the division's)."""
-    ccd_warmup_epochs: int = 0
+    authors_bn_eval: bool = False
+    """True: keep the TSE BatchNorms in eval mode while training, as the authors' released code
+    did by accident (their README recommends it for noisy data); False: train mode."""
+
+    def __post_init__(self):
+        _check(0 < self.ratio <= 1, "recipe.tse.ratio", "must be in (0, 1]")
+        _check(self.dim > 0, "recipe.tse.dim", "must be positive")
+
+
+@dataclass(kw_only=True)
+class EnrichConfig:
+    """AGA's TEM: captions rewritten at the masked words by the momentum model's MLM."""
+
+    kind: str = "none"
+    """"none"; "argmax" or "sample": the momentum MLM's prediction at each masked word."""
+    prob: float = 0.5
+    """Probability that a caption is replaced by its enriched version for the other terms."""
+
+    def __post_init__(self):
+        _check(self.kind in ("none", "argmax", "sample"), "recipe.enrich.kind",
+               "none, argmax or sample")
+        _check(0 <= self.prob <= 1, "recipe.enrich.prob", "must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class WeightingConfig:
+    """Per-sample weights of the training pairs (RDE's consensus division, trainer/ccd.py)."""
+
+    kind: str = "none"
+    """"none" or "consensus": each epoch after warmup_epochs, every training pair is scored and
+    divided into clean and noisy by a Gaussian mixture per branch and their consensus."""
+    use: str = "labels"
+    """"labels": weight 1 / 0 (RDE; a disagreement is a coin flip); "probability": the mean
+    over branches of the clean posterior (for AMNS's WAF)."""
+    warmup_epochs: int = 0
     """Epochs trained on every pair before the first division (the authors: 0)."""
+    score: str = "tal"
+    """The per-sample loss the division scores, over in-batch keys of all ranks (RDE: tal)."""
+    margin: float = 0.1
+    """Margin of the scoring loss when it is tal."""
     gmm_max_iter: int = 10
     gmm_tol: float = 1e-2
     gmm_reg_covar: float = 5e-4
     """GaussianMixture settings; the authors use 100 / 1e-4 / 1e-6 above 40 % noise (and on
     RSTPReid), a choice that knows the noise rate."""
-    clean_threshold: float = 0.5
+    threshold: float = 0.5
     """A pair is clean for a branch when its clean posterior exceeds this."""
-    authors_bn_eval: bool = False
-    """True: keep the TSE BatchNorms in eval mode while training, as the authors' released code
-    did by accident (their README recommends it for noisy data); False: train mode."""
-    ccd_plots: bool = True
+    plots: bool = True
     """Write <output_dir>/ccd/epoch-NN.png (loss histograms by true label, fitted mixture) when
     the shards carry ground-truth noise flags."""
 
     def __post_init__(self):
-        _check(0 < self.select_ratio <= 1, "rde.select_ratio", "must be in (0, 1]")
-        _check(self.tse_dim > 0, "rde.tse_dim", "must be positive")
-        _check(self.ccd_warmup_epochs >= 0, "rde.ccd_warmup_epochs", "must be >= 0")
-        _check(0 < self.clean_threshold < 1, "rde.clean_threshold", "must be in (0, 1)")
+        _check(self.kind in ("none", "consensus"), "recipe.weighting.kind", "none or consensus")
+        _check(self.use in ("labels", "probability"), "recipe.weighting.use",
+               "labels or probability")
+        _check(self.warmup_epochs >= 0, "recipe.weighting.warmup_epochs", "must be >= 0")
+        _check(self.score in SIMILARITY_KINDS, "recipe.weighting.score",
+               f"one of {SIMILARITY_KINDS}")
+        _check(0 < self.threshold < 1, "recipe.weighting.threshold", "must be in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class RecipeConfig:
+    """The training recipe as named parts (trainer/recipe.py runs them in one fixed order).
+
+    Presets: `method: irra | rde | amns | aga` fills these from trainer/presets/<method>.yaml;
+    what a config sets under `recipe:` overrides the preset (lists replace)."""
+
+    branches: tuple[str, ...] = ("bge",)
+    """Embedding branches: bge (global: image CLS, text EOS) and tse (RDE's token selection).
+    Evaluation scores every branch and, with two, their mean (which picks checkpoints)."""
+    losses: tuple[LossTerm, ...] = field(default_factory=_default_terms)
+    """The loss terms, summed with their weights in this order."""
+    image_tokens: ImageTokensConfig = field(default_factory=ImageTokensConfig)
+    caption_mask: CaptionMaskConfig = field(default_factory=CaptionMaskConfig)
+    tse: TSEConfig = field(default_factory=TSEConfig)
+    enrich: EnrichConfig = field(default_factory=EnrichConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+
+    def __post_init__(self):
+        _check(len(self.branches) > 0 and len(set(self.branches)) == len(self.branches),
+               "recipe.branches", "a non-empty list without repeats")
+        for b in self.branches:
+            _check(b in BRANCHES, "recipe.branches", f"{b!r} is not one of {BRANCHES}")
+        _check(self.branches[0] == "bge", "recipe.branches", "must start with bge")
+        _check(len(self.losses) > 0, "recipe.losses", "needs at least one term")
+        for i, term in enumerate(self.losses):
+            term.check(f"recipe.losses[{i}]", self.branches)
+        kinds = self.kinds()
+        if self.enrich.kind != "none":
+            _check("mlm" in kinds, "recipe.enrich.kind",
+                   "text enrichment predicts words with the MLM head: add an mlm term to "
+                   "recipe.losses")
+        if self.caption_mask.kind != "random":
+            _check("mlm" in kinds or self.enrich.kind != "none", "recipe.caption_mask.kind",
+                   f"{self.caption_mask.kind} masking has no use without an mlm term in "
+                   "recipe.losses or recipe.enrich")
+        if self.weighting.kind != "none":
+            _check(any(t.weighted for t in self.losses), "recipe.weighting.kind",
+                   "no term in recipe.losses is weighted (weighted: true)")
+
+    def kinds(self) -> set[str]:
+        return {t.kind for t in self.losses}
+
+    def momentum_parts(self) -> list[str]:
+        """The config fields of the parts that need the momentum model."""
+        parts = [f"recipe.losses[{i}] (itc, alpha {t.param('alpha')})"
+                 for i, t in enumerate(self.losses) if t.needs_momentum()]
+        if self.image_tokens.kind == "attention":
+            parts.append("recipe.image_tokens.kind=attention")
+        if self.enrich.kind != "none":
+            parts.append(f"recipe.enrich.kind={self.enrich.kind}")
+        return parts
 
 
 @dataclass(kw_only=True)
 class EMAConfig:
     """A ZeRO-sharded EMA (momentum) copy of chosen modules (trainer/ema.py)."""
 
+    enabled: bool = True
+    """Build the momentum model when a part needs one (recipe.image_tokens.kind=attention, an
+    itc term with alpha > 0, recipe.enrich) or `modules` names some; False: never (a part that
+    needs it is then an error)."""
     modules: tuple[str, ...] = ()
-    """Module paths inside the model to keep an EMA of, e.g. ["encoder"] or
-    ["encoder.clip.vision_model", "encoder.clip.visual_projection"]; empty: no EMA."""
+    """Module paths inside the model to keep an EMA of besides what the parts need, e.g.
+    ["encoder"] or ["encoder.clip.vision_model", "encoder.clip.visual_projection"]."""
     momentum: float = 0.995
     momentum_end: float = 1.0
     """Momentum rises from `momentum` to this on a cosine over training (equal: constant)."""
@@ -246,22 +464,28 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class Config:
-    method: str = "irra"
-    """Training recipe: irra (SDM + ID + MLM) or rde (BGE + TSE, TAL, consensus division)."""
+    method: str | None = "irra"
+    """Preset the recipe starts from (trainer/presets/<method>.yaml: irra, rde, ...); what
+    `recipe:` sets overrides it. None: the recipe's own defaults."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    rde: RDEConfig = field(default_factory=RDEConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def __post_init__(self):
-        _check(self.method in METHODS, "method", f"one of {METHODS}")
-        if self.method == "rde":
-            _check(self.loss.id == 0 and self.loss.mlm == 0 and self.loss.sdm == 0, "loss",
-                   "RDE trains with TAL alone: set loss.sdm, loss.id and loss.mlm to 0")
+        _check(self.method is None or self.method in presets(), "method",
+               f"one of {presets()} or null")
+        needs = self.recipe.momentum_parts()
+        _check(self.ema.enabled or not needs, "ema.enabled",
+               f"{', '.join(needs)} need(s) the momentum model, which ema.enabled=false switches "
+               "off")
+
+    def needs_momentum(self) -> bool:
+        return self.ema.enabled and bool(self.recipe.momentum_parts() or self.ema.modules)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -269,22 +493,113 @@ class Config:
 
 # -- loading --------------------------------------------------------------------------------------
 
+PRESET_DIR = Path(__file__).with_name("presets")
+DEFAULT_METHOD = "irra"
+# fields of configs written before recipes were composed from parts, and where they went
+MOVED = {"loss.sdm": "a term of kind sdm in recipe.losses", "loss.id": "a term of kind id in "
+         "recipe.losses", "loss.mlm": "a term of kind mlm in recipe.losses",
+         "loss.mlm_prob": "recipe.caption_mask.ratio",
+         "loss.margin": "the margin of a tal term in recipe.losses, and recipe.weighting.margin",
+         "rde": "recipe.tse, recipe.weighting and recipe.losses (method: rde is the preset)"}
+
+
+def presets() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """A Config from a YAML file (or the defaults) and dotted overrides.
+
+    Order: the file; its `method` (or an override of it) picks the preset, which goes under the
+    file's `recipe:`; then the overrides. A file written before recipes were made of parts (old
+    `loss.sdm` ... and `rde:` fields) is read as the recipe it meant."""
     tree = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
+    pairs = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not of the form section.field=value")
-        _set_dotted(tree, key.strip().lstrip("-"), yaml.safe_load(value))
+        pairs.append((key.strip().lstrip("-"), yaml.safe_load(value)))
+    for key, value in pairs:
+        if key == "method":
+            tree["method"] = value
+    tree = with_preset(upgrade_legacy(tree))
+    for key, value in pairs:
+        if key != "method":
+            _set_dotted(tree, key, value)
     return from_dict(Config, tree)
+
+
+def with_preset(tree: dict) -> dict:
+    """The tree with its method's preset under its `recipe:` section."""
+    tree = dict(tree)
+    method = tree.setdefault("method", DEFAULT_METHOD)
+    if method is None:
+        return tree
+    if method not in presets():
+        raise ValueError(f"invalid config field 'method': {method!r} is not a preset; one of "
+                         f"{presets()} or null")
+    preset = yaml.safe_load((PRESET_DIR / f"{method}.yaml").read_text()) or {}
+    tree["recipe"] = _merge(preset.get("recipe", {}), tree.get("recipe") or {})
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def upgrade_legacy(tree: dict) -> dict:
+    """A config tree of the old form (`method: irra|rde` with weights in `loss:` and an `rde:`
+    section) as the recipe parts it meant; other trees are returned as they are."""
+    loss = tree.get("loss") or {}
+    old_loss = {k: loss[k] for k in ("sdm", "id", "mlm", "mlm_prob", "margin") if k in loss}
+    if "rde" not in tree and not old_loss:
+        return tree
+    tree = copy.deepcopy(tree)
+    tree["loss"] = {k: v for k, v in loss.items() if k not in old_loss}
+    rde = tree.pop("rde", None) or {}
+    margin = old_loss.get("margin", 0.1)
+    method = tree.get("method", DEFAULT_METHOD)
+    if method == "rde":
+        recipe = {
+            "branches": ["bge", "tse"],
+            "losses": [{"kind": "tal", "branches": ["bge", "tse"], "reduction": "sum",
+                        "margin": margin}],
+            "tse": {"ratio": rde.get("select_ratio", 0.3), "dim": rde.get("tse_dim", 1024),
+                    "authors_bn_eval": rde.get("authors_bn_eval", False)},
+            "weighting": {"kind": "consensus" if rde.get("ccd", True) else "none",
+                          "warmup_epochs": rde.get("ccd_warmup_epochs", 0), "margin": margin,
+                          "gmm_max_iter": rde.get("gmm_max_iter", 10),
+                          "gmm_tol": rde.get("gmm_tol", 1e-2),
+                          "gmm_reg_covar": rde.get("gmm_reg_covar", 5e-4),
+                          "threshold": rde.get("clean_threshold", 0.5),
+                          "plots": rde.get("ccd_plots", True)}}
+    else:
+        terms = [{"kind": k, "weight": old_loss.get(k, 1.0)} for k in ("sdm", "id", "mlm")
+                 if old_loss.get(k, 1.0) > 0]
+        recipe = {"branches": ["bge"], "losses": terms,
+                  "caption_mask": {"kind": "random", "ratio": old_loss.get("mlm_prob", 0.15)}}
+    tree["recipe"] = _merge(tree.get("recipe") or {}, recipe)
+    log.info("read a config written before recipes were composed from parts: method %s as %s",
+             method, recipe)
+    return tree
 
 
 def parse_overrides(args: list[str]) -> list[str]:
@@ -304,28 +619,49 @@ def parse_overrides(args: list[str]) -> list[str]:
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
-    parts = key.split(".")
+    """tree[a][b][c] = value for "a.b.c"; a list element is "losses.0" or "losses[0]"."""
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", key) if p]
     node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {key!r}: {p!r} is not a section")
-    node[parts[-1]] = value
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ValueError(f"override {key!r}: {p!r} is not an index of a list of "
+                                 f"{len(node)}")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+        else:
+            raise ValueError(f"override {key!r}: {parts[i - 1]!r} is not a section")
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
+    where = prefix.rstrip(".") or cls.__name__
     if not isinstance(data, dict):
-        raise ValueError(f"invalid config field '{prefix.rstrip('.') or cls.__name__}': "
-                         f"expected a mapping, got {data!r}")
+        raise ValueError(f"invalid config field '{where}': expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
+            moved = MOVED.get(f"{prefix}{key}")
+            if moved:
+                raise ValueError(f"config field '{prefix}{key}' is no longer read: it is now "
+                                 f"{moved} (README: Recipes from parts)")
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ValueError(f"unknown config field '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if required:
+        raise ValueError(f"invalid config field '{where}': {', '.join(required)} must be given")
     return cls(**kwargs)
 
 
@@ -341,7 +677,7 @@ def _coerce(tp, value, name: str):
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"invalid config field '{name}': expected a list, got {value!r}")
-        return tuple(_coerce(args[0], v, name) for v in value)
+        return tuple(_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"invalid config field '{name}': expected {len(args)} values, "

@@ -4,6 +4,7 @@
                      momentum=0.995, momentum_end=1.0, total_steps=T)
     ...after each optimizer step:  ema.update(step)
     image_features, _ = ema({"image": pixels}, mode="features")      # the EMA encoder
+    out = ema(request, mode="momentum", step=info)     # the recipe's momentum work (trainer/recipe.py)
 
 Layout. The EMA keeps, for each chosen parameter, an fp32 copy of the *fragment* of it that this
 rank owns, so the ranks' fragments tile every parameter exactly once:
@@ -17,8 +18,9 @@ Each rank stores about 1/world of the fp32 EMA (4 bytes a parameter over world r
 is ema <- m ema + (1 - m) theta with m constant or rising from m0 to 1 on a cosine.
 
 Forward. `ema.module` is a model of the same architecture (built by `factory`, the parts not
-chosen dropped) holding the EMA in the training dtype, in eval mode; `ema(batch, mode=...)` runs
-its forward without gradient, like the online model's. Under DDP / ZeRO-1/2 every
+chosen dropped, the containers in `keep_roots` kept so their code runs) holding the EMA in the
+training dtype, in eval mode; `ema(batch, mode=...)` runs its forward without gradient, like
+the online model's. Under DDP / ZeRO-1/2 every
 `refresh_every` steps the fragments are all-gathered into it (params x the training dtype's bytes
 of traffic); under ZeRO-3 it is a second
 DeepSpeed engine without optimizer whose partitions are overwritten from the local fragments
@@ -61,7 +63,8 @@ def momentum_at(step: int, *, m0: float, m_end: float, total_steps: int) -> floa
 class ShardedEMA:
     def __init__(self, acc, model: nn.Module, *, factory, modules: tuple[str, ...],
                  momentum: float, momentum_end: float | None = None, total_steps: int = 0,
-                 refresh_every: int = 1, compute_dtype: torch.dtype | None = None):
+                 refresh_every: int = 1, compute_dtype: torch.dtype | None = None,
+                 keep_roots: tuple[str, ...] = ("recipe",)):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1), got {momentum}")
         if refresh_every < 1:
@@ -78,6 +81,7 @@ class ShardedEMA:
         self.layouts = dist.all_gather_object([(f.name, f.start, f.numel) for f in self.fragments])
         self.compute_dtype = compute_dtype or _training_dtype(acc)
         self.online = online
+        self.keep_roots = keep_roots
         self.module = self._build_compute_copy(factory)
         self._refreshed_at = None
         self.refresh(force=True)
@@ -148,7 +152,7 @@ class ShardedEMA:
 
     def _build_compute_copy(self, factory) -> nn.Module:
         with dist.plain_init(self.acc):
-            tree = _prune(factory(), self.modules)
+            tree = _prune(factory(), self.modules, self.keep_roots)
         for p in tree.parameters():
             p.requires_grad_(False)
         if self.kind == "zero3":
@@ -156,8 +160,8 @@ class ShardedEMA:
         return tree.to(device=self.acc.device, dtype=self.compute_dtype).eval()
 
     @torch.no_grad()
-    def __call__(self, batch: dict, mode: str = "features"):
-        return self.module(batch, mode=mode)
+    def __call__(self, batch: dict, mode: str = "features", **kwargs):
+        return self.module(batch, mode=mode, **kwargs)
 
     @torch.no_grad()
     def refresh(self, force: bool = False) -> None:
@@ -233,8 +237,10 @@ def _training_dtype(acc) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
 
 
-def _prune(model: nn.Module, modules: tuple[str, ...]) -> nn.Module:
-    """`model` with every submodule that holds none of the chosen ones set to None."""
+def _prune(model: nn.Module, modules: tuple[str, ...], keep_roots: tuple[str, ...] = ()
+           ) -> nn.Module:
+    """`model` with every submodule that holds none of the chosen ones set to None; the
+    containers in `keep_roots` stay (their children pruned alike) so their methods can run."""
     keep = set(modules)
 
     def walk(module: nn.Module, prefix: str) -> None:
@@ -242,7 +248,7 @@ def _prune(model: nn.Module, modules: tuple[str, ...]) -> nn.Module:
             path = f"{prefix}{name}"
             if path in keep:
                 continue
-            if any(k.startswith(path + ".") for k in keep):
+            if any(k.startswith(path + ".") for k in keep) or path in keep_roots:
                 walk(child, path + ".")
             else:
                 setattr(module, name, None)

@@ -11,10 +11,13 @@ loads them, and the export in `trainer/export.py` writes them back); the forward
   patches only (AMNS's AWM drops 30 % and saves that much compute);
 - all token features go through the final LayerNorm and the projection (IRRA), so the global
   embedding is token 0 (image) or the EOS token (text);
-- the last layer's attention row of the CLS (image) or EOS (text) token, averaged over heads, is
-  computed as that one row from the layer's queries and keys, never as full attention maps;
+- the attention row of the CLS (image) or EOS (text) token, averaged over heads, of the last
+  layer (`rows="last"`, RDE's TSE) or of every layer (`rows="all"`, AGA's AGM), is computed as
+  that one row from each layer's queries and keys, never as full attention maps;
 - captions are cut to the batch's longest (EOS + 1): the text encoder is causal, so the
-  tokens up to each EOS are unchanged and the padding costs nothing.
+  tokens up to each EOS are unchanged and the padding costs nothing. The cut length is found on
+  the device (a host sync) unless the caller passes it (`length=`, known on the host from the
+  loader's CPU batch).
 The model knows nothing about distribution.
 """
 from __future__ import annotations
@@ -36,17 +39,19 @@ log = logging.getLogger(__name__)
 class ImageFeatures:
     embeds_BE: torch.Tensor       # projected CLS token (not normalised)
     tokens_BTE: torch.Tensor      # projected tokens, T = 1 + K, token 0 is CLS
-    attn_BK: torch.Tensor         # last-layer CLS -> patch attention, head-averaged, fp32
+    attn_BK: torch.Tensor | None  # last-layer CLS -> patch attention, head-averaged, fp32
     keep_BK: torch.Tensor | None  # indices of the kept patches (None: all N)
+    attn_rows_BlK: torch.Tensor | None = None   # every layer's CLS row (rows="all"), l layers
 
 
 @dataclass
 class TextFeatures:
     embeds_BE: torch.Tensor       # projected EOS token (not normalised)
     tokens_BLE: torch.Tensor      # projected tokens of the cut captions
-    attn_BL: torch.Tensor         # last-layer EOS -> token attention, head-averaged, fp32
+    attn_BL: torch.Tensor | None  # last-layer EOS -> token attention, head-averaged, fp32
     eos_B: torch.Tensor           # EOS position of each caption
     input_ids_BL: torch.Tensor    # the captions cut to L
+    attn_rows_BlL: torch.Tensor | None = None   # every layer's EOS row (rows="all")
 
 
 class DualEncoder(nn.Module):
@@ -128,10 +133,10 @@ class DualEncoder(nn.Module):
         """Parameters read outside their own module's forward (ZeRO-3 must be told)."""
         return [self.clip.vision_model.embeddings.class_embedding]
 
-    def forward(self, image=None, input_ids=None, keep_BK=None):
+    def forward(self, image=None, input_ids=None, keep_BK=None, rows: str = "last"):
         """(ImageFeatures, TextFeatures); either may be None."""
-        return (None if image is None else self.encode_image(image, keep_BK),
-                None if input_ids is None else self.encode_text(input_ids))
+        return (None if image is None else self.encode_image(image, keep_BK, rows=rows),
+                None if input_ids is None else self.encode_text(input_ids, rows=rows))
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -139,8 +144,9 @@ class DualEncoder(nn.Module):
     def embed_dim(self) -> int:
         return self.clip.config.projection_dim
 
-    def encode_image(self, pixels_BCHW: torch.Tensor, keep_BK: torch.Tensor | None = None
-                     ) -> ImageFeatures:
+    def encode_image(self, pixels_BCHW: torch.Tensor, keep_BK: torch.Tensor | None = None, *,
+                     rows: str = "last") -> ImageFeatures:
+        """rows: which CLS attention rows to compute: "none", "last" or "all" layers."""
         vm = self.clip.vision_model
         emb = vm.embeddings
         dtype = emb.patch_embedding.weight.dtype
@@ -156,28 +162,41 @@ class DualEncoder(nn.Module):
         cls_B1D = (emb.class_embedding + pos[0]).to(x_BND.dtype).expand(x_BND.shape[0], 1, -1)
         x = vm.pre_layrnorm(torch.cat([cls_B1D, x_BND], dim=1))
         query_B = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        x, row_BT = _transformer(vm.encoder.layers, x, causal=False, query_B=query_B)
+        x, row_BT, rows_BlT = _transformer(vm.encoder.layers, x, causal=False, query_B=query_B,
+                                           rows=rows)
         tokens = self.clip.visual_projection(vm.post_layernorm(x))
-        return ImageFeatures(tokens[:, 0], tokens, row_BT[:, 1:], keep_BK)
+        return ImageFeatures(tokens[:, 0], tokens, None if row_BT is None else row_BT[:, 1:],
+                             keep_BK, None if rows_BlT is None else rows_BlT[:, :, 1:])
 
-    def encode_text(self, input_ids_BL: torch.Tensor) -> TextFeatures:
+    def encode_text(self, input_ids_BL: torch.Tensor, *, rows: str = "last",
+                    length: int | None = None) -> TextFeatures:
+        """rows: which EOS attention rows to compute ("none", "last", "all" layers); length:
+        the batch's longest caption with its EOS, when the caller knows it (no host sync)."""
         tm = self.clip.text_model
         is_eot = input_ids_BL == self.eot_id
-        if not bool(is_eot.any(dim=1).all()):
-            raise ValueError("every caption needs an end-of-text token (use CaptionTokenizer)")
+        if length is None:
+            if not bool(is_eot.any(dim=1).all()):
+                raise ValueError("every caption needs an end-of-text token (use CaptionTokenizer)")
         eos_B = is_eot.int().argmax(dim=1)
-        ids = input_ids_BL[:, : int(eos_B.max()) + 1]
+        if length is None:
+            length = int(eos_B.max()) + 1
+        ids = input_ids_BL[:, :length]
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding(positions)
-        x, row_BL = _transformer(tm.encoder.layers, x, causal=True, query_B=eos_B)
+        x, row_BL, rows_BlL = _transformer(tm.encoder.layers, x, causal=True, query_B=eos_B,
+                                           rows=rows)
         tokens = self.clip.text_projection(tm.final_layer_norm(x))
         embeds = tokens[torch.arange(tokens.shape[0], device=tokens.device), eos_B]
-        return TextFeatures(embeds, tokens, row_BL, eos_B, ids)
+        return TextFeatures(embeds, tokens, row_BL, eos_B, ids, rows_BlL)
 
 
-def _transformer(layers, x_BTD: torch.Tensor, *, causal: bool, query_B: torch.Tensor):
-    """CLIP pre-LN blocks with SDPA; also the last layer's attention row of token query_B[b]."""
-    row = None
+def _transformer(layers, x_BTD: torch.Tensor, *, causal: bool, query_B: torch.Tensor,
+                 rows: str = "last"):
+    """CLIP pre-LN blocks; also the attention row of token query_B[b] (head-averaged, fp32) of
+    the last layer (rows "last" or "all") and of every layer (rows "all": B x layers x T)."""
+    if rows not in ("none", "last", "all"):
+        raise ValueError(f"rows={rows!r}: none, last or all")
+    row, every = None, []
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         h = layer.layer_norm1(x_BTD)
@@ -191,9 +210,10 @@ def _transformer(layers, x_BTD: torch.Tensor, *, causal: bool, query_B: torch.Te
         out = attention(q, k, v, causal=causal, scale=attn.scale)
         x_BTD = x_BTD + attn.out_proj(out.transpose(1, 2).reshape(B, T, -1))
         x_BTD = x_BTD + layer.mlp(layer.layer_norm2(x_BTD))
-        if i == len(layers) - 1:
+        if rows == "all" or (rows == "last" and i == len(layers) - 1):
             row = _attention_row(q, k, query_B, attn.scale, causal)
-    return x_BTD, row
+            every.append(row)
+    return x_BTD, row, (torch.stack(every, dim=1) if rows == "all" else None)
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,

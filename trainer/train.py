@@ -10,16 +10,21 @@
     accelerate launch ... -m trainer.train --config ... train.resume=latest
 
 Overrides are `section.field=value` (or `--section.field value`). The resolved config is
-printed at start and saved as <output_dir>/config.yaml. Each epoch: the recipe's epoch work, the
-training batches, a checkpoint, and an evaluation on the selection split (val where the shards
-have one) that keeps the best weights in <output_dir>/best. At the end: the final weights, the
-test metrics of best and final (metrics.json) and a transformers export of the best (hf/).
+printed at start and saved as <output_dir>/config.yaml. Each epoch: the weighting part's
+division when it asks for one (the training set scored, gathered once, divided on rank 0, the
+weights handed to every rank's recipe), the training batches, a checkpoint, and an evaluation on
+the selection split (val where the shards have one) that keeps the best weights in
+<output_dir>/best. At the end: the final weights, the test metrics of best and final
+(metrics.json) and a transformers export of the best (hf/). The momentum model (trainer/ema.py)
+is built when a part of the recipe needs one (trainer/recipe.py momentum_modules) or
+`ema.modules` names some, and handed to the recipe with each step.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -33,12 +38,13 @@ from data_pipeline.manifest import read_meta
 from data_pipeline.transforms import TrainAugment, prepare_batch
 from trainer import checkpoint, dist
 from trainer.build import build_model, load_tokenizer, save_weights
+from trainer.ccd import ConsensusWeighting
 from trainer.checkpoint import TrainState
 from trainer.config import Config, load_config, parse_overrides, save_config
 from trainer.evaluate import evaluate, format_table
 from trainer.monitor import Monitor
 from trainer.optim import build_optimizer, lr_factor, set_lr
-from trainer.recipes import StepInfo
+from trainer.recipe import StepInfo, momentum_modules
 
 log = logging.getLogger("trainer")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -89,6 +95,8 @@ class Run:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         dist.register_external_parameters(self.acc, self.model)
         self.ema = self._build_ema()
+        self.weighting = (ConsensusWeighting(cfg.recipe.weighting, cfg.train.seed)
+                          if cfg.recipe.weighting.kind == "consensus" else None)
         self.state = TrainState()
         if cfg.train.resume:
             path = checkpoint.find(self.run_dir, cfg.train.resume)
@@ -117,11 +125,12 @@ class Run:
 
     def _build_ema(self):
         e = self.cfg.ema
-        if not e.modules:
+        if not self.cfg.needs_momentum():
             return None
         from trainer.ema import ShardedEMA
 
-        return ShardedEMA(self.acc, self.model, factory=self._build_model, modules=e.modules,
+        modules = tuple(dict.fromkeys(momentum_modules(self.cfg) + tuple(e.modules)))
+        return ShardedEMA(self.acc, self.model, factory=self._build_model, modules=modules,
                           momentum=e.momentum, momentum_end=e.momentum_end,
                           total_steps=self.total_steps, refresh_every=e.refresh_every)
 
@@ -164,7 +173,7 @@ class Run:
             flat = {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
                     for sec, fields in self.cfg.to_dict().items() if isinstance(fields, dict)
                     for k, v in fields.items()}
-            flat["method"] = self.cfg.method
+            flat["method"] = str(self.cfg.method)
             self.acc.init_trackers("tensorboard", config=flat)
 
     def _on_signal(self, signum, frame) -> None:
@@ -199,20 +208,32 @@ class Run:
         s = self.state
         gen = torch.Generator().manual_seed(seed_of(self.cfg.train.seed, self.acc.process_index,
                                                     s.epoch, s.batch_in_epoch))
-        return StepInfo(epoch=s.epoch, step=s.step, tau=self.tau(s.step), generator=gen)
+        return StepInfo(epoch=s.epoch, step=s.step, tau=self.tau(s.step), generator=gen,
+                        momentum=self.ema)
+
+    def _to_device(self, batch: dict) -> dict:
+        """The loader's CPU batch on the training device, with the longest caption's length
+        read on the host (so the text encoder need not read it back from the device)."""
+        ids = batch["input_ids"]
+        eot = ids == self.tokenizer.eot_id
+        if not bool(eot.any(dim=1).all()):
+            raise ValueError("a caption has no end-of-text token; re-shard with this tokenizer")
+        length = int(eot.int().argmax(dim=1).max()) + 1
+        return {**prepare_batch(batch, self.acc.device), "text_length": length}
 
     @torch.no_grad()
     def score_training_set(self) -> dict:
         """Per-sample losses (the recipe's per_sample_losses) of this epoch's training batches,
-        in eval mode with the training augmentations, gathered from every rank by sample index:
-        {"index": N, "noisy": N, <branch>: N} numpy arrays on every rank. Samples the epoch
-        leaves out (fewer than batch x ranks) are absent."""
+        in eval mode with the training augmentations, gathered once from every rank:
+        {"index": N, "noisy": N, <branch>: N} numpy arrays on every rank, in the order
+        (batch, rank, sample). Samples the epoch leaves out (fewer than batch x ranks) are
+        absent."""
         s, acc = self.state, self.acc
         was_training = self.model.training
         self.model.eval()
         parts = {}
         for b, batch in enumerate(self.loader.epoch(s.epoch)):
-            batch = prepare_batch(batch, acc.device)
+            batch = self._to_device(batch)
             gen = torch.Generator().manual_seed(seed_of(self.cfg.train.seed, acc.process_index,
                                                         s.epoch, b, 1))
             out = self.model(batch, mode="per_sample",
@@ -220,10 +241,28 @@ class Run:
                                            generator=gen))
             out = {**out, "index": batch["index"], "noisy": batch["noisy"]}
             for k, v in out.items():
-                parts.setdefault(k, []).append(dist.gather_nograd(v.detach()))
+                parts.setdefault(k, []).append(v.detach())
         self.model.train(was_training)
-        return {k: torch.cat(v).float().cpu().numpy() if k not in ("index", "noisy")
-                else torch.cat(v).cpu().numpy() for k, v in parts.items()}
+        world, result = dist.world_size(), {}
+        for k, v in parts.items():
+            local = torch.stack(v)                                   # batches x B
+            dtype = torch.float32 if local.is_floating_point() else local.dtype
+            every = dist.gather_nograd(local.to(dtype)[None])         # ranks x batches x B
+            result[k] = every.view(world, *local.shape).transpose(0, 1).reshape(-1).cpu().numpy()
+        return result
+
+    def _divide(self) -> dict:
+        """The weighting part's division for this epoch: score, divide on rank 0, hand the
+        weights to every rank's recipe."""
+        t0 = time.time()
+        scores = self.score_training_set()
+        result = None
+        if dist.rank() == 0:
+            result = self.weighting.divide(scores, self.state.epoch, self.run_dir / "ccd")
+        weights, logs = dist.broadcast_object(result)
+        self._unwrap().recipe.set_sample_weights(scores["index"], weights)
+        logs["ccd_seconds"] = round(time.time() - t0, 2)
+        return logs
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -231,10 +270,9 @@ class Run:
         cfg, s = self.cfg, self.state
         while s.epoch < cfg.train.epochs and not self._done():
             t0 = time.time()
-            if s.batch_in_epoch == 0:       # a resumed epoch keeps the state it started with
-                epoch_logs = self._unwrap().recipe.before_epoch(self)
-                if epoch_logs:
-                    self.monitor.log("epoch_start", epoch=s.epoch, step=s.step, **epoch_logs)
+            # a resumed epoch keeps the weights it started with (they are in the checkpoint)
+            if s.batch_in_epoch == 0 and self.weighting and self.weighting.wants_scores(s.epoch):
+                self.monitor.log("epoch_start", epoch=s.epoch, step=s.step, **self._divide())
             t1 = time.time()
             self._train_epoch()
             self.monitor.log("epoch", epoch=s.epoch, step=s.step,
@@ -255,25 +293,19 @@ class Run:
     def _train_epoch(self) -> None:
         cfg, s, acc = self.cfg, self.state, self.acc
         self.model.train()
-        sums, count = {}, 0
+        sums = LoggedSums()
         for batch in self.loader.epoch(s.epoch, s.batch_in_epoch):
-            batch = prepare_batch(batch, acc.device)
+            batch = self._to_device(batch)
             lr = set_lr(self.optimizer, cfg.optim.lr, self.lr_factor(s.step))
             info = self.step_info()
             with acc.accumulate(self.model):
                 out = self.model(batch, mode="train", step=info)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {float(loss)} at epoch {s.epoch} batch "
-                                             f"{s.batch_in_epoch}; lower optim.lr or check the data")
-                acc.backward(loss)
+                acc.backward(out["loss"])
                 if acc.sync_gradients and cfg.optim.grad_clip:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            count += 1
+            sums.add(out)                    # stays on the device until a logging step
             s.batch_in_epoch += 1
             s.samples_seen += batch["pid"].shape[0] * acc.num_processes
             if not acc.sync_gradients:
@@ -282,13 +314,17 @@ class Run:
                 self.ema.update(s.step)
             s.step += 1
             if s.step % cfg.train.log_every_steps == 0 or self._done():
-                values = dist.mean_over_ranks({k: v / count for k, v in sums.items()}, acc.device)
+                values = sums.mean_over_ranks()
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"the loss was {values['loss']} in the {sums.count} batches before step "
+                        f"{s.step} (epoch {s.epoch}); lower optim.lr or check the data")
                 values.update(lr=lr, tau=info.tau, epoch=s.epoch,
                               samples_per_s=self.monitor.rate(s.samples_seen))
                 if self.ema is not None:
                     values["ema_momentum"] = self.ema.momentum(s.step - 1)
                 self.monitor.step(s.step, values)
-                sums, count = {}, 0
+                sums = LoggedSums()
             if cfg.train.ckpt_every_steps and s.step % cfg.train.ckpt_every_steps == 0:
                 checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints, self.ema)
             if s.step % cfg.train.log_every_steps == 0 and self._stop_requested():
@@ -324,7 +360,8 @@ class Run:
         state_dict = self.acc.get_state_dict(self.model)
         if self.acc.is_main_process:
             save_weights(state_dict, self.run_dir / name, self.cfg, self.tokenizer,
-                         self.clip_config, extra)
+                         self.clip_config, extra, num_classes=self.meta["num_classes"],
+                         num_samples=self.meta["splits"]["train"]["num_samples"])
         dist.barrier()
 
     def _finish(self) -> dict:
@@ -373,6 +410,30 @@ class Run:
 
     def _unwrap(self):
         return self.acc.unwrap_model(self.model)
+
+
+class LoggedSums:
+    """The step's logged values summed on the device (float64) between logging steps: no host
+    read per step. `mean_over_ranks` makes the one all-reduce and the one read."""
+
+    def __init__(self):
+        self.keys, self.total, self.count = None, None, 0
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        if self.keys is None:
+            self.keys = sorted(out)
+        row = torch.stack([out[k].detach().reshape(()).double() for k in self.keys])
+        self.total = row if self.total is None else self.total + row
+        self.count += 1
+
+    def mean_over_ranks(self) -> dict[str, float]:
+        if self.total is None:
+            return {"loss": 0.0}
+        t = self.total / self.count
+        if dist.world_size() > 1:
+            torch.distributed.all_reduce(t)
+            t = t / dist.world_size()
+        return dict(zip(self.keys, t.tolist()))
 
 
 def _setup_logging(acc) -> None:

@@ -20,7 +20,7 @@ from trainer import dist
 from trainer.build import build_model
 from trainer.config import load_config
 from trainer.ema import ShardedEMA
-from trainer.recipes import StepInfo
+from trainer.recipe import StepInfo
 
 STEPS, RESUME_AT, B = 6, 3, 4
 OVERRIDES = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",

@@ -39,7 +39,7 @@ TINY = ["model.vision_width=64", "model.text_width=64", "model.embed_dim=64",
         "train.epochs=5", "eval.every_epochs=0"]
 PRESETS = {
     "irra": ["--config", "launch/configs/irra_synth.yaml"],
-    "rde": ["--config", "launch/configs/rde_synth.yaml", "rde.tse_dim=128"],
+    "rde": ["--config", "launch/configs/rde_synth.yaml", "recipe.tse.dim=128"],
 }
 # values a step logs that are not losses
 NOT_LOSSES = {"lr", "tau", "epoch", "samples_per_s", "step", "event", "time", "ema_momentum"}

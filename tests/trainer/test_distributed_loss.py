@@ -14,12 +14,13 @@ from data_pipeline.tokenizer import PROBE, train_word_level
 from tests.distributed import free_port, init_gloo
 from trainer.build import build_model
 from trainer.config import load_config
-from trainer.recipes import StepInfo
+from trainer.recipe import StepInfo
 
 B, WORLD = 6, 2
 OVERRIDES = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",
              "model.embed_dim=16", "model.vision_layers=1", "model.text_layers=1",
-             "model.vision_heads=2", "model.text_heads=2", "loss.mlm=0"]
+             "model.vision_heads=2", "model.text_heads=2",
+             "recipe.losses=[{kind: sdm}, {kind: id}]"]
 
 
 def _setup(tok_dir):

@@ -51,6 +51,34 @@ def test_square_image_and_text_match_transformers_and_attention_rows(tok):
     assert txt.tokens_BLE.shape[1] == int(txt.eos_B.max()) + 1          # cut to the longest
 
 
+def test_attention_rows_of_every_layer_equal_the_full_maps(tok):
+    """rows="all": each layer's CLS / EOS row (head-averaged) against transformers' full maps;
+    the last one is the row rows="last" gives; nothing changes the features."""
+    enc = _encoder(tok)
+    pixels, ids = torch.randn(4, 3, 32, 32), _ids(tok)
+    with torch.no_grad():
+        img, txt = enc.encode_image(pixels, rows="all"), enc.encode_text(ids, rows="all")
+        img1, txt1 = enc.encode_image(pixels), enc.encode_text(ids, rows="none")
+        clip = enc.clip
+        for m in (clip, clip.vision_model, clip.text_model):
+            m.config._attn_implementation = "eager"
+        v = clip.vision_model(pixel_values=pixels, output_attentions=True)
+        t = clip.text_model(input_ids=txt.input_ids_BL, output_attentions=True)
+    layers = len(v.attentions)
+    assert img.attn_rows_BlK.shape == (4, layers, 16) and txt.attn_rows_BlL.shape[1] == layers
+    for layer in range(layers):
+        torch.testing.assert_close(img.attn_rows_BlK[:, layer], v.attentions[layer].mean(1)[:, 0, 1:])
+        torch.testing.assert_close(txt.attn_rows_BlL[:, layer],
+                                   t.attentions[layer].mean(1)[torch.arange(4), txt.eos_B])
+    torch.testing.assert_close(img.attn_rows_BlK[:, -1], img1.attn_BK)
+    torch.testing.assert_close(img.tokens_BTE, img1.tokens_BTE)
+    assert txt1.attn_BL is None and txt1.attn_rows_BlL is None
+    torch.testing.assert_close(txt.tokens_BLE, txt1.tokens_BLE)
+    # a length known on the host gives the same features without reading it from the device
+    again = enc.encode_text(ids, rows="none", length=txt.input_ids_BL.shape[1])
+    torch.testing.assert_close(again.embeds_BE, txt1.embeds_BE)
+
+
 def test_non_square_grid_and_token_dropping(tok):
     enc = _encoder(tok, image_size=(64, 32))
     assert enc.grid_hw == (8, 4)
@@ -98,7 +126,8 @@ def test_export_loads_with_transformers_alone_and_gives_the_same_embeddings(tok,
 
     cfg = load_config(None, ["model.image_size=[96, 32]", "model.vision_width=64",
                              "model.text_width=64", "model.embed_dim=32", "model.vision_layers=2",
-                             "model.text_layers=2", "loss.mlm=0"])
+                             "model.text_layers=2",
+                             "recipe.losses=[{kind: sdm}, {kind: id}]"])
     torch.manual_seed(1)
     model = build_model(cfg, tok, num_classes=5, num_samples=10).eval()
     save_weights(model.state_dict(), tmp_path / "w", cfg, tok, model.encoder.clip.config)

@@ -14,15 +14,15 @@ from tests.distributed import free_port, init_gloo
 from trainer import ccd
 from trainer.build import build_model
 from trainer.config import load_config
-from trainer.recipes import StepInfo
+from trainer.recipe import StepInfo
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag",
             "a woman in red"]
-SMALL = ["method=rde", "loss.sdm=0", "loss.id=0", "loss.mlm=0", "loss.tau=0.05",
+SMALL = ["method=rde", "loss.tau=0.05",
          "loss.tau_start=null", "model.image_size=[32, 16]", "model.vision_width=32",
          "model.text_width=32", "model.embed_dim=16", "model.vision_layers=1",
          "model.text_layers=1", "model.vision_heads=2", "model.text_heads=2",
-         "model.context_length=16", "rde.tse_dim=24"]
+         "model.context_length=16", "recipe.tse.dim=24"]
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +111,14 @@ def test_division_always_divides():
 # Training-mode BatchNorm uses each rank's own batch statistics (as under DDP), so the weighted
 # training loss is compared with the TSE BatchNorms in eval mode; the per-sample losses of the
 # division are scored in eval mode anyway.
-BN_EVAL = ["rde.authors_bn_eval=true"]
+BN_EVAL = ["recipe.tse.authors_bn_eval=true"]
 
 
 def _worker(rank, port, tok_dir, out_path):
     init_gloo(rank, port, 2)
     torch.set_num_threads(1)
     model, tok = _model(tok_dir, extra=BN_EVAL)
-    model.recipe.lhat[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    model.recipe.sample_weight[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
     batch = _batch(tok)
     local = {k: v[rank * 6:(rank + 1) * 6] for k, v in batch.items()}
     step = StepInfo(0, 0, 0.05, torch.Generator())
@@ -151,7 +151,7 @@ def test_two_rank_per_sample_and_weighted_losses_equal_one_process(tmp_path, tok
                        start_method="spawn")
     got = torch.load(out_path)
     model, tok = _model(tok_dir, extra=BN_EVAL)
-    model.recipe.lhat[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    model.recipe.sample_weight[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
     batch, step = _batch(tok), StepInfo(0, 0, 0.05, torch.Generator())
     model.eval()
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_two_rank_per_sample_and_weighted_losses_equal_one_process(tmp_path, tok
     model.train()
     out = model(batch, mode="train", step=step)
     out["loss"].backward()
-    # rank 1 holds no anchor at all (lhat = 0 on samples 6..11): its loss is exactly 0
+    # rank 1 holds no anchor at all (weight 0 on samples 6..11): its loss is exactly 0
     torch.testing.assert_close(got["loss"], out["loss"].detach(), rtol=1e-8, atol=1e-12)
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -171,7 +171,7 @@ def test_two_rank_per_sample_and_weighted_losses_equal_one_process(tmp_path, tok
 
 def test_a_batch_without_anchors_gives_zero_loss_and_gradients(tok_dir):
     model, tok = _model(tok_dir, dtype=torch.float32)
-    model.recipe.lhat.zero_()
+    model.recipe.sample_weight.zero_()
     out = model(_batch(tok, dtype=torch.float32), mode="train",
                 step=StepInfo(0, 0, 0.015, torch.Generator()))
     out["loss"].backward()
@@ -186,9 +186,9 @@ def test_rde_run_divides_logs_and_plots(tmp_path, tiny_shards_noisy):
     from tests.trainer.conftest import launch
 
     run = tmp_path / "run"
-    launch("cpu_ddp.yaml", run, tiny_shards_noisy, "method=rde", "loss.sdm=0", "loss.id=0",
-           "loss.mlm=0", "loss.tau=0.05", "loss.tau_start=null", "train.epochs=2",
-           "rde.ccd_warmup_epochs=1", "rde.tse_dim=64")
+    launch("cpu_ddp.yaml", run, tiny_shards_noisy, "method=rde", "loss.tau=0.05",
+           "loss.tau_start=null", "train.epochs=2", "recipe.weighting.warmup_epochs=1",
+           "recipe.tse.dim=64")
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     starts = [e for e in events if e["event"] == "epoch_start"]
     assert [e["epoch"] for e in starts] == [1]
