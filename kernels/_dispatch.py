@@ -5,6 +5,10 @@ reference; the choice is logged once per (op, choice) on the "kernels" logger. `
 tensors runs the kernel in the Triton interpreter, which must be switched on (TRITON_INTERPRET=1)
 before `kernels` is imported, because `@triton.jit` reads the variable when it decorates.
 
+Every kernel launch goes through `launch`, and every decision that depends on the device through
+`compiled`, `sm_count` and `max_shared`: tests/kernels/compile_sm90.py replaces these to replay,
+on a machine without a GPU, exactly the launches a GPU run makes and compile them for sm_90.
+
 Nothing here touches CUDA at import time.
 """
 import logging
@@ -23,7 +27,7 @@ except ImportError:  # non-Linux machines: keep the module importable, the refer
     class _Stub:
         """Just enough of `triton` / `triton.language` for the kernel definitions to parse."""
 
-        constexpr = None
+        constexpr = staticmethod(lambda value=None: value)
 
         @staticmethod
         def jit(fn=None, **_):
@@ -61,6 +65,43 @@ def resolve_impl(op: str, impl: str, *tensors: torch.Tensor) -> str:
             raise ValueError(f"{op}: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                              "`kernels` is imported (the Triton interpreter); or use impl='reference'")
     return impl
+
+
+def compiled(x: torch.Tensor) -> bool:
+    """True when the kernels run compiled on a GPU, False in the CPU interpreter."""
+    return x.is_cuda
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device.index or 0).multi_processor_count
+
+
+def max_shared(device: torch.device) -> int:
+    """Bytes of shared memory one program may use (227 KiB on an H100, 163 KiB on an A100)."""
+    props = torch.cuda.get_device_properties(device.index or 0)
+    return getattr(props, "shared_memory_per_block_optin", 232448)
+
+
+_chosen: dict = {}
+
+
+def launch(kernel, grid, args, consts, configs, key=None):
+    """kernel[grid(config)](*args, **consts, **config) with the fastest of `configs` for `key`:
+    with several candidates (on a GPU) each is timed once per key and the choice logged; the
+    interpreter gets one. Launches write only their outputs, so timing them is harmless."""
+    cfg = configs[0]
+    if len(configs) > 1:
+        if key not in _chosen:
+            import triton.testing
+
+            times = [triton.testing.do_bench(lambda c=c: kernel[grid(c)](*args, **consts, **c),
+                                             warmup=2, rep=8) for c in configs]
+            best = min(range(len(configs)), key=times.__getitem__)
+            _chosen[key] = configs[best]
+            log.info("%s %s: tiles %s (%.3f ms; candidates %s ms)", kernel.fn.__name__, key,
+                     configs[best], times[best], ", ".join(f"{t:.3f}" for t in times))
+        cfg = _chosen[key]
+    kernel[grid(cfg)](*args, **consts, **cfg)
 
 
 def next_pow2(x: int) -> int:

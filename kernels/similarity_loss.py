@@ -1,6 +1,7 @@
 """Similarity-matrix losses (SDM, BSDM, TAL, ITC, WAF) fused with the similarity matrix.
 
-Letters: n local queries (rows), N keys gathered from all ranks (columns), D embedding width.
+Letters: n local queries (rows), N keys gathered from all ranks (columns), D embedding width,
+P positive pairs (query and key with the same id; about n to 4 n in training).
 One call is one retrieval direction; `bidirectional_similarity_loss` makes the two calls.
 
 Maths (METHODS.md). S_ij = <q_i, k_j> of L2-normalised features, z_ij = S_ij / tau,
@@ -21,112 +22,110 @@ Conventions (kernel and reference implement the same ones; tests check them):
   * a row without negatives: tal drops the negative term ([margin - sum_j a_ij S_ij]_+); waf gives
     0 (P_i = 1); sdm, bsdm and itc need no special case.
 
-Forward (one fused kernel). Each program owns BLOCK_M rows and a range of keys, computes S tiles
-with tl.dot and keeps only per-row online statistics, FlashAttention style, separately over the
-positive and the negative keys (each with its own running max, so a positive set that is far
-below the negatives does not underflow): (m, l = sum e^(z-m), a = sum e^(z-m) z) for positives and
-for negatives, sum_pos z, n_i, and (m, l, a) of the momentum logits for itc. Key ranges split over
-a second grid axis when n is small (partial statistics merged in torch, O(n)). Every loss above is
-a closed form of these 11 numbers per row; the n x N matrix is never written.
+Every loss above is a closed form of a few numbers per row: over the negatives the running
+softmax (max, sum e^(z - max), sum e^(z - max) z), the same over the positives with sum z and n_i,
+and for itc the softmax of the momentum logits weighting z. The positives and the negatives keep
+their own maxima, so a positive set far below the negatives does not underflow, and 1 - P_i is
+computed from the negatives, never as a difference.
 
-Backward. dL_i/dz_ij is, for every kind, a per-row combination of five per-element terms:
-  g_ij = e_ij * (pos ? w3 + P_i (w1 + w2 (z_ij - c_pos)) : w4 + Pn_i (w1 + w2 (z_ij - c_neg)))
-         + w5_i l_ij + w6_i softmax_j(Sm_ij / tau)
-with e_ij = exp(z_ij - lse_pos_i) on positives and exp(z_ij - lse_neg_i) on negatives (one exp per
-element), P_i / Pn_i the softmax mass on positives / negatives (p_ij = e_ij P_i or e_ij Pn_i),
-c = log(q + eps), and the row weights w computed in torch from the forward statistics. A kernel
-recomputes S tiles and writes g for one chunk of rows (C x N, C chosen so the buffer is at most
-_BWD_CHUNK_BYTES), then two matmuls give dQ = g K and dK += g^T Q. The chunk is O(N) memory for a
-fixed C, so extra memory is O(n + N) (eager holds several n x N fp32 matrices). Why not a fully
-fused dQ/dK kernel: its BLOCK_M x D fp32 accumulator does not fit in registers for D = 1024, and
-splitting D recomputes S D / BLOCK_D times; writing g costs 2 bytes per element in bf16 while the
-matmuls keep the tensor cores busy.
+Forward: three launches, the n x N matrix is never written.
+  1. `_similarity_stats_kernel`, the only O(n N D) part: S tiles by tl.dot, and per row the
+     online softmax over the NEGATIVES only (one compare, one max, one exp2 per element) and for
+     itc the momentum softmax. One flat loop over (key tile, D slice) keeps the copy pipeline full
+     across key tiles; when D <= _Q_ONCE_MAX_D the query tile is loaded once, before the loop, and
+     the loop streams keys only. Keys split over a second grid axis when n is small.
+  2. `torch.sort` of the key ids (the only torch op of the row algebra).
+  3. `_similarity_rows_kernel`: per row, merges the key splits, finds the query's positive keys
+     in the sorted ids (binary search), computes their z exactly in O(P D), and the loss and the
+     backward row vector (9 numbers) of the chosen kind.
+Backward, one chunk of rows at a time (C x N, at most _BWD_CHUNK_BYTES): `_similarity_grad_kernel`
+recomputes the S tiles and writes dL/dS as if every valid key were a negative,
+  g_ij = exp(z_ij - lse_neg_i) (B0_i + B1_i z_ij) + w6_i softmax_j(Sm_ij / tau),
+then `_similarity_grad_pos_kernel` overwrites the P positive entries with
+  g_ij = exp(z_ij - lse_pos_i) (C0_i + C1_i z_ij) + w5_i + w6_i softmax_j(Sm_ij / tau),
+and two matmuls give dQ = g K and dK += g^T Q (accumulated in fp32 over chunks, rounded once).
+The row constants come from the forward, scaled by the upstream gradient and 1/tau in the kernels.
+Extra memory is O(n + N) plus the chunk (eager holds several n x N fp32 matrices).
 
 FLOPs and bytes. Useful work: forward 2 n N D (4 n N D with momentum), forward+backward 6 n N D
 (8 n N D with momentum); the benchmark's TFLOP/s count only these. Executed work adds the S tiles
 recomputed by the backward kernel (2 n N D more, 4 n N D with momentum), so the ceiling is 75 % of
-the tensor-core peak. At n = N = 65536, D = 1024: 26.4 TFLOP useful, about 27 ms at 989 dense bf16
-TFLOP/s. Bytes: the forward reads Q once and K once per row block (BLOCK_M flops per byte of K,
-below the H100's ~300, so it relies on the row blocks in flight sharing K tiles in L2: they walk K
-in the same order) and writes 11 n floats; the backward writes g once and reads it twice
-(6 n N bytes in bf16: 26 GB, about 8 ms at 3.35 TB/s, at the size above). Eager reads and
-writes n x N fp32 matrices about ten times per direction, and at n = N = 65536 one such matrix is
-16 GiB.
+the tensor-core peak, and O(P D) for the positive pairs. A (BLOCK_M x BLOCK_N) tile of S costs
+2 BLOCK_M BLOCK_N D flops for (BLOCK_M + BLOCK_N) D operand bytes from L2 (BLOCK_N D with the
+query tile loaded once), so large tiles matter as much as HBM: K stays in L2 (16 MB at N = 16384,
+D = 512, bf16). The per-element epilogue (about eight ALU ops and one exp2 in the forward, six and
+one in the backward) competes with the matrix multiplies below D = 256; several programs per SM
+(registers, checked by tests/kernels/compile_sm90.py) let one program's epilogue overlap another's
+tl.dot. The backward writes g once and reads it twice (6 n N bytes in bf16).
+
+Tiles: on the GPU a short list of configurations is timed once per shape (`_dispatch.launch`,
+logged) and
+the fastest kept; the interpreter runs one configuration.
 
 Numerics: accumulation, exponentials and row statistics in fp32; bf16/fp16 operands go to tl.dot
 as they are on a GPU (tensor cores, fp32 accumulate); in the interpreter, which mishandles bf16
 arithmetic, bf16 is cast to fp32 right after the load (fp16 is not, so its native path is
-tested). fp32 inputs use TF32 exactly when
-torch.backends.cuda.matmul.allow_tf32 is set, as eager matmul does. The op takes activations only,
-no parameters, so it needs nothing special under ZeRO-3.
+tested). fp32 inputs use TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is set, as eager
+matmul does. The positive pairs' z are exact fp32 dot products. The op takes activations only, no
+parameters, so it needs nothing special under ZeRO-3.
 """
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
+from kernels import _dispatch
 from kernels._dispatch import next_pow2, resolve_impl, tl, triton
 
 KINDS = ("sdm", "bsdm", "tal", "itc", "waf")
-# forward statistics per row (the kernel's stores): m_pos l_pos a_pos s_pos n_pos m_neg l_neg a_neg
-# m_mom l_mom a_mom; backward row vector: lse_pos lse_neg P Pn c_pos w1 w2 w3 w4 w5 w6 lse_mom
-_NSTAT = 11
+# forward statistics per key split and row, base 2 (z2 = z log2 e): m_neg l_neg a_neg m_mom l_mom a_mom
+_NSTAT = 6
+# backward row vector: lse_pos lse_neg C0 C1 B0 B1 w5 w6 lse_mom (see the module docstring)
+_NROWV = 9
 _BWD_CHUNK_BYTES = 256 << 20  # the g buffer for one row chunk; tests shrink it to force chunks
+_Q_ONCE_MAX_D = 256  # load the query tile once when D (padded to a power of two) is at most this
+LOG2E, LN2 = math.log2(math.e), math.log(2.0)
+_LOG2E, _LN2 = tl.constexpr(LOG2E), tl.constexpr(LN2)  # the kernels' copies
 
 
 # --------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _scores_tile(A, B, rows, cols, row_in, col_in, D, stride_a, stride_b,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """fp32 tile A[rows] @ B[cols]^T, looping over D in BLOCK_K slices."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_K):
-        d = d0 + tl.arange(0, BLOCK_K)
-        a = tl.load(A + rows[:, None].to(tl.int64) * stride_a + d[None, :],
-                    mask=row_in[:, None] & (d[None, :] < D), other=0.0)
-        b = tl.load(B + cols[None, :].to(tl.int64) * stride_b + d[:, None],
-                    mask=col_in[None, :] & (d[:, None] < D), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
+def _load_rows(P, rows, row_in, d, D, stride, UPCAST: tl.constexpr):
+    """Rows `rows` of a row-major matrix, columns d; zero outside. fp32 when UPCAST."""
+    x = tl.load(P + rows[:, None].to(tl.int64) * stride + d[None, :],
+                mask=row_in[:, None] & (d[None, :] < D), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
-def _safe_max(m_old, x):
-    """Running max of the masked tile x (-inf = not a member), and the same with -inf -> 0 for use
-    as a shift (a set with nothing seen yet must not produce inf - inf)."""
-    m_new = tl.maximum(m_old, tl.max(x, 1))
-    return m_new, tl.where(m_new == float("-inf"), 0.0, m_new)
+def _online(m, l, a, x, w, A: tl.constexpr):
+    """Fold a tile of base-2 logits x (-inf = not a member) into the running (max, sum 2^(x-max),
+    sum 2^(x-max) w) of each row; the a sum only when A. A row with nothing seen yet keeps
+    max = -inf, and the shift 0 keeps inf - inf out."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    e = tl.exp2(x - shift[:, None])
+    scale = tl.exp2(m - shift)
+    l = l * scale + tl.sum(e, 1)
+    if A:
+        a = a * scale + tl.sum(e * w, 1)
+    return m_new, l, a
 
 
 @triton.jit
-def _online_update(m, l, a, x, w, member):
-    """Fold a tile into a running softmax of x over `member`: (max, sum e^(x-max), sum e^(x-max) w)."""
-    x = tl.where(member, x, float("-inf"))
-    m_new, shift = _safe_max(m, x)
-    e = tl.exp(x - shift[:, None])
-    scale = tl.exp(m - shift)
-    return m_new, l * scale + tl.sum(e, 1), a * scale + tl.sum(e * w, 1)
-
-
-@triton.jit
-def _online_update_pos_neg(m_pos, l_pos, a_pos, m_neg, l_neg, a_neg, z, pos, neg):
-    """_online_update for the positive and the negative set at once, with one exp per element
-    (exp throughput, not the dot, limits this loop at D = 256 on an H100)."""
-    m_pos_new, shift_pos = _safe_max(m_pos, tl.where(pos, z, float("-inf")))
-    m_neg_new, shift_neg = _safe_max(m_neg, tl.where(neg, z, float("-inf")))
-    shift = tl.where(pos, shift_pos[:, None], shift_neg[:, None])
-    e = tl.exp(tl.where(pos | neg, z - shift, float("-inf")))
-    e_pos = tl.where(pos, e, 0.0)
-    e_neg = e - e_pos
-    scale_pos = tl.exp(m_pos - shift_pos)
-    scale_neg = tl.exp(m_neg - shift_neg)
-    return (m_pos_new, l_pos * scale_pos + tl.sum(e_pos, 1), a_pos * scale_pos + tl.sum(e_pos * z, 1),
-            m_neg_new, l_neg * scale_neg + tl.sum(e_neg, 1), a_neg * scale_neg + tl.sum(e_neg * z, 1))
+def _tile_update(s, s_m, cols, col_in, KID, qid, scale2, m, l, a, m_m, l_m, a_m,
+                 A_NEG: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+    """Fold one S tile (and its momentum tile) into the negative and momentum statistics."""
+    z2 = s * scale2
+    kid = tl.load(KID + cols, mask=col_in, other=-1)
+    valid = (kid >= 0)[None, :]
+    neg = valid & (qid[:, None] != kid[None, :])
+    m, l, a = _online(m, l, a, tl.where(neg, z2, float("-inf")), z2, A_NEG)
+    if HAS_MOMENTUM:  # the softmax of the momentum logits over valid keys, weighting z
+        m_m, l_m, a_m = _online(m_m, l_m, a_m, tl.where(valid, s_m * scale2, float("-inf")), z2, True)
+    return m, l, a, m_m, l_m, a_m
 
 
 @triton.jit
@@ -134,258 +133,465 @@ def _similarity_stats_kernel(
     # pointers
     Q, K, QM, KM, QID, KID, STATS,
     # sizes
-    n, N, D, keys_per_split,
+    n, N, D, splits,
     # row strides (the last dimension is contiguous)
     stride_q, stride_k, stride_qm, stride_km,
-    inv_tau,
+    scale2,  # log2(e) / tau
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, D_POW2: tl.constexpr,
+    Q_ONCE: tl.constexpr, A_NEG: tl.constexpr, HAS_MOMENTUM: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n
     qid = tl.load(QID + rows, mask=row_in, other=-1)
+    keys_per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), splits) * BLOCK_N
     start = pid_s * keys_per_split
     end = tl.minimum(start + keys_per_split, N)
 
     ninf = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     zero = tl.zeros((BLOCK_M,), tl.float32)
-    m_pos, l_pos, a_pos, s_pos, n_pos = ninf, zero, zero, zero, zero
-    m_neg, l_neg, a_neg = ninf, zero, zero
-    m_mom, l_mom, a_mom = ninf, zero, zero
-    for j0 in range(start, end, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        col_in = cols < end
-        kid = tl.load(KID + cols, mask=col_in, other=-1)
-        z = _scores_tile(Q, K, rows, cols, row_in, col_in, D, stride_q, stride_k,
-                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION) * inv_tau
-        valid = (kid >= 0)[None, :]
-        pos = valid & (qid[:, None] == kid[None, :])
-        neg = valid & (qid[:, None] != kid[None, :])
-        m_pos, l_pos, a_pos, m_neg, l_neg, a_neg = _online_update_pos_neg(
-            m_pos, l_pos, a_pos, m_neg, l_neg, a_neg, z, pos, neg)
-        s_pos += tl.sum(tl.where(pos, z, 0.0), 1)
-        n_pos += tl.sum(pos.to(tl.float32), 1)
+    m, l, a = ninf, zero, zero
+    m_m, l_m, a_m = ninf, zero, zero
+    if Q_ONCE:  # the whole width at once: the query tile stays, the loop streams key tiles
+        d = tl.arange(0, D_POW2)
+        q = _load_rows(Q, rows, row_in, d, D, stride_q, UPCAST)
         if HAS_MOMENTUM:
-            zm = _scores_tile(QM, KM, rows, cols, row_in, col_in, D, stride_qm, stride_km,
-                              BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION) * inv_tau
-            # softmax of the momentum logits over valid keys, weighting the online logits z
-            m_mom, l_mom, a_mom = _online_update(m_mom, l_mom, a_mom, zm, z, valid)
+            qm = _load_rows(QM, rows, row_in, d, D, stride_qm, UPCAST)
+        for j0 in range(start, end, BLOCK_N):
+            cols = j0 + tl.arange(0, BLOCK_N)
+            col_in = cols < end
+            s = tl.dot(q, tl.trans(_load_rows(K, cols, col_in, d, D, stride_k, UPCAST)),
+                       input_precision=INPUT_PRECISION)
+            s_m = s
+            if HAS_MOMENTUM:
+                s_m = tl.dot(qm, tl.trans(_load_rows(KM, cols, col_in, d, D, stride_km, UPCAST)),
+                             input_precision=INPUT_PRECISION)
+            m, l, a, m_m, l_m, a_m = _tile_update(s, s_m, cols, col_in, KID, qid, scale2, m, l, a,
+                                                  m_m, l_m, a_m, A_NEG, HAS_MOMENTUM)
+    else:  # one flat loop over (key tile, D slice): the copy pipeline never drains
+        n_d = tl.cdiv(D, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for it in range(0, tl.cdiv(end - start, BLOCK_N) * n_d):
+            tile = it // n_d
+            d = (it - tile * n_d) * BLOCK_K + tl.arange(0, BLOCK_K)
+            cols = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_in = cols < end
+            acc = tl.dot(_load_rows(Q, rows, row_in, d, D, stride_q, UPCAST),
+                         tl.trans(_load_rows(K, cols, col_in, d, D, stride_k, UPCAST)), acc,
+                         input_precision=INPUT_PRECISION)
+            if HAS_MOMENTUM:
+                acc_m = tl.dot(_load_rows(QM, rows, row_in, d, D, stride_qm, UPCAST),
+                               tl.trans(_load_rows(KM, cols, col_in, d, D, stride_km, UPCAST)),
+                               acc_m, input_precision=INPUT_PRECISION)
+            if it - tile * n_d == n_d - 1:  # the tile is complete
+                m, l, a, m_m, l_m, a_m = _tile_update(acc, acc_m, cols, col_in, KID, qid, scale2,
+                                                      m, l, a, m_m, l_m, a_m, A_NEG, HAS_MOMENTUM)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    out = STATS + pid_s * 11 * n + rows  # (splits, 11, n): one contiguous row per statistic
-    tl.store(out + 0 * n, m_pos, mask=row_in)
-    tl.store(out + 1 * n, l_pos, mask=row_in)
-    tl.store(out + 2 * n, a_pos, mask=row_in)
-    tl.store(out + 3 * n, s_pos, mask=row_in)
-    tl.store(out + 4 * n, n_pos, mask=row_in)
-    tl.store(out + 5 * n, m_neg, mask=row_in)
-    tl.store(out + 6 * n, l_neg, mask=row_in)
-    tl.store(out + 7 * n, a_neg, mask=row_in)
-    tl.store(out + 8 * n, m_mom, mask=row_in)
-    tl.store(out + 9 * n, l_mom, mask=row_in)
-    tl.store(out + 10 * n, a_mom, mask=row_in)
+    out = STATS + pid_s * 6 * n + rows  # (splits, 6, n): one contiguous row per statistic
+    tl.store(out, m, mask=row_in)
+    tl.store(out + n, l, mask=row_in)
+    if A_NEG:
+        tl.store(out + 2 * n, a, mask=row_in)
+    if HAS_MOMENTUM:
+        tl.store(out + 3 * n, m_m, mask=row_in)
+        tl.store(out + 4 * n, l_m, mask=row_in)
+        tl.store(out + 5 * n, a_m, mask=row_in)
 
 
 @triton.jit
+def _merge(m, l, a, m_s, l_s, a_s):
+    """Combine two base-2 running softmaxes (max, l, a) of the same rows."""
+    m_new = tl.maximum(m, m_s)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale, scale_s = tl.exp2(m - shift), tl.exp2(m_s - shift)
+    return m_new, l * scale + l_s * scale_s, a * scale + a_s * scale_s
+
+
+@triton.jit
+def _positive_range(KID_SORTED, qid, valid_row, N, nbits, BLOCK_R: tl.constexpr):
+    """[lo, hi) in the sorted key ids KID_SORTED[:N]: the keys with the query's id (empty for
+    padded queries). lo counts the ids < qid, hi the ids < qid + 1: both binary searches in one
+    loop of nbits = N.bit_length() halving steps. (int64 index arithmetic: the interpreter checks
+    every int32 operation for overflow, which costs more than the search.)"""
+    target = qid[:, None] + tl.arange(0, 2)[None, :]
+    pos = tl.zeros((BLOCK_R, 2), tl.int64)
+    step = tl.full((BLOCK_R, 2), 1, tl.int64) << (nbits - 1)
+    for _ in range(0, nbits):
+        probe = pos + step
+        inb = probe <= N
+        v = tl.load(KID_SORTED + probe - 1, mask=inb, other=0)
+        pos = tl.where(inb & (v < target), probe, pos)
+        step = step >> 1
+    lo, hi = tl.split(pos)
+    return lo, tl.where(valid_row & (qid >= 0), hi, lo)
+
+
+@triton.jit
+def _pair_dots(A, B, rows, row_in, cols, ok, D, stride_a, stride_b, BLOCK_R: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """<A[rows[r]], B[cols[r, p]]> for each (r, p) where ok, exactly in fp32: (BLOCK_R, BLOCK_P)."""
+    acc = tl.zeros((BLOCK_R, BLOCK_P), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = (d0 + tl.arange(0, BLOCK_D))[None, None, :]
+        a = tl.load(A + rows[:, None, None].to(tl.int64) * stride_a + d,
+                    mask=row_in[:, None, None] & (d < D), other=0.0).to(tl.float32)
+        b = tl.load(B + cols[:, :, None].to(tl.int64) * stride_b + d,
+                    mask=ok[:, :, None] & (d < D), other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, 2)
+    return acc
+
+
+@triton.jit
+def _similarity_rows_kernel(
+    # pointers: STATS (splits, 6, n) from the stats kernel; LOSS (n,) and ROWV (9, n) written
+    Q, K, QID, KID_SORTED, PERM, STATS, LOSS, ROWV,
+    # sizes
+    n, N, D, splits, nbits,
+    stride_q, stride_k,
+    # loss parameters
+    inv_tau, tau, margin, lam, eps, c_neg, alpha, gamma,
+    # meta-parameters
+    KIND: tl.constexpr, A_NEG: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Per row: the split statistics merged, the positives found and scored, the loss of KIND
+    (0 sdm, 1 bsdm, 2 tal, 3 itc, 4 waf) and the backward row vector."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < n
+    qid = tl.load(QID + rows, mask=row_in, other=-1)
+    ninf = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    zero = tl.zeros((BLOCK_R,), tl.float32)
+
+    # negatives and the momentum softmax: merge the key splits (base 2)
+    m_neg, l_neg, a_neg, m_mom, l_mom, a_mom = ninf, zero, zero, ninf, zero, zero
+    for s in range(0, splits):
+        st = STATS + s * 6 * n + rows
+        a_s = zero
+        if A_NEG:
+            a_s = tl.load(st + 2 * n, mask=row_in, other=0.0)
+        m_neg, l_neg, a_neg = _merge(m_neg, l_neg, a_neg, tl.load(st, mask=row_in, other=0.0),
+                                     tl.load(st + n, mask=row_in, other=0.0), a_s)
+        if HAS_MOMENTUM:
+            m_mom, l_mom, a_mom = _merge(m_mom, l_mom, a_mom,
+                                         tl.load(st + 3 * n, mask=row_in, other=0.0),
+                                         tl.load(st + 4 * n, mask=row_in, other=0.0),
+                                         tl.load(st + 5 * n, mask=row_in, other=0.0))
+
+    # positives: the keys with the query's id, scored exactly (base-2 max and sums, a in z)
+    lo, hi = _positive_range(KID_SORTED, qid, row_in, N, nbits, BLOCK_R)
+    m_pos, l_pos, a_pos, s_pos = ninf, zero, zero, zero
+    for t0 in range(0, tl.max(hi - lo, 0), BLOCK_P):
+        j = lo[:, None] + t0 + tl.arange(0, BLOCK_P)[None, :]
+        ok = j < hi[:, None]
+        col = tl.load(PERM + j, mask=ok, other=0)
+        z = _pair_dots(Q, K, rows, row_in, col, ok, D, stride_q, stride_k, BLOCK_R, BLOCK_P,
+                       BLOCK_D) * inv_tau
+        m_pos, l_pos, a_pos = _online(m_pos, l_pos, a_pos, tl.where(ok, z * _LOG2E, float("-inf")),
+                                      z, True)
+        s_pos += tl.sum(tl.where(ok, z, 0.0), 1)
+    n_pos = (hi - lo).to(tl.float32)
+
+    # the row algebra: the closed forms of the module docstring's losses
+    has_pos = n_pos > 0
+    has_neg = l_neg > 0
+    lse_pos = tl.where(has_pos, (m_pos + tl.log2(tl.where(has_pos, l_pos, 1.0))) * _LN2, 0.0)
+    lse_neg = tl.where(has_neg, (m_neg + tl.log2(tl.where(has_neg, l_neg, 1.0))) * _LN2, 0.0)
+    top = tl.where(has_pos, lse_pos, tl.where(has_neg, lse_neg, 0.0))
+    top = tl.where(has_neg, tl.maximum(top, lse_neg), top)
+    total = tl.where(has_pos, tl.exp(lse_pos - top), 0.0) + tl.where(has_neg, tl.exp(lse_neg - top), 0.0)
+    lse = tl.where(has_pos | has_neg, top + tl.log(tl.where(has_pos | has_neg, total, 1.0)), 0.0)
+    p_pos = tl.where(has_pos, tl.exp(lse_pos - lse), 0.0)  # softmax mass on the positives
+    p_neg = tl.where(has_neg, tl.exp(lse_neg - lse), 0.0)  # = 1 - p_pos, without cancellation
+    zbar_pos = tl.where(has_pos, a_pos / tl.where(has_pos, l_pos, 1.0), 0.0)
+    zbar_neg = tl.where(has_neg, a_neg / tl.where(has_neg, l_neg, 1.0) * _LN2, 0.0)
+    n_pos1 = tl.maximum(n_pos, 1.0)
+    c_pos = tl.log(1.0 / n_pos1 + eps)
+    w1, w2, w3, w4, w5, w6 = zero, zero, zero, zero, zero, zero
+    keep = has_pos
+    if KIND <= 1:  # sdm, bsdm
+        loss = p_pos * zbar_pos + p_neg * zbar_neg - lse - p_pos * c_pos - p_neg * c_neg
+        w1 = -(lse + loss)
+        w2 = zero + 1.0
+        if KIND == 1:
+            loss = loss + lam * (c_pos - s_pos / n_pos1 + lse)
+            w1 = w1 + lam
+            w5 = -lam / n_pos1
+    elif KIND == 2:  # tal
+        raw = margin - tau * zbar_pos + tl.where(has_neg, tau * lse_neg, 0.0)
+        loss = tl.maximum(raw, 0.0)
+        keep = row_in & (qid >= 0)
+        w3 = tl.where(raw >= 0, -tau, 0.0)  # the subgradient torch.clamp uses at 0
+        w4 = -w3
+    elif KIND == 3:  # itc
+        zbar_mom = tl.where(l_mom > 0, a_mom / tl.where(l_mom > 0, l_mom, 1.0) * _LN2, 0.0)
+        loss = lse - alpha * zbar_mom - (1.0 - alpha) * s_pos / n_pos1
+        w1 = zero + 1.0
+        w5 = -(1.0 - alpha) / n_pos1
+        w6 = zero - alpha
+    else:  # waf; 1 - P is p_neg
+        log_p = lse_pos - lse
+        some = p_neg > 0
+        log_q = tl.log(tl.where(some, p_neg, 1.0))
+        focal = tl.where(some, tl.exp(gamma * log_q), tl.where(gamma == 0, 1.0, 0.0))
+        loss = -focal * log_p
+        slope = tl.where(some, gamma * p_pos * tl.exp((gamma - 1.0) * tl.maximum(log_q, -69.0776))
+                         * log_p, 0.0)  # p_neg clamped at 1e-30, as the reference
+        w3 = slope - focal  # dL/dlog P; dlog P/dz = softmax over positives - p
+        w1 = -w3
+    loss = tl.where(keep, loss, 0.0)
+    w1, w2, w3 = tl.where(keep, w1, 0.0), tl.where(keep, w2, 0.0), tl.where(keep, w3, 0.0)
+    w4, w5, w6 = tl.where(keep, w4, 0.0), tl.where(keep, w5, 0.0), tl.where(keep, w6, 0.0)
+    lse_mom = tl.where(l_mom > 0, (m_mom + tl.log2(tl.where(l_mom > 0, l_mom, 1.0))) * _LN2, 0.0)
+    tl.store(LOSS + rows, loss, mask=row_in)
+    rv = ROWV + rows
+    tl.store(rv, lse_pos, mask=row_in)
+    tl.store(rv + n, lse_neg, mask=row_in)
+    tl.store(rv + 2 * n, w3 + p_pos * (w1 - w2 * c_pos), mask=row_in)  # C0
+    tl.store(rv + 3 * n, p_pos * w2, mask=row_in)  # C1
+    tl.store(rv + 4 * n, w4 + p_neg * (w1 - w2 * c_neg), mask=row_in)  # B0
+    tl.store(rv + 5 * n, p_neg * w2, mask=row_in)  # B1
+    tl.store(rv + 6 * n, w5, mask=row_in)
+    tl.store(rv + 7 * n, w6, mask=row_in)
+    tl.store(rv + 8 * n, lse_mom, mask=row_in)
+
+
+@triton.jit(do_not_specialize=["stride_dloss"])  # 0 after a mean, 1 after a weighted sum: one variant
 def _similarity_grad_kernel(
-    # pointers: G is the (C x N) output for this chunk of rows, ROWV the (12 x n) row vector
-    Q, K, QM, KM, QID, KID, ROWV, G,
+    # pointers: G is the (C x N) output for this chunk of rows, ROWV the (9 x n) row vector
+    Q, K, QM, KM, KID, ROWV, DLOSS, G,
     # sizes
     C, N, D,
     # strides
-    stride_q, stride_k, stride_qm, stride_km, stride_rowv, stride_g,
-    inv_tau, c_neg,
+    stride_q, stride_k, stride_qm, stride_km, stride_rowv, stride_dloss, stride_g,
+    inv_tau,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
+    """dL/dS for one tile, every valid key taken as a negative (the positive entries are
+    overwritten by _similarity_grad_pos_kernel)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < C
     col_in = cols < N
-    qid = tl.load(QID + rows, mask=row_in, other=-1)
-    kid = tl.load(KID + cols, mask=col_in, other=-1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_m = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        d = d0 + tl.arange(0, BLOCK_K)
+        acc = tl.dot(_load_rows(Q, rows, row_in, d, D, stride_q, UPCAST),
+                     tl.trans(_load_rows(K, cols, col_in, d, D, stride_k, UPCAST)), acc,
+                     input_precision=INPUT_PRECISION)
+        if HAS_MOMENTUM:
+            acc_m = tl.dot(_load_rows(QM, rows, row_in, d, D, stride_qm, UPCAST),
+                           tl.trans(_load_rows(KM, cols, col_in, d, D, stride_km, UPCAST)), acc_m,
+                           input_precision=INPUT_PRECISION)
+    # row constants: dL/dz -> dL/dS (1/tau) times the upstream gradient, in base 2
+    scale = tl.load(DLOSS + rows * stride_dloss, mask=row_in, other=0.0) * inv_tau
     rv = ROWV + rows
-    lse_pos = tl.load(rv + 0 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    lse_neg = tl.load(rv + 1 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    p_pos = tl.load(rv + 2 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    p_neg = tl.load(rv + 3 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    c_pos = tl.load(rv + 4 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    w1 = tl.load(rv + 5 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    w2 = tl.load(rv + 6 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    w3 = tl.load(rv + 7 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    w4 = tl.load(rv + 8 * stride_rowv, mask=row_in, other=0.0)[:, None]
-    w5 = tl.load(rv + 9 * stride_rowv, mask=row_in, other=0.0)[:, None]
-
-    z = _scores_tile(Q, K, rows, cols, row_in, col_in, D, stride_q, stride_k,
-                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION) * inv_tau
-    valid = (kid >= 0)[None, :]
-    pos = valid & (qid[:, None] == kid[None, :])
-    e = tl.exp(tl.where(valid, z - tl.where(pos, lse_pos, lse_neg), float("-inf")))
-    g = e * tl.where(pos, w3 + p_pos * (w1 + w2 * (z - c_pos)),
-                     w4 + p_neg * (w1 + w2 * (z - c_neg)))
-    g += tl.where(pos, w5, 0.0)
+    lse_neg2 = tl.load(rv + stride_rowv, mask=row_in, other=0.0) * _LOG2E
+    b0 = tl.load(rv + 4 * stride_rowv, mask=row_in, other=0.0) * scale
+    b1 = tl.load(rv + 5 * stride_rowv, mask=row_in, other=0.0) * scale * _LN2
+    z2 = acc * (inv_tau * _LOG2E)
+    # z <= lse_neg on every negative; the clamp only keeps the positive entries finite
+    g = tl.exp2(tl.minimum(z2 - lse_neg2[:, None], 0.0)) * (b0[:, None] + b1[:, None] * z2)
     if HAS_MOMENTUM:
-        w6 = tl.load(rv + 10 * stride_rowv, mask=row_in, other=0.0)[:, None]
-        lse_mom = tl.load(rv + 11 * stride_rowv, mask=row_in, other=0.0)[:, None]
-        zm = _scores_tile(QM, KM, rows, cols, row_in, col_in, D, stride_qm, stride_km,
-                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, INPUT_PRECISION) * inv_tau
-        g += w6 * tl.exp(tl.where(valid, zm - lse_mom, float("-inf")))
+        w6 = tl.load(rv + 7 * stride_rowv, mask=row_in, other=0.0) * scale
+        lse_mom2 = tl.load(rv + 8 * stride_rowv, mask=row_in, other=0.0) * _LOG2E
+        g += w6[:, None] * tl.exp2(acc_m * (inv_tau * _LOG2E) - lse_mom2[:, None])
+    kid = tl.load(KID + cols, mask=col_in, other=-1)
+    g = tl.where((kid >= 0)[None, :], g, 0.0)
     out = G + rows[:, None].to(tl.int64) * stride_g + cols[None, :]
     tl.store(out, g.to(G.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
 
 
+@triton.jit(do_not_specialize=["stride_dloss"])
+def _similarity_grad_pos_kernel(
+    # pointers: G as in _similarity_grad_kernel; only its positive entries are written
+    Q, K, QM, KM, QID, KID_SORTED, PERM, ROWV, DLOSS, G,
+    # sizes
+    C, N, D, nbits,
+    # strides
+    stride_q, stride_k, stride_qm, stride_km, stride_rowv, stride_dloss, stride_g,
+    inv_tau,
+    # meta-parameters
+    HAS_MOMENTUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dL/dS on the positive pairs of a row block, O(P D)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_in = rows < C
+    qid = tl.load(QID + rows, mask=row_in, other=-1)
+    lo, hi = _positive_range(KID_SORTED, qid, row_in, N, nbits, BLOCK_R)
+    scale = tl.load(DLOSS + rows * stride_dloss, mask=row_in, other=0.0) * inv_tau
+    rv = ROWV + rows
+    lse_pos = tl.load(rv, mask=row_in, other=0.0)
+    c0 = tl.load(rv + 2 * stride_rowv, mask=row_in, other=0.0) * scale
+    c1 = tl.load(rv + 3 * stride_rowv, mask=row_in, other=0.0) * scale
+    w5 = tl.load(rv + 6 * stride_rowv, mask=row_in, other=0.0) * scale
+    w6 = tl.load(rv + 7 * stride_rowv, mask=row_in, other=0.0) * scale
+    lse_mom = tl.load(rv + 8 * stride_rowv, mask=row_in, other=0.0)
+    for t0 in range(0, tl.max(hi - lo, 0), BLOCK_P):
+        j = lo[:, None] + t0 + tl.arange(0, BLOCK_P)[None, :]
+        ok = j < hi[:, None]
+        col = tl.load(PERM + j, mask=ok, other=0)
+        z = _pair_dots(Q, K, rows, row_in, col, ok, D, stride_q, stride_k, BLOCK_R, BLOCK_P,
+                       BLOCK_D) * inv_tau
+        g = (tl.exp(tl.minimum(z - lse_pos[:, None], 0.0)) * (c0[:, None] + c1[:, None] * z)
+             + w5[:, None])
+        if HAS_MOMENTUM:
+            zm = _pair_dots(QM, KM, rows, row_in, col, ok, D, stride_qm, stride_km, BLOCK_R,
+                            BLOCK_P, BLOCK_D) * inv_tau
+            g += w6[:, None] * tl.exp(tl.minimum(zm - lse_mom[:, None], 0.0))
+        tl.store(G + rows[:, None].to(tl.int64) * stride_g + col, g.to(G.dtype.element_ty), mask=ok)
+
+
 # --------------------------------------------------------------------------- launchers
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+# Tile candidates for the GPU (16-bit and fp32 operands), timed once per shape by
+# _dispatch.launch among those that fit the device's shared memory. tests/kernels/compile_sm90.py
+# compiles every one for sm_90 as launched and checks registers, spills and asynchronous copies.
+_STATS_CONFIGS = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+]
+_GRAD_CONFIGS = _STATS_CONFIGS
+_FP32_CONFIGS = [  # BLOCK_K 16: the IEEE (no TF32) dot of two tiles spills at 32
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+]
+# the interpreter's cost grows with programs x loop steps: few large tiles
+_INTERPRETER_STATS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32)
+_INTERPRETER_GRAD = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
 
 
-def _tile_config(D: int, on_cuda: bool, grad: bool) -> dict:
-    """Fixed tiles. The interpreter's cost grows with programs x loop steps, so it gets few large
-    tiles; the GPU tiles are reasonable starting points for an H100, not yet swept (no autotune:
-    it needs a driver, and several configs fail in the interpreter)."""
-    if not on_cuda:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(max(next_pow2(D), 16), 128))
-    if grad:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+def _candidates(x: torch.Tensor, configs: list, interpreter: dict, smem) -> list:
+    """The tile configurations to try: on the GPU those whose copy buffers (`smem(config)` bytes,
+    plus 8 KiB of scratch) fit in the device's shared memory; fp32 operands get their own list."""
+    if not _dispatch.compiled(x):
+        return [interpreter]
+    limit = _dispatch.max_shared(x.device) - (8 << 10)
+    return [c for c in (_FP32_CONFIGS if x.dtype == torch.float32 else configs) if smem(c) <= limit]
 
 
-def _num_splits(n: int, N: int, device: torch.device, block_m: int, block_n: int) -> int:
+def _pipeline_bytes(c: dict, es: int, operands: int, d_pow2: int, q_once: bool) -> int:
+    """Shared memory of the copy pipeline: num_stages (BLOCK_M + BLOCK_N) x BLOCK_K slices, or
+    with the query tile loaded once, that tile and num_stages key tiles of the whole width."""
+    if q_once:
+        return operands * es * d_pow2 * (c["BLOCK_M"] + c["num_stages"] * c["BLOCK_N"])
+    return operands * es * c["num_stages"] * c["BLOCK_K"] * (c["BLOCK_M"] + c["BLOCK_N"])
+
+
+def _num_splits(n: int, N: int, x: torch.Tensor) -> int:
     """Key-range splits so that a small n still fills the GPU (about two programs per SM)."""
-    if device.type != "cuda":
+    if not _dispatch.compiled(x):
         return 1
-    want = triton.cdiv(2 * _sm_count(device.index or 0), triton.cdiv(n, block_m))
-    return max(1, min(want, triton.cdiv(N, 2 * block_n)))  # at least two key tiles per split
+    want = triton.cdiv(2 * _dispatch.sm_count(x.device), triton.cdiv(n, 64))
+    return max(1, min(want, triton.cdiv(N, 128)))  # at least two 64-key tiles per split
 
 
 def _dot_options(x: torch.Tensor) -> dict:
-    upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not x.is_cuda)
-    tf32 = x.dtype != torch.float32 or (x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    compiled = _dispatch.compiled(x)
+    upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not compiled)
+    tf32 = x.dtype != torch.float32 or (compiled and torch.backends.cuda.matmul.allow_tf32)
     return dict(UPCAST=upcast, INPUT_PRECISION="tf32" if tf32 else "ieee")
 
 
-def _merge_splits(stats_S11n: torch.Tensor) -> torch.Tensor:
-    """Combine per-key-range statistics: sums add, (max, l, a) triples rescale to a common max."""
-    if stats_S11n.shape[0] == 1:
-        return stats_S11n[0]
-    out = stats_S11n.sum(0)
-    for i_m, i_l, i_a in ((0, 1, 2), (5, 6, 7), (8, 9, 10)):
-        m_Sn = stats_S11n[:, i_m]
-        m_n = m_Sn.amax(0)
-        w_Sn = torch.exp(m_Sn - torch.where(torch.isinf(m_n), 0.0, m_n))
-        out[i_m] = m_n
-        out[i_l] = (stats_S11n[:, i_l] * w_Sn).sum(0)
-        out[i_a] = (stats_S11n[:, i_a] * w_Sn).sum(0)
-    return out
+def _row_blocks(D: int, x: torch.Tensor) -> dict:
+    """Row-kernel blocks: BLOCK_R rows walk their positives together, BLOCK_P at a time."""
+    if _dispatch.compiled(x):
+        return dict(BLOCK_R=16, BLOCK_P=4, BLOCK_D=min(max(next_pow2(D), 16), 64), num_warps=4)
+    return dict(BLOCK_R=128, BLOCK_P=32, BLOCK_D=min(max(next_pow2(D), 16), 64))
 
 
-def similarity_stats(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, inv_tau: float) -> torch.Tensor:
-    """Launch the forward kernel; return the merged (11, n) fp32 row statistics."""
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated in fp32 and returned in fp32 (low-precision inputs stay on the tensor
+    cores through torch.mm's out_dtype where this torch has it)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def similarity_forward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin, lam, eps, alpha,
+                       gamma):
+    """Per-row loss (n,) and what the backward needs: (loss_n, rowv_Rn, kid_sorted_N, perm_N)."""
     (n, D), N = q_nD.shape, k_ND.shape[0]
-    cfg = _tile_config(D, q_nD.is_cuda, grad=False)
-    splits = _num_splits(n, N, q_nD.device, cfg["BLOCK_M"], cfg["BLOCK_N"])
-    keys_per_split = max(1, triton.cdiv(triton.cdiv(N, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
-    splits = max(1, triton.cdiv(N, keys_per_split))
+    has_mom = qm_nD is not None
+    qm_nD, km_ND = (qm_nD, km_ND) if has_mom else (q_nD, k_ND)
+    a_neg = kind in ("sdm", "bsdm")
+    splits = _num_splits(n, N, q_nD)
     stats = torch.empty(splits, _NSTAT, n, dtype=torch.float32, device=q_nD.device)
-    has_mom = qm_nD is not None
-    qm_nD, km_ND = (qm_nD, km_ND) if has_mom else (q_nD, k_ND)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), splits)
-    _similarity_stats_kernel[grid](
-        q_nD, k_ND, qm_nD, km_ND, qid_n, kid_N, stats,
-        n, N, D, keys_per_split,
-        q_nD.stride(0), k_ND.stride(0), qm_nD.stride(0), km_ND.stride(0),
-        inv_tau, HAS_MOMENTUM=has_mom, **_dot_options(q_nD), **cfg)
-    return _merge_splits(stats)
+    d_pow2 = max(16, next_pow2(D))
+    consts = dict(D_POW2=d_pow2, Q_ONCE=d_pow2 <= _Q_ONCE_MAX_D, A_NEG=a_neg,
+                  HAS_MOMENTUM=has_mom, **_dot_options(q_nD))
+    configs = _candidates(q_nD, _STATS_CONFIGS, _INTERPRETER_STATS, lambda c: _pipeline_bytes(
+        c, q_nD.element_size(), 1 + has_mom, d_pow2, consts["Q_ONCE"]))
+    args = (q_nD, k_ND, qm_nD, km_ND, qid_n, kid_N, stats, n, N, D, splits,
+            q_nD.stride(0), k_ND.stride(0), qm_nD.stride(0), km_ND.stride(0), LOG2E / tau)
+    _dispatch.launch(_similarity_stats_kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]), splits),
+                     args, consts, configs, ("stats", n, N, D, q_nD.dtype, *consts.values()))
+
+    kid_sorted, perm = torch.sort(kid_N)
+    loss = torch.empty(n, dtype=torch.float32, device=q_nD.device)
+    rowv = torch.empty(_NROWV, n, dtype=torch.float32, device=q_nD.device)
+    args = (q_nD, k_ND, qid_n, kid_sorted, perm, stats, loss, rowv, n, N, D, splits, N.bit_length(),
+            q_nD.stride(0), k_ND.stride(0), 1.0 / tau, tau, margin, lam, eps, math.log(eps), alpha,
+            gamma)
+    consts = dict(KIND=KINDS.index(kind), A_NEG=a_neg, HAS_MOMENTUM=has_mom)
+    _dispatch.launch(_similarity_rows_kernel, lambda c: (triton.cdiv(n, c["BLOCK_R"]),), args,
+                     consts, [_row_blocks(D, q_nD)])
+    return loss, rowv, kid_sorted, perm
 
 
-def similarity_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, rowv_Rn, inv_tau: float,
-                        c_neg: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """dQ and dK from the row vector (weights already scaled by dloss / tau), one row chunk at a
-    time: a kernel recomputes the S tiles and writes g (C x N), two matmuls consume it."""
+def similarity_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kid_sorted, perm, rowv_Rn,
+                        dloss_n, tau) -> tuple[torch.Tensor, torch.Tensor]:
+    """dQ and dK, one row chunk at a time: the kernels write g (C x N) from the row vector and
+    the upstream gradient, two matmuls consume it; dK is summed over chunks in fp32."""
     (n, D), N = q_nD.shape, k_ND.shape[0]
-    cfg = _tile_config(D, q_nD.is_cuda, grad=True)
-    rows = max(1, _BWD_CHUNK_BYTES // max(1, N * q_nD.element_size()))
-    chunk = min(n, max(cfg["BLOCK_M"], rows // cfg["BLOCK_M"] * cfg["BLOCK_M"]))
     has_mom = qm_nD is not None
     qm_nD, km_ND = (qm_nD, km_ND) if has_mom else (q_nD, k_ND)
+    dloss_n = dloss_n.float()
+    consts = dict(HAS_MOMENTUM=has_mom, **_dot_options(q_nD))
+    configs = _candidates(q_nD, _GRAD_CONFIGS, _INTERPRETER_GRAD, lambda c: _pipeline_bytes(
+        c, q_nD.element_size(), 1 + has_mom, D, False))
+    blocks = _row_blocks(D, q_nD)
+    rows = max(1, _BWD_CHUNK_BYTES // max(1, N * q_nD.element_size()))
+    chunk = min(n, max(128, rows // 128 * 128))
     g_CN = torch.empty(chunk, N, dtype=q_nD.dtype, device=q_nD.device)
     dq_nD = torch.empty_like(q_nD)
     dk_ND = None
+    strides = (q_nD.stride(0), k_ND.stride(0), qm_nD.stride(0), km_ND.stride(0), rowv_Rn.stride(0),
+               dloss_n.stride(0), g_CN.stride(0))
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        g = g_CN[: r1 - r0]
-        grid = (triton.cdiv(r1 - r0, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-        _similarity_grad_kernel[grid](
-            q_nD[r0:r1], k_ND, qm_nD[r0:r1], km_ND, qid_n[r0:r1], kid_N, rowv_Rn[:, r0:r1], g,
-            r1 - r0, N, D,
-            q_nD.stride(0), k_ND.stride(0), qm_nD.stride(0), km_ND.stride(0),
-            rowv_Rn.stride(0), g.stride(0),
-            inv_tau, c_neg, HAS_MOMENTUM=has_mom, **_dot_options(q_nD), **cfg)
+        C, g = r1 - r0, g_CN[: r1 - r0]
+        rows_of = (q_nD[r0:r1], k_ND, qm_nD[r0:r1], km_ND)
+        _dispatch.launch(
+            _similarity_grad_kernel,
+            lambda c, C=C: (triton.cdiv(C, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"])),
+            (*rows_of, kid_N, rowv_Rn[:, r0:r1], dloss_n[r0:r1], g, C, N, D, *strides, 1.0 / tau),
+            consts, configs, ("grad", C, N, D, q_nD.dtype, has_mom))
+        _dispatch.launch(
+            _similarity_grad_pos_kernel, lambda c, C=C: (triton.cdiv(C, c["BLOCK_R"]),),
+            (*rows_of, qid_n[r0:r1], kid_sorted, perm, rowv_Rn[:, r0:r1], dloss_n[r0:r1], g, C, N,
+             D, N.bit_length(), *strides, 1.0 / tau),
+            dict(HAS_MOMENTUM=has_mom), [blocks])
         torch.mm(g, k_ND, out=dq_nD[r0:r1])
-        part = g.T @ q_nD[r0:r1]
-        if r1 - r0 == n:
-            dk_ND = part
+        if C == n:  # one chunk: one matmul, rounded once
+            dk_ND = g.T @ q_nD
         else:  # several chunks: accumulate in fp32, cast once
-            dk_ND = part.float() if dk_ND is None else dk_ND.add_(part.float())
+            part = _mm_fp32(g.T, q_nD[r0:r1])
+            dk_ND = part if dk_ND is None else dk_ND.add_(part)
     return dq_nD, dk_ND.to(k_ND.dtype)
-
-
-# --------------------------------------------------------------------------- row algebra (torch, O(n))
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, 0.0)
-
-
-def _row_terms(stats_11n, query_valid_n, kind, tau, margin, lam, eps, alpha, gamma):
-    """Per-row loss and the backward row vector (12, n) from the forward statistics."""
-    m_pos, l_pos, a_pos, s_pos, n_pos, m_neg, l_neg, a_neg, m_mom, l_mom, a_mom = stats_11n
-    has_pos, has_neg = n_pos > 0, l_neg > 0
-    lse_pos, lse_neg = m_pos + torch.log(l_pos), m_neg + torch.log(l_neg)  # -inf on an empty set
-    lse = _finite(torch.logaddexp(lse_pos, lse_neg))
-    lse_pos, lse_neg = _finite(lse_pos), _finite(lse_neg)
-    p_pos = torch.where(has_pos, torch.exp(lse_pos - lse), 0.0)  # softmax mass on positives
-    p_neg = torch.where(has_neg, torch.exp(lse_neg - lse), 0.0)  # = 1 - p_pos, without cancellation
-    zbar_pos = torch.where(has_pos, a_pos / l_pos, 0.0)  # softmax-weighted mean of z, positives
-    zbar_neg = torch.where(has_neg, a_neg / l_neg, 0.0)
-    n_pos1 = n_pos.clamp(min=1.0)
-    c_pos, c_neg = torch.log(1.0 / n_pos1 + eps), math.log(eps)
-    zero, one = torch.zeros_like(lse), torch.ones_like(lse)
-    w1 = w2 = w3 = w4 = w5 = w6 = zero
-    mask = has_pos
-    if kind in ("sdm", "bsdm"):
-        neg_entropy = p_pos * zbar_pos + p_neg * zbar_neg - lse
-        loss = neg_entropy - p_pos * c_pos - p_neg * c_neg
-        w1, w2 = -(lse + loss), one
-        if kind == "bsdm":
-            loss = loss + lam * (c_pos - s_pos / n_pos1 + lse)
-            w1, w5 = w1 + lam, -lam / n_pos1
-    elif kind == "tal":
-        raw = margin - tau * zbar_pos + torch.where(has_neg, tau * lse_neg, 0.0)
-        loss, mask = raw.clamp(min=0.0), query_valid_n
-        w3 = -tau * (raw >= 0).float()  # the subgradient torch.clamp uses at 0
-        w4 = -w3
-    elif kind == "itc":
-        zbar_mom = torch.where(l_mom > 0, a_mom / l_mom, 0.0)
-        loss = lse - alpha * zbar_mom - (1.0 - alpha) * s_pos / n_pos1
-        w1, w5, w6 = one, -(1.0 - alpha) / n_pos1, -alpha * one
-    else:  # waf; 1 - P is p_neg
-        log_p = lse_pos - lse
-        focal = p_neg ** gamma
-        loss = -focal * log_p
-        slope = torch.where(p_neg > 0, gamma * p_pos * p_neg.clamp(min=1e-30) ** (gamma - 1) * log_p, 0.0)
-        w3 = slope - focal  # dL/dlog P; dlog P/dz = softmax over positives - p
-        w1 = -w3
-    maskf = mask.float()
-    loss = torch.where(mask, loss, 0.0)
-    lse_mom = _finite(m_mom + torch.log(l_mom))
-    w = [x * maskf for x in (w1, w2, w3, w4, w5, w6)]
-    rowv = torch.stack([lse_pos, lse_neg, p_pos, p_neg, c_pos, *w, lse_mom])
-    return loss, rowv
 
 
 class SimilarityLossFunction(torch.autograd.Function):
@@ -394,19 +600,15 @@ class SimilarityLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin, lam, eps,
                 alpha, gamma):
-        stats = similarity_stats(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, 1.0 / tau)
-        loss_n, rowv = _row_terms(stats, qid_n >= 0, kind, tau, margin, lam, eps, alpha, gamma)
-        ctx.save_for_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, rowv)
-        ctx.tau, ctx.c_neg = tau, math.log(eps)
+        loss_n, rowv, kid_sorted, perm = similarity_forward(
+            q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin, lam, eps, alpha, gamma)
+        ctx.save_for_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kid_sorted, perm, rowv)
+        ctx.tau = tau
         return loss_n
 
     @staticmethod
     def backward(ctx, dloss_n):
-        q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, rowv = ctx.saved_tensors
-        rowv = rowv.clone()
-        rowv[5:11] *= dloss_n.float()[None] / ctx.tau  # dL/dz -> dL/dS, times upstream
-        dq, dk = similarity_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, rowv,
-                                     1.0 / ctx.tau, ctx.c_neg)
+        dq, dk = similarity_backward(*ctx.saved_tensors, dloss_n, ctx.tau)
         return (dq, dk) + (None,) * 11
 
 
