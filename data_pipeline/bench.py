@@ -4,8 +4,9 @@
 
 Runs everything in this process on one core (torch limited to one thread, the tokenizer's
 thread pool off, no loader workers):
-1. the training stream stage by stage (read, parse, decode, augment, batch, tokenize), each time
-   a prefix of the stage list, to show where the time goes;
+1. the training stream stage by stage (read, parse, augment, batch, decode + flip/crop into the
+   batch, tokenize), each time a prefix of the stage list, to show where the time goes (the
+   decode-only rate below tells how much of the decode stage is the JPEG decoder);
 2. then, `repeats` times in turn after one warm-up round: decoding the same samples' JPEG bytes
    from memory (the decode-only rate: what a loader that did nothing but decode would reach) and
    `TrainLoader` end to end exactly as training uses it. Their ratio is the loader's efficiency;
@@ -62,9 +63,10 @@ def stage_times(root: Path, info, tokenizer, n: int, batch_size: int, image_size
     stages = [
         ("read", lambda src: L.read_pieces(src, root, stats, 100)),
         ("parse", lambda src: L.parse_samples(src, stats, 100)),
-        ("decode", lambda src: L.decode_images(src, image_size, stats, 100)),
-        ("augment", lambda src: L.augment_samples(src, augment, 0, 0)),
+        ("augment", lambda src: L.augment_samples(src, augment, image_size, 0, 0)),
         ("batch", lambda src: L.batch_samples(src, batch_size)),
+        ("decode + flip/crop into the batch", lambda src: L.collate_batches(src, image_size,
+                                                                            stats, 100)),
         ("tokenize", lambda src: L.tokenize_batches(src, tokenizer)),
     ]
     prefix, per_stage = 0.0, {}

@@ -17,17 +17,21 @@ DataPipeline):
   5. tar reader      reads just that range (a shard may be shared by two neighbouring readers);
                      a corrupt or truncated tar ends its piece, counted, with a rate-limited warning
   6. parse           the json member; a sample without image, caption or ids is skipped, counted
-  7. decode          PIL -> uint8 H x W x 3 (resized if the shard holds another size); an
-                     undecodable image is skipped, counted
-  8. fill            tops the worker up to its exact quota by repeating its own samples when
+  7. fill            tops the worker up to its exact quota by repeating its own samples when
                      anything was skipped (counted as padded), so ranks never disagree on counts
-  9. sample shuffle  buffer seeded by (seed, epoch, rank, worker)
- 10. resume skip     drops the samples of batches already trained on (mid-epoch resume)
- 11. augment         draws flip, crop offset and erasing box from a generator seeded by
+  8. sample shuffle  buffer seeded by (seed, epoch, rank, worker); it holds the compressed
+                     samples (a sixth of the memory of decoded ones at 384x128)
+  9. resume skip     drops the samples of batches already trained on (mid-epoch resume), before
+                     anything is decoded
+ 10. augment         draws flip, crop offset and erasing box from a generator seeded by
                      (seed, epoch, sample index): independent of worker layout and position
- 12. batch           copies each image into its slot of a uint8 B x H x W x 3 buffer (in shared
-                     memory in a worker, so the hand-over to the training process copies
-                     nothing), flipped and cropped on the way: a shifted slice, zeros around
+ 11. batch           groups of batch_size samples
+ 12. decode          each JPEG decoded into one reused buffer (resized if the shard holds another
+                     size), then copied into its slot of the batch's uint8 B x H x W x 3 tensor,
+                     flipped and cropped on the way (a shifted slice, zeros around); the tensor
+                     lives in shared memory in a worker, so the hand-over copies nothing. An
+                     undecodable image is counted and replaced by a repeat of another sample of
+                     its batch (counted as padded)
  13. tokenize        the batch's captions in one call of the fast tokenizer -> B x 77 ids
 The images stay uint8 with their erase boxes: `transforms.prepare_batch` normalises and erases
 them on the training device. With `pin_memory` the DataLoader copies each batch into page-locked
@@ -44,7 +48,8 @@ samples live in shared counters (`LoaderStats`) that the trainer logs.
 
 Evaluation streams (`EvalLoader`) split the samples the same way without shuffle, fill or
 augmentation, so every sample is yielded exactly once across all ranks (ranks may differ by a
-batch); `modality="text"` never decodes images and `modality="image"` keeps one sample per image.
+batch; an undecodable image is left out, counted); `modality="text"` never decodes images and
+`modality="image"` keeps one sample per image.
 """
 from __future__ import annotations
 
@@ -318,20 +323,15 @@ def parse_samples(samples, stats: LoaderStats, every: int, need_image: bool = Tr
         yield out
 
 
-def decode_images(samples, size_HW: tuple[int, int], stats: LoaderStats, every: int):
-    for s in samples:
-        try:
-            s["image"] = decode_image(s.pop("image_bytes"), size_HW)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            _warn(stats, "bad_image", every, f"{s['key']}: cannot decode image ({exc})")
-            continue
-        yield s
-
-
-def decode_image(data: bytes, size_HW: tuple[int, int]) -> np.ndarray:
-    """Image bytes -> uint8 H x W x 3 RGB at size_HW (resized bilinearly if needed)."""
+def decode_image(data: bytes, size_HW: tuple[int, int], out: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Image bytes -> uint8 H x W x 3 RGB at size_HW (resized bilinearly if needed); a JPEG of
+    that size is decoded straight into `out` when given (a buffer reused from image to image
+    stays in the CPU's cache)."""
     h, w = size_HW
     if simplejpeg is not None and data[:2] == b"\xff\xd8":
+        if out is not None and simplejpeg.decode_jpeg_header(data)[:2] == (h, w):
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
         if arr.shape[:2] == (h, w):
             return arr
@@ -376,32 +376,81 @@ def skip_samples(samples, n: int):
             yield s
 
 
-def augment_samples(samples, augment: TrainAugment | None, seed: int, epoch: int):
+def augment_samples(samples, augment: TrainAugment | None, size_HW: tuple[int, int], seed: int,
+                    epoch: int):
     """Draws each sample's flip, crop and erase box; the pixels move later, in `collate`."""
     for s in samples:
         if augment is not None:
             rng = np.random.default_rng([seed, epoch, s["index"], 0xA06])
-            s["geometry"], s["erase"] = augment.draw(*s["image"].shape[:2], rng)
+            s["geometry"], s["erase"] = augment.draw(*size_HW, rng)
         yield s
 
 
-def collate(samples: list[dict], with_images: bool = True) -> dict:
-    """The batch's tensors, input_ids aside (`tokenize_batches` adds them)."""
-    batch = {
-        "caption": [s["caption"] for s in samples],
-        "pid": torch.tensor([s["pid"] for s in samples], dtype=torch.long),
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
-        "noisy": torch.tensor([s["noisy"] for s in samples], dtype=torch.bool),
-    }
-    if with_images:                    # uint8; normalised on the device (transforms.prepare_batch)
-        images = _batch_buffer((len(samples), *samples[0]["image"].shape))
-        for slot, s in zip(images.numpy(), samples):
-            place_image(s["image"], s.get("geometry", IDENTITY), slot)
-        batch["image"] = images
-        if "erase" in samples[0]:
-            batch["erase"] = torch.tensor([s["erase"] for s in samples], dtype=torch.int32)
-    return batch
+def batch_samples(samples, batch_size: int, partial: bool = False):
+    """Lists of batch_size samples (and the shorter last one when partial)."""
+    buf = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield buf
+            buf = []
+    if buf and partial:
+        yield buf
+
+
+def collate_batches(groups, size_HW: tuple[int, int] | None, stats: LoaderStats, every: int,
+                    *, repeat_bad: bool = True):
+    """Each list of samples -> the batch's tensors (input_ids aside: `tokenize_batches`).
+
+    size_HW None: no images. An undecodable image is counted and, with repeat_bad (training),
+    replaced by a repeat of another sample of the batch so the batch keeps its size; without
+    (evaluation), left out.
+    """
+    scratch = None if size_HW is None else np.empty((*size_HW, 3), np.uint8)
+    for group in groups:
+        images = None
+        if size_HW is not None:
+            images = _batch_buffer((len(group), *size_HW, 3))
+            group = _decode_into(group, images.numpy(), scratch, stats, every, repeat_bad)
+            images = images[:len(group)]
+        batch = {
+            "caption": [s["caption"] for s in group],
+            "pid": torch.tensor([s["pid"] for s in group], dtype=torch.long),
+            "index": torch.tensor([s["index"] for s in group], dtype=torch.long),
+            "image_id": torch.tensor([s["image_id"] for s in group], dtype=torch.long),
+            "noisy": torch.tensor([s["noisy"] for s in group], dtype=torch.bool),
+        }
+        if images is not None:         # uint8; normalised on the device (prepare_batch)
+            batch["image"] = images
+            if group and "erase" in group[0]:
+                batch["erase"] = torch.tensor([s["erase"] for s in group], dtype=torch.int32)
+        if group:
+            yield batch
+
+
+def _decode_into(group: list[dict], out_BHWC: np.ndarray, scratch: np.ndarray,
+                 stats: LoaderStats, every: int, repeat_bad: bool) -> list[dict]:
+    """Decodes, flips and crops the group's images into out_BHWC[0..k); returns the k samples
+    placed (all of them with repeat_bad, bad ones replaced by repeats of good ones)."""
+    size_HW = out_BHWC.shape[1:3]
+    placed = []
+    for s in group:
+        try:
+            img = decode_image(s["image_bytes"], size_HW, scratch)
+        except Exception as exc:        # PIL reports a damaged file in many ways
+            _warn(stats, "bad_image", every, f"{s['key']}: cannot decode image ({exc})")
+            continue
+        place_image(img, s.get("geometry", IDENTITY), out_BHWC[len(placed)])
+        placed.append(s)
+    if repeat_bad and len(placed) < len(group):
+        if not placed:
+            raise RuntimeError("a whole batch of undecodable images; run `python -m "
+                               "data_pipeline verify` on the shards")
+        stats.add("padded", len(group) - len(placed))
+        for i in range(len(placed), len(group)):
+            out_BHWC[i] = out_BHWC[i % len(placed)]
+            placed.append(placed[i % len(placed)])
+    return placed
 
 
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
@@ -411,17 +460,6 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     if get_worker_info() is None or new_shared is None:
         return torch.empty(shape, dtype=torch.uint8)
     return torch.empty(0, dtype=torch.uint8).set_(new_shared(math.prod(shape)), 0, shape)
-
-
-def batch_samples(samples, batch_size: int, with_images: bool = True, partial: bool = False):
-    buf = []
-    for s in samples:
-        buf.append(s)
-        if len(buf) == batch_size:
-            yield collate(buf, with_images)
-            buf = []
-    if buf and partial:
-        yield collate(buf, with_images)
 
 
 def tokenize_batches(batches, tokenizer):
@@ -467,12 +505,13 @@ class TrainStream(IterableDataset):
             partial(reader_pieces, self.info.shards, cfg.seed, epoch, start, start + quota),
             partial(read_pieces, root=self.root, stats=self.stats, every=every),
             partial(parse_samples, stats=self.stats, every=every),
-            partial(decode_images, size_HW=cfg.image_size, stats=self.stats, every=every),
             partial(fill_to_quota, quota=quota, stats=self.stats),
             wds.filters.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng),
             partial(skip_samples, n=done_batches * B),
-            partial(augment_samples, augment=cfg.augment, seed=cfg.seed, epoch=epoch),
+            partial(augment_samples, augment=cfg.augment, size_HW=cfg.image_size, seed=cfg.seed,
+                    epoch=epoch),
             partial(batch_samples, batch_size=B),
+            partial(collate_batches, size_HW=cfg.image_size, stats=self.stats, every=every),
             partial(tokenize_batches, tokenizer=self.tokenizer),
         ))
 
@@ -500,9 +539,9 @@ class EvalStream(IterableDataset):
             partial(read_pieces, root=self.root, stats=self.stats, every=every),
             partial(parse_samples, stats=self.stats, every=every, need_image=images),
             partial(keep_only, keep=self.keep),
-            partial(decode_images, size_HW=cfg.image_size, stats=self.stats, every=every)
-            if images else None,
-            partial(batch_samples, batch_size=cfg.batch_size, with_images=images, partial=True),
+            partial(batch_samples, batch_size=cfg.batch_size, partial=True),
+            partial(collate_batches, size_HW=cfg.image_size if images else None,
+                    stats=self.stats, every=every, repeat_bad=False),
             partial(tokenize_batches, tokenizer=self.tokenizer),
         ))
 
