@@ -579,6 +579,9 @@ class TrainLoader:
                              f"{cfg.batch_size} on each of {world_size} rank(s); lower the batch "
                              "size")
         ctx = _mp_context()
+        if cfg.pin_memory is None:
+            log.info("data: pin_memory=%s (automatic: CUDA %s)", cfg.pin,
+                     "available" if cfg.pin else "not available")
         self.shared, self.stats = SharedEpoch(ctx), LoaderStats(ctx)
         self.dataset = TrainStream(self.root, info, tokenizer, cfg, rank, world_size,
                                    self.shared, self.stats)
