@@ -1,19 +1,31 @@
-"""Benchmark the fused ops against eager PyTorch and torch.compile.
+"""Benchmark the fused ops against eager PyTorch and torch.compile, on the same inputs.
 
 Commands:
-  python -m kernels.bench                                     # CPU: reference paths, tiny sizes
-  python -m kernels.bench --sizes full --out runs/bench/h100  # one GPU, the sizes of the targets
-  python -m kernels.bench --op similarity --kinds sdm,tal,itc --sizes small
-  python -m kernels.bench --providers eager,compile           # include torch.compile on CPU
+  python -m kernels.bench                          # CPU: the reference paths at small sizes
+  python -m kernels.bench --out runs/bench/h200    # a GPU: every case below, eager, compile, Triton
+  python -m kernels.bench --sizes goal --kinds sdm,tal --providers eager,triton
+  TRITON_INTERPRET=1 python -m kernels.bench --providers eager,triton --kinds sdm   # CPU, interpreter
 
-Providers: "eager" is the op's own `<op>_reference` (the test oracle, so the baseline cannot drift),
-"compile" is torch.compile of that reference, "triton" the fused kernel (CUDA only). Modes: fwd
-and fwd+bwd. Per row: median and 20th/80th percentile times, the rate from the work formulas in
-the op files' docstrings (similarity: TFLOP/s of 2 n N D forward, 6 n N D forward+backward;
-selection: GB/s of the bytes moved) as a share of the device's measured peak (a large matmul in the
-benchmark dtype; a large copy), peak extra memory (CUDA), and the speed-up over eager.
-Writes bench.csv, bench.json (device, versions, commit, command, peaks, rows) and bench.png to --out
-(default runs/bench/<device>-<time>, which git ignores), prints a rich table and, last, one JSON line.
+Cases: similarity_loss of every kind (sdm, bsdm, tal, itc, waf) and topk_select (top-k and sampled),
+at the goal size (similarity n = N = 16384, D = 512; selection B = 1024, L = 576, k = 0.3 L,
+D = 768) and the training sizes (n = 64 queries against N = 512 keys, D = 512; selection of
+ViT-B/16's 193 tokens at 384x128 for a batch of 64), in fwd and fwd+bwd.
+
+Providers: "eager" is the op's own reference (the test oracle, so the baseline cannot drift),
+"compile" is torch.compile of that reference, "triton" the fused kernels. Every provider runs
+once on the same inputs and upstream gradient before it is timed, and its outputs and input
+gradients are compared with eager's: the `check` column says ok or MISMATCH with the relative
+error (selection must agree exactly); a mismatch is reported, never hidden, and counted in the
+last line. Columns: time p20/p50/p80 (ms), speed-up against eager and against compile, TFLOP/s of
+the useful work (similarity: 2 n N D forward, 6 n N D forward+backward, doubled for itc's momentum
+logits) and GB/s of the bytes that must move (inputs, outputs, gradients, never the n x N
+matrix), each as a share of the device's specification peak (SPECS: dense tensor-core TFLOP/s in
+the benchmark dtype and HBM bandwidth; "unknown device" leaves the shares empty), and the peak
+extra memory beyond the inputs. For the Triton path at each case, torch.profiler's per-kernel
+breakdown (device time per kernel, share of the total). Results: bench.csv, bench.json (device,
+spec, versions, commit, command, rows, profiles) and bench.png, written after every case so an
+interrupted run keeps what it measured; default folder runs/bench/<device>-<time> (git ignores
+runs/). Prints a table and, last, one JSON line.
 """
 import argparse
 import csv
@@ -29,23 +41,38 @@ from pathlib import Path
 
 import torch
 
-from kernels._dispatch import HAS_TRITON
+from kernels._dispatch import HAS_TRITON, interpreting
 from kernels.similarity_loss import KINDS, similarity_loss
 from kernels.topk_select import topk_select
 
 SIZES = {  # similarity: (n, N, D); selection: (B, L, D), k = 0.3 L
-    "similarity": {
-        "cpu": [(256, 256, 64), (512, 512, 128)],
-        "small": [(1024, 1024, 256), (4096, 4096, 256), (4096, 4096, 1024)],
-        "full": [(n, n, d) for n in (1024, 4096, 16384, 65536) for d in (256, 1024)],
-    },
-    "topk": {
-        "cpu": [(32, 192, 64), (64, 576, 64)],
-        "small": [(256, 192, 768), (1024, 576, 768)],
-        "full": [(256, 192, 768), (1024, 192, 768), (256, 576, 768), (1024, 576, 768)],
-    },
+    "goal": {"similarity": [(16384, 16384, 512)], "topk": [(1024, 576, 768)]},
+    "train": {"similarity": [(64, 512, 512)], "topk": [(64, 193, 768)]},
+    "small": {"similarity": [(4096, 4096, 512)], "topk": [(256, 576, 768)]},
+    "cpu": {"similarity": [(64, 256, 64)], "topk": [(4, 64, 32)]},  # small: the interpreter too
 }
 TAU = {"sdm": 0.02, "bsdm": 0.02, "tal": 0.015, "itc": 0.02, "waf": 0.02}
+SELECTIONS = ("select", "sample")
+# Vendor datasheet peaks, dense (no sparsity): TFLOP/s for bf16/fp16 tensor cores, TF32 tensor
+# cores and fp32 without them, and HBM TB/s. Matched on torch.cuda.get_device_name by MATCH.
+SPECS = {
+    "H100 SXM": dict(bf16=989.4, tf32=494.7, fp32=66.9, hbm=3.35),
+    "H100 PCIe": dict(bf16=756.5, tf32=378.0, fp32=51.2, hbm=2.0),
+    "H100 NVL": dict(bf16=835.5, tf32=417.5, fp32=60.0, hbm=3.9),
+    "H200": dict(bf16=989.4, tf32=494.7, fp32=66.9, hbm=4.8),
+    "H200 NVL": dict(bf16=835.5, tf32=417.5, fp32=60.0, hbm=4.8),
+    "A100 SXM 80GB": dict(bf16=312.0, tf32=156.0, fp32=19.5, hbm=2.039),
+    "A100 SXM 40GB": dict(bf16=312.0, tf32=156.0, fp32=19.5, hbm=1.555),
+    "A100 PCIe 80GB": dict(bf16=312.0, tf32=156.0, fp32=19.5, hbm=1.935),
+    "A100 PCIe 40GB": dict(bf16=312.0, tf32=156.0, fp32=19.5, hbm=1.555),
+}
+MATCH = [  # (words all in the lower-cased device name, SPECS key), first match wins
+    (("h200", "nvl"), "H200 NVL"), (("h200",), "H200"),
+    (("h100", "pcie"), "H100 PCIe"), (("h100", "nvl"), "H100 NVL"), (("h100",), "H100 SXM"),
+    (("a100", "pcie", "80gb"), "A100 PCIe 80GB"), (("a100", "pcie"), "A100 PCIe 40GB"),
+    (("a100", "80gb"), "A100 SXM 80GB"), (("a100",), "A100 SXM 40GB"),
+]
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # relative, vs eager
 
 
 @dataclass
@@ -55,40 +82,58 @@ class Row:
     size: str
     provider: str
     mode: str
-    ms_p50: float = math.nan
     ms_p20: float = math.nan
+    ms_p50: float = math.nan
     ms_p80: float = math.nan
-    rate: float = math.nan  # TFLOP/s (similarity) or GB/s (topk)
-    rate_unit: str = ""
-    pct_peak: float = math.nan
-    peak_mem_mib: float = math.nan
-    speedup_vs_eager: float = math.nan
+    x_eager: float = math.nan  # eager p50 / this p50
+    x_compile: float = math.nan  # compile p50 / this p50
+    tflops: float = math.nan
+    pct_tensor_peak: float = math.nan
+    gbps: float = math.nan
+    pct_hbm_peak: float = math.nan
+    extra_mib: float = math.nan
+    check: str = ""  # ok / MISMATCH ... against eager's outputs and gradients
     status: str = "ok"
 
 
-# --------------------------------------------------------------------------- timing
-def time_fn(fn, device, grad_to_none=()):
-    """(p50, p20, p80) in ms. CUDA: triton.testing.do_bench (flushes L2 between runs); CPU: wall
+def device_spec(name: str):
+    """(SPECS key, peaks) for this device name, or (None, None) for an unknown device."""
+    low = name.lower()
+    for words, key in MATCH:
+        if all(w in low for w in words):
+            return key, SPECS[key]
+    return None, None
+
+
+# --------------------------------------------------------------------------- measuring
+def time_fn(fn, device, grads=(), repeats=5):
+    """(p20, p50, p80) in ms. CUDA: triton.testing.do_bench (L2 flushed between runs); CPU: wall
     clock over a few runs (the CPU numbers only show that the paths run)."""
     if device.type == "cuda":
         import triton.testing
 
-        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grad_to_none)))
-    fn()  # warm-up (and compile, for torch.compile)
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grads))
+        return p20, p50, p80
+    fn()  # warm-up
     times = []
-    for _ in range(5):
-        for t in grad_to_none:
+    for _ in range(repeats):
+        for t in grads:
             t.grad = None
         start = time.perf_counter()
         fn()
         times.append(1e3 * (time.perf_counter() - start))
+    if len(times) < 2:
+        return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7]
+    return q[1], statistics.median(times), q[7]
 
 
-def peak_extra_mib(fn, device):
+def extra_mib(fn, device, grads=()):
+    """Peak memory allocated during fn beyond what existed before it (CUDA only)."""
     if device.type != "cuda":
         return math.nan
+    for t in grads:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -97,108 +142,181 @@ def peak_extra_mib(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure_peaks(device, dtype):
-    """Measured matmul TFLOP/s in dtype and copy GB/s (read + write), the denominators of % peak."""
-    m, nbytes = (8192, 2 << 30) if device.type == "cuda" else (1024, 64 << 20)
-    a = torch.randn(m, m, device=device, dtype=dtype)
-    ms = time_fn(lambda: a @ a, device)[0]
-    x = torch.empty(nbytes // 4, device=device)
-    y = torch.empty_like(x)
-    ms_copy = time_fn(lambda: y.copy_(x), device)[0]
-    return {"matmul_tflops": 2 * m**3 / ms / 1e9, "copy_gbps": 2 * nbytes / ms_copy / 1e6}
+def profile(fn, device, top=12):
+    """Per-kernel breakdown of one call: device kernels on CUDA, CPU ops otherwise."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        us = (getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+              if cuda else evt.self_cpu_time_total)
+        if us > 0:
+            rows.append(dict(name=evt.key[:90], calls=evt.count, us=round(us, 1)))
+    rows.sort(key=lambda r: -r["us"])
+    total = sum(r["us"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = round(r["us"] / total, 3)
+    return dict(unit="device us" if cuda else "CPU us (self)", total_us=round(total, 1), kernels=rows[:top])
+
+
+def relative_error(got, want) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item() if want.numel() else 0.0
+
+
+def compare(outs, ref, exact: bool, dtype) -> str:
+    """ok / MISMATCH against eager's outputs (a tuple of tensors, the same structure)."""
+    if exact:
+        bad = [i for i, (a, b) in enumerate(zip(outs, ref)) if not torch.equal(a, b)]
+        return "ok (exact)" if not bad else f"MISMATCH (outputs {bad} differ)"
+    err = max(relative_error(a, b) for a, b in zip(outs, ref))
+    tol = TOLERANCE.get(dtype, 2e-3)
+    return f"ok (rel err {err:.1e})" if err <= tol else f"MISMATCH (rel err {err:.2e} > {tol:.0e})"
 
 
 # --------------------------------------------------------------------------- cases
-def similarity_cases(sizes, kinds, providers, device, dtype):
-    for n, N, D in sizes:
+def similarity_cases(shapes, kinds, providers, device, dtype):
+    """(key, {provider: (fwd, fwd+bwd, grads, outputs)}, work, exact) per (shape, kind)."""
+    for n, N, D in shapes:
         g = torch.Generator(device).manual_seed(0)
         key_ids = torch.randint(0, max(1, N // 4), (N,), device=device, generator=g)  # ~4 per id
         ids = key_ids[:n]  # the local queries are among the keys, as after an all_gather
-        feats = [torch.randn(x, D, device=device, dtype=dtype, generator=g) for x in (n, N, n, N)]
-        upstream = torch.rand(n, device=device, dtype=torch.float32)
+        q0, k0, qm, km = (torch.randn(x, D, device=device, dtype=dtype, generator=g) for x in (n, N, n, N))
+        upstream = torch.rand(n, device=device, dtype=torch.float32, generator=g)
         for kind in kinds:
             mom = kind == "itc"
-            flops = {"fwd": 2 * n * N * D * (2 if mom else 1),
-                     "fwd+bwd": 2 * n * N * D * (4 if mom else 3)}
+            s = q0.element_size() * (2 if mom else 1)
+            work = {"fwd": (2 * n * N * D * (2 if mom else 1), (n + N) * D * s + 4 * n),
+                    "fwd+bwd": (2 * n * N * D * (4 if mom else 3), 2 * (n + N) * D * s + 4 * n
+                                + (n + N) * D * q0.element_size())}
+            fns = {}
             for provider in providers:
                 impl = "triton" if provider == "triton" else "reference"
 
-                def loss(q, k, qm, km, kind=kind, impl=impl):
+                def loss(q, k, kind=kind, impl=impl):
                     return similarity_loss(q, k, ids, key_ids, kind=kind, tau=TAU[kind],
-                                           momentum_query_nD=qm, momentum_key_ND=km, impl=impl)
+                                           momentum_query_nD=qm if mom else None,
+                                           momentum_key_ND=km if mom else None, impl=impl)
 
                 f = torch.compile(loss, dynamic=False) if provider == "compile" else loss
-                q, k = (x.detach().requires_grad_() for x in feats[:2])
-                qm, km = feats[2:] if mom else (None, None)
-                yield (("similarity", kind, f"n={n} N={N} D={D}", provider),
-                       {"fwd": (lambda f=f, q=q, k=k, qm=qm, km=km: f(q, k, qm, km), ()),
-                        "fwd+bwd": (lambda f=f, q=q, k=k, qm=qm, km=km: f(q, k, qm, km).backward(upstream),
-                                    (q, k))},
-                       flops, "TFLOP/s")
+                q, k = (x.detach().clone().requires_grad_() for x in (q0, k0))
+
+                def outputs(f=f, q=q, k=k):
+                    out = f(q, k)
+                    return (out, *torch.autograd.grad(out, (q, k), upstream))
+
+                fns[provider] = (lambda f=f, q=q, k=k: f(q, k),
+                                 lambda f=f, q=q, k=k: f(q, k).backward(upstream), (q, k), outputs)
+            yield ("similarity", kind, f"n={n} N={N} D={D}"), fns, work, False
 
 
-def topk_cases(sizes, providers, device, dtype):
-    for B, L, D in sizes:
+def topk_cases(shapes, selections, providers, device, dtype):
+    for B, L, D in shapes:
         k = int(0.3 * L)
         g = torch.Generator(device).manual_seed(0)
         scores = torch.randn(B, L, device=device, dtype=dtype, generator=g)
+        weights = torch.rand(B, L, device=device, generator=g)
         valid = torch.rand(B, L, device=device, generator=g) > 0.05
-        feats = torch.randn(B, L, D, device=device, dtype=dtype, generator=g).requires_grad_()
+        feats0 = torch.randn(B, L, D, device=device, dtype=dtype, generator=g)
         upstream = torch.randn(B, k, D, device=device, dtype=dtype, generator=g)
-        s = feats.element_size()
-        fwd_bytes = B * L * (scores.element_size() + 1) + B * k * 9 + 2 * B * k * D * s
-        nbytes = {"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + B * L * D * s + B * k * D * s}
-        for provider in providers:
-            impl = "triton" if provider == "triton" else "reference"
+        s = feats0.element_size()
+        for selection in selections:
+            sample = selection == "sample"
+            inputs = B * L * (4 + 4 + 1 + 4) if sample else B * L * (scores.element_size() + 1)
+            fwd = inputs + B * k * 9 + 2 * B * k * D * s
+            work = {"fwd": (0, fwd), "fwd+bwd": (0, fwd + B * k * (D * s + 9) + B * L * D * s)}
+            fns = {}
+            for provider in providers:
+                impl = "triton" if provider == "triton" else "reference"
 
-            def select(sc, va, fe, impl=impl, k=k):
-                return topk_select(sc, va, k, fe, impl=impl).features_BkD
+                def select(fe, impl=impl):
+                    if sample:  # the same seeded draw for every provider
+                        gen = torch.Generator(device).manual_seed(1)
+                        return topk_select(None, valid, k, fe, weights_BL=weights, sample=True,
+                                           generator=gen, impl=impl)
+                    return topk_select(scores, valid, k, fe, impl=impl)
 
-            f = torch.compile(select, dynamic=False) if provider == "compile" else select
-            yield (("topk", "select", f"B={B} L={L} k={k} D={D}", provider),
-                   {"fwd": (lambda f=f: f(scores, valid, feats), ()),
-                    "fwd+bwd": (lambda f=f: f(scores, valid, feats).backward(upstream), (feats,))},
-                   nbytes, "GB/s")
+                f = torch.compile(select, dynamic=False) if provider == "compile" else select
+                feats = feats0.detach().clone().requires_grad_()
+
+                def outputs(f=f, feats=feats):
+                    out = f(feats)
+                    return (out.indices_Bk, out.valid_Bk, out.features_BkD,
+                            *torch.autograd.grad(out.features_BkD, feats, upstream))
+
+                fns[provider] = (lambda f=f, fe=feats: f(fe).features_BkD,
+                                 lambda f=f, fe=feats: f(fe).features_BkD.backward(upstream),
+                                 (feats,), outputs)
+            yield ("topk", selection, f"B={B} L={L} k={k} D={D}"), fns, work, True
 
 
-def run_case(key, fns, work, unit, device, peaks):
-    rows = []
-    for mode, (fn, grads) in fns.items():
-        row = Row(*key, mode=mode, rate_unit=unit)
+def run_case(key, fns, work, exact, device, dtype, spec, repeats, want_profile):
+    """Rows of one case (every provider x mode) and the Triton path's profile."""
+    rows, ref, prof = [], None, None
+    peak_flops = spec and spec["bf16" if dtype in (torch.bfloat16, torch.float16) else
+                               "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"]
+    for provider, (fwd, fwd_bwd, grads, outputs) in fns.items():
+        check = ""
         try:
-            row.ms_p50, row.ms_p20, row.ms_p80 = time_fn(fn, device, grads)
-            row.peak_mem_mib = peak_extra_mib(fn, device)
-            row.rate = work[mode] / row.ms_p50 / (1e9 if unit == "TFLOP/s" else 1e6)
-            peak = peaks["matmul_tflops"] if unit == "TFLOP/s" else peaks["copy_gbps"]
-            row.pct_peak = 100 * row.rate / peak
-        except torch.cuda.OutOfMemoryError:
-            row.status = "OOM"
-        except Exception as e:  # record and go on: one failing provider must not hide the others
-            row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        finally:
+            outs = outputs()
+            if provider == "eager":
+                ref, check = outs, "reference"
+            elif ref is not None:
+                check = compare(outs, ref, exact, dtype)
+            del outs
+        except Exception as e:  # noqa: BLE001  record and go on: one provider must not hide the others
+            check = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            row = Row(*key, provider=provider, mode=mode, check=check)
+            try:
+                row.ms_p20, row.ms_p50, row.ms_p80 = time_fn(fn, device, grads, repeats)
+                row.extra_mib = extra_mib(fn, device, grads)
+                flops, nbytes = work[mode]
+                row.tflops = flops / row.ms_p50 / 1e9 if flops else math.nan
+                row.gbps = nbytes / row.ms_p50 / 1e6
+                if spec:
+                    row.pct_tensor_peak = 100 * row.tflops / peak_flops
+                    row.pct_hbm_peak = 100 * row.gbps / (1e3 * spec["hbm"])
+            except torch.cuda.OutOfMemoryError:
+                row.status = "OOM"
+            except Exception as e:  # noqa: BLE001
+                row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+            finally:
+                for t in grads:
+                    t.grad = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+        if provider == "triton" and want_profile:
+            try:
+                prof = profile(fwd_bwd, device)
+            except Exception as e:  # noqa: BLE001
+                prof = {"error": f"{type(e).__name__}: {e}"}
             for t in grads:
                 t.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        rows.append(row)
-    return rows
-
-
-def add_speedups(rows):
-    eager = {(r.op, r.kind, r.size, r.mode): r.ms_p50 for r in rows if r.provider == "eager"}
+    base = {(r.mode, r.provider): r.ms_p50 for r in rows}
     for r in rows:
-        base = eager.get((r.op, r.kind, r.size, r.mode), math.nan)
-        r.speedup_vs_eager = base / r.ms_p50 if r.ms_p50 > 0 else math.nan
+        r.x_eager = base.get((r.mode, "eager"), math.nan) / r.ms_p50
+        r.x_compile = base.get((r.mode, "compile"), math.nan) / r.ms_p50
+    return rows, prof
 
 
 # --------------------------------------------------------------------------- reporting
 def environment(device, dtype, argv):
+    root = Path(__file__).resolve().parent.parent
     try:
-        root = Path(__file__).resolve().parent.parent
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
-                               text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
         commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
@@ -206,14 +324,17 @@ def environment(device, dtype, argv):
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    spec_name, spec = device_spec(name) if device.type == "cuda" else (None, None)
     triton_version = None
     if HAS_TRITON:
         import triton
 
         triton_version = triton.__version__
-    return {"device": name, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton_version, "python": platform.python_version(),
-            "commit": commit, "command": " ".join(["python -m kernels.bench", *argv]),
+    return {"device": name, "spec": spec_name or "unknown device", "spec_peaks": spec,
+            "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "commit": commit,
+            "command": " ".join(["python -m kernels.bench", *argv]),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -221,45 +342,63 @@ def fmt(x, spec=".3g"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def print_table(rows, env, peaks, cpu_note):
+def write(out: Path, rows, profiles, env, note):
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*asdict(Row("", "", "", "", "")), *env])
+        writer.writeheader()
+        writer.writerows({**asdict(r), **env} for r in rows)
+    (out / "bench.json").write_text(json.dumps({**env, "note": note, "rows": [asdict(r) for r in rows],
+                                                "profiles": profiles}, indent=1))
+
+
+def print_table(rows, profiles, env, note):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"kernels.bench on {env['device']} ({env['dtype']})", caption=cpu_note)
-    for col in ("op", "kind", "size", "provider", "mode", "p50 ms", "p20-p80 ms", "rate", "% peak",
-                "peak MiB", "x eager", "status"):
-        table.add_column(col, justify="right" if col not in ("op", "kind", "size", "provider",
-                                                             "mode", "status") else "left")
+    table = Table(title=f"kernels.bench on {env['device']} ({env['dtype']}; peaks: {env['spec']})",
+                  caption=note)
+    cols = ("op", "kind", "size", "provider", "mode", "p50 ms", "p20-p80", "x eager", "x compile",
+            "TFLOP/s", "% tensor", "GB/s", "% HBM", "extra MiB", "check", "status")
+    for col in cols:
+        table.add_column(col, justify="left" if col in cols[:5] + ("check", "status") else "right")
     for r in rows:
         table.add_row(r.op, r.kind, r.size, r.provider, r.mode, fmt(r.ms_p50),
-                      f"{fmt(r.ms_p20)}-{fmt(r.ms_p80)}", f"{fmt(r.rate)} {r.rate_unit}",
-                      fmt(r.pct_peak, ".1f"), fmt(r.peak_mem_mib, ".0f"), fmt(r.speedup_vs_eager, ".2f"),
-                      r.status)
-    console = Console(width=200)
+                      f"{fmt(r.ms_p20)}-{fmt(r.ms_p80)}", fmt(r.x_eager, ".2f"), fmt(r.x_compile, ".2f"),
+                      fmt(r.tflops), fmt(r.pct_tensor_peak, ".1f"), fmt(r.gbps), fmt(r.pct_hbm_peak, ".1f"),
+                      fmt(r.extra_mib, ".0f"), r.check, r.status)
+    console = Console(width=250)
     console.print(table)
-    console.print(f"measured peaks: {peaks['matmul_tflops']:.2f} TFLOP/s matmul ({env['dtype']}), "
-                  f"{peaks['copy_gbps']:.1f} GB/s copy")
+    for case, prof in profiles.items():
+        kernels = ", ".join(f"{k['name'][:40]} {100 * k['share']:.0f}%" for k in prof.get("kernels", [])[:5])
+        console.print(f"triton {case}: {prof.get('total_us', '-')} {prof.get('unit', '')}: {kernels}")
 
 
-def plot(rows, path):
+def plot(rows, env, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = sorted({(r.op, r.mode) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False)
     for ax, (op, mode) in zip(axes[0], panels):
         sel = [r for r in rows if (r.op, r.mode) == (op, mode) and r.status == "ok"]
-        sizes = list(dict.fromkeys(r.size for r in rows if r.op == op))
-        for line in sorted({(r.kind, r.provider) for r in sel}):
-            pts = [(sizes.index(r.size), r.ms_p50) for r in sel if (r.kind, r.provider) == line]
-            ax.plot(*zip(*pts), marker="o", label=f"{line[1]} ({line[0]})")
-        ax.set_xticks(range(len(sizes)), sizes, rotation=30, ha="right", fontsize=7)
+        cases = list(dict.fromkeys((r.kind, r.size) for r in sel))
+        providers = list(dict.fromkeys(r.provider for r in sel))
+        width = 0.8 / max(1, len(providers))
+        for i, p in enumerate(providers):
+            ms = {(r.kind, r.size): r.ms_p50 for r in sel if r.provider == p}
+            ax.bar([j + i * width for j in range(len(cases))], [ms.get(c, math.nan) for c in cases],
+                   width, label=p)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))],
+                      [f"{k}\n{s}" for k, s in cases], rotation=30, ha="right", fontsize=6)
         ax.set_yscale("log")
         ax.set_ylabel("median ms")
         ax.set_title(f"{op} {mode}")
         ax.legend(fontsize=7)
+    fig.suptitle(f"{env['device']} ({env['spec']}), {env['dtype']}; torch {env['torch']}, "
+                 f"triton {env['triton']}, CUDA {env['cuda']}; commit {env['commit'][:12]}\n"
+                 f"{env['command']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -269,19 +408,26 @@ def plot(rows, path):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
     p.add_argument("--op", choices=("similarity", "topk", "all"), default="all")
-    p.add_argument("--sizes", choices=("cpu", "small", "full"), default=None,
-                   help="default: full on CUDA, cpu otherwise")
-    p.add_argument("--kinds", default="sdm", help=f"comma-separated similarity kinds from {KINDS}")
+    p.add_argument("--sizes", default=None, help=f"comma-separated from {tuple(SIZES)}; default "
+                   "goal,train on CUDA, cpu otherwise")
+    p.add_argument("--kinds", default=",".join(KINDS), help="similarity kinds, comma-separated")
+    p.add_argument("--selections", default=",".join(SELECTIONS), help="topk: select, sample")
     p.add_argument("--providers", default=None,
                    help="comma-separated from eager,compile,triton; default: all three on CUDA, "
-                        "eager on CPU (torch.compile there takes about 30 s per graph)")
+                        "eager on CPU (torch.compile there takes about 30 s per graph; triton "
+                        "needs TRITON_INTERPRET=1)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--repeats", type=int, default=5, help="CPU timing runs")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-kernel profiles")
     p.add_argument("--out", default=None, help="results folder (default runs/bench/<device>-<time>)")
     args = p.parse_args(argv)
-    kinds = args.kinds.split(",")
-    if bad := [k for k in kinds if k not in KINDS]:
-        p.error(f"--kinds: unknown {bad}; choose from {KINDS}")
+    for name, values, allowed in (("--kinds", args.kinds, KINDS),
+                                  ("--selections", args.selections, SELECTIONS),
+                                  ("--sizes", args.sizes or "cpu", tuple(SIZES)),
+                                  ("--providers", args.providers or "eager", ("eager", "compile", "triton"))):
+        if bad := [v for v in values.split(",") if v not in allowed]:
+            p.error(f"{name}: unknown {bad}; choose from {allowed}")
     return args
 
 
@@ -290,40 +436,42 @@ def main(argv=None):
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    sizes = args.sizes or ("full" if cuda else "cpu")
+    sizes = (args.sizes or ("goal,train" if cuda else "cpu")).split(",")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if cuda else "fp32")]
     providers = (args.providers or ("eager,compile,triton" if cuda else "eager")).split(",")
-    if bad := [p for p in providers if p not in ("eager", "compile", "triton")]:
-        raise SystemExit(f"--providers: unknown {bad}; choose from eager, compile, triton")
-    cpu_note = None
+    providers = ["eager"] + [p for p in providers if p != "eager"]  # eager first: the reference
+    note = None
     if not cuda:
-        cpu_note = ("CPU: reference paths only (eager" + (", torch.compile" if "compile" in providers else "")
-                    + "); Triton timings need a CUDA GPU, the CPU numbers only show the harness runs")
-        providers = [p for p in providers if p != "triton"]
+        dropped = "triton" in providers and not interpreting()
+        providers = [p for p in providers if p != "triton" or interpreting()]
+        note = ("CPU: the CPU numbers only show that the paths run"
+                + ("; triton dropped (it needs a GPU, or TRITON_INTERPRET=1)" if dropped else ""))
     env = environment(device, dtype, argv)
-    peaks = measure_peaks(device, dtype)
-    cases = []  # generators: each size's tensors exist only while that size runs
-    if args.op in ("similarity", "all"):
-        cases.append(similarity_cases(SIZES["similarity"][sizes], args.kinds.split(","), providers,
-                                      device, dtype))
-    if args.op in ("topk", "all"):
-        cases.append(topk_cases(SIZES["topk"][sizes], providers, device, dtype))
-    rows = [row for gen in cases for case in gen for row in run_case(*case, device, peaks)]
-    add_speedups(rows)
-
     out = Path(args.out or f"runs/bench/{device.type}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*asdict(rows[0]), *env])
-        writer.writeheader()
-        writer.writerows({**asdict(r), **env} for r in rows)
-    (out / "bench.json").write_text(json.dumps({**env, "note": cpu_note, "peaks": peaks,
-                                                "rows": [asdict(r) for r in rows]}, indent=1))
-    plot(rows, out / "bench.png")
-    print_table(rows, env, peaks, cpu_note)
+    cases = []  # generators: each size's tensors exist only while that size runs
+    for size in sizes:
+        if args.op in ("similarity", "all"):
+            cases.append(similarity_cases(SIZES[size]["similarity"], args.kinds.split(","),
+                                          providers, device, dtype))
+        if args.op in ("topk", "all"):
+            cases.append(topk_cases(SIZES[size]["topk"], args.selections.split(","), providers,
+                                    device, dtype))
+    rows, profiles = [], {}
+    for gen in cases:
+        for key, fns, work, exact in gen:
+            case_rows, prof = run_case(key, fns, work, exact, device, dtype, env["spec_peaks"],
+                                       args.repeats, not args.no_profile and "triton" in fns)
+            rows += case_rows
+            if prof is not None:
+                profiles[" ".join(key)] = prof
+            write(out, rows, profiles, env, note)  # after every case: an interrupted run keeps it
+    plot(rows, env, out / "bench.png")
+    print_table(rows, profiles, env, note)
     print(json.dumps({"out": str(out), "device": env["device"], "rows": len(rows),
-                      "failed": sum(r.status != "ok" for r in rows)}))
+                      "failed": sum(r.status != "ok" for r in rows),
+                      "mismatches": sum(r.check.startswith(("MISMATCH", "error")) for r in rows)}))
     return rows
 
 

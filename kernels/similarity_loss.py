@@ -565,7 +565,7 @@ def similarity_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kid_sorted, perm
         c, q_nD.element_size(), 1 + has_mom, D, False))
     blocks = _row_blocks(D, q_nD)
     rows = max(1, _BWD_CHUNK_BYTES // max(1, N * q_nD.element_size()))
-    chunk = min(n, max(128, rows // 128 * 128))
+    chunk = min(n, max(64, rows // 64 * 64))  # whole 64-row tiles
     g_CN = torch.empty(chunk, N, dtype=q_nD.dtype, device=q_nD.device)
     dq_nD = torch.empty_like(q_nD)
     dk_ND = None

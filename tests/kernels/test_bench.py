@@ -1,25 +1,63 @@
-"""The benchmark CLI runs on CPU (reference paths) and writes its table, CSV, JSON and plot."""
+"""The benchmark CLI on CPU: every case on the reference path with its table, CSV, JSON and plot;
+the Triton path in the interpreter checked against eager, a wrong output reported as a mismatch;
+the device specification table."""
 import csv
 import json
 
+import pytest
 import torch
 
-from kernels.bench import main
+import kernels.bench as bench
+from kernels._dispatch import interpreting
 
 
 def test_cpu_benchmark_writes_results(tmp_path, capsys):
-    rows = main(["--out", str(tmp_path)])
+    rows = bench.main(["--out", str(tmp_path)])
     assert rows and all(r.status == "ok" for r in rows)
+    assert {(r.op, r.kind) for r in rows} == ({("similarity", k) for k in bench.KINDS}
+                                              | {("topk", "select"), ("topk", "sample")})
     printed = capsys.readouterr().out
     if not torch.cuda.is_available():
-        assert "reference paths only" in printed and {r.provider for r in rows} == {"eager"}
+        assert {r.provider for r in rows} == {"eager"} and "paths run" in printed
     assert json.loads(printed.strip().splitlines()[-1])["rows"] == len(rows)
     meta = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("device", "torch", "triton", "commit", "command", "peaks", "rows"):
+    for key in ("device", "spec", "torch", "triton", "commit", "command", "rows"):
         assert meta[key], key
     assert meta["command"] == f"python -m kernels.bench --out {tmp_path}"
     with open(tmp_path / "bench.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) and {"ms_p50", "ms_p20", "ms_p80", "commit"} <= set(table[0])
-    assert {r["op"] for r in table} == {"similarity", "topk"}
+    assert len(table) == len(rows)
+    assert {"ms_p20", "ms_p50", "ms_p80", "x_eager", "x_compile", "tflops", "pct_tensor_peak", "gbps",
+            "pct_hbm_peak", "extra_mib", "check", "commit"} <= set(table[0])
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not interpreting(), reason="the CPU interpreter run")
+def test_triton_outputs_are_checked_against_eager(tmp_path, capsys, monkeypatch):
+    real = bench.topk_select
+
+    def wrong_on_triton(*args, impl, **kwargs):  # a broken kernel: one feature off
+        out = real(*args, impl=impl, **kwargs)
+        if impl == "triton":
+            out = out._replace(features_BkD=out.features_BkD + (out.features_BkD == out.features_BkD.max()))
+        return out
+
+    monkeypatch.setattr(bench, "topk_select", wrong_on_triton)
+    rows = bench.main(["--out", str(tmp_path), "--providers", "eager,triton", "--kinds", "sdm",
+                       "--selections", "select", "--repeats", "1"])
+    check = {(r.op, r.provider): r.check for r in rows}
+    assert check[("similarity", "triton")].startswith("ok (rel err")
+    assert check[("topk", "triton")].startswith("MISMATCH")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mismatches"] == 2
+    profiles = json.loads((tmp_path / "bench.json").read_text())["profiles"]
+    assert set(profiles) == {"similarity sdm n=64 N=256 D=64", "topk select B=4 L=64 k=19 D=32"}
+    assert all(p["kernels"] and p["total_us"] > 0 for p in profiles.values())
+
+
+@pytest.mark.parametrize("name, spec", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200"),
+    ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"), ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
+    ("NVIDIA GeForce RTX 4090", None)])
+def test_device_specification_table(name, spec):
+    assert bench.device_spec(name)[0] == spec

@@ -83,20 +83,72 @@ def test_triton_matches_float64_reference(kind, n, N, D, num_ids, dtype):
     assert_close_verbose(out[2], ref[2], atol=ga * scale + floor, rtol=gr, name="d key")
 
 
-def test_key_splits_and_backward_chunks_do_not_change_the_result(monkeypatch):
-    """Force 3 key ranges in the forward and 3 row chunks in the backward."""
-    q, k, qm, km, qid, kid = make_case(150, 190, 32, num_ids=9, seed=1)
+def test_key_splits_sliced_width_and_backward_chunks_do_not_change_the_result(monkeypatch):
+    """Against the default path (one key range, the query tile loaded once, one row chunk):
+    3 key ranges, the width in two BLOCK_K slices through the flat loop, 3 row chunks."""
+    q, k, qm, km, qid, kid = make_case(150, 190, 40, num_ids=9, seed=1)
     upstream = torch.randn(150, dtype=torch.float64, device=DEVICE)
     for kind in ("sdm", "tal", "itc"):
         args = dict(kind=kind, dtype=torch.float32, normalize=False, upstream=upstream)
         ref = run("triton", q, k, qid, kid, qm, km, **args)
         with monkeypatch.context() as m:
             m.setattr(sl, "_num_splits", lambda *a: 3)
+            m.setattr(sl, "_Q_ONCE_MAX_D", 0)
             m.setattr(sl, "_BWD_CHUNK_BYTES", 64 * 190 * 4)
             out = run("triton", q, k, qid, kid, qm, km, **args)
         for a, b, name in zip(out, ref, ("loss", "d query", "d key")):
             atol = 1e-5 * max(1.0, b.abs().max().item())  # only fp32 summation order differs
             assert_close_verbose(a, b, atol=atol, rtol=1e-5, name=f"{kind} {name}")
+
+
+def test_chunked_backward_sums_d_key_in_fp32(monkeypatch):
+    """With several row chunks, dK is accumulated in fp32 and rounded once, so it equals the
+    one-chunk bf16 result (rounding each chunk's part to bf16 changed about a third of it)."""
+    q, k, qm, km, qid, kid = make_case(260, 96, 32, num_ids=20, seed=11)
+    q, k = q.bfloat16().double(), k.bfloat16().double()
+    upstream = torch.rand(260, dtype=torch.float64, device=DEVICE)
+    args = dict(kind="sdm", dtype=torch.bfloat16, normalize=False, upstream=upstream)
+    one = run("triton", q, k, qid, kid, qm, km, **args)
+    monkeypatch.setattr(sl, "_BWD_CHUNK_BYTES", 64 * 96 * 2)  # chunks of 64 rows
+    chunked = run("triton", q, k, qid, kid, qm, km, **args)
+    assert torch.equal(chunked[1], one[1])
+    assert (chunked[2] != one[2]).float().mean() < 0.01
+
+
+def test_forward_and_backward_issue_no_small_torch_ops(monkeypatch):
+    """The row algebra and the split merge run in the rows kernel, the upstream scaling in the
+    gradient kernels: besides the launches (not run here) the forward issues one torch op that
+    computes (the sort of the key ids) and the backward two (the matmuls), whatever the splits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in ("empty", "empty_like", "slice", "alias", "permute", "t", "detach",
+                            "view", "_to_copy", "lift_fresh"):
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    launches = []
+    monkeypatch.setattr(dispatch, "launch", lambda kernel, *a, **k: launches.append(kernel))
+    q, k, qm, km, qid, kid = make_case(40, 70, 16, num_ids=5, device="cpu")
+    q, k = q.float().requires_grad_(), k.float().requires_grad_()
+    for splits in (1, 3):
+        monkeypatch.setattr(sl, "_num_splits", lambda *a, s=splits: s)
+        for kind, mom in (("sdm", (None, None)), ("itc", (qm.float(), km.float()))):
+            launches.clear()
+            with Ops() as fwd:
+                loss = sl.SimilarityLossFunction.apply(q, k, qid, kid, *mom, kind, 0.02, 0.1, 1.0,
+                                                       1e-8, 0.4, 2.0)
+            assert fwd.ops == ["sort"] and len(launches) == 2, (fwd.ops, launches)
+            upstream = torch.ones(40)
+            with Ops() as bwd:
+                torch.autograd.grad(loss, (q, k), upstream)
+            assert bwd.ops == ["mm", "mm"] and len(launches) == 4, (bwd.ops, launches)
 
 
 # --------------------------------------------------------------------------- the formulas
