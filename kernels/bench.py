@@ -23,9 +23,10 @@ matrix), each as a share of the device's specification peak (SPECS: dense tensor
 the benchmark dtype and HBM bandwidth; "unknown device" leaves the shares empty), and the peak
 extra memory beyond the inputs. For the Triton path at each case, torch.profiler's per-kernel
 breakdown (device time per kernel, share of the total). Results: bench.csv, bench.json (device,
-spec, versions, commit, command, rows, profiles) and bench.png, written after every case so an
-interrupted run keeps what it measured; default folder runs/bench/<device>-<time> (git ignores
-runs/). Prints a table and, last, one JSON line.
+spec, versions, commit, command, rows, profiles; on a GPU also the tiles each launch chose and
+every compiled kernel's registers and spills as the driver loaded it) and bench.png, written
+after every case so an interrupted run keeps what it measured; default folder
+runs/bench/<device>-<time> (git ignores runs/). Prints a table and, last, one JSON line.
 """
 import argparse
 import csv
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import _dispatch
 from kernels._dispatch import HAS_TRITON, interpreting
 from kernels.similarity_loss import KINDS, similarity_loss
 from kernels.topk_select import topk_select
@@ -165,6 +167,30 @@ def profile(fn, device, top=12):
     for r in rows:
         r["share"] = round(r["us"] / total, 3)
     return dict(unit="device us" if cuda else "CPU us (self)", total_us=round(total, 1), kernels=rows[:top])
+
+
+def compiled_kernels() -> list:
+    """What the driver reports for every kernel variant this process compiled: registers and
+    spills as the GPU loaded them (the offline check is tests/kernels/compile_sm90.py)."""
+    import importlib
+
+    out = []
+    for module in ("kernels.similarity_loss", "kernels.topk_select"):
+        for name, fn in vars(importlib.import_module(module)).items():
+            caches = getattr(fn, "device_caches", None)
+            if not name.startswith("_") or not isinstance(caches, dict):
+                continue
+            for cache in caches.values():
+                for kernel in cache[0].values():
+                    try:
+                        kernel._init_handles()  # registers and spills are known once loaded
+                        meta = kernel.metadata
+                        out.append(dict(kernel=name, registers=kernel.n_regs, spills=kernel.n_spills,
+                                        shared=meta.shared, num_warps=meta.num_warps,
+                                        num_stages=meta.num_stages))
+                    except Exception as e:  # noqa: BLE001  another Triton's internals: say so
+                        out.append(dict(kernel=name, error=f"{type(e).__name__}: {e}"))
+    return out
 
 
 def relative_error(got, want) -> float:
@@ -342,13 +368,17 @@ def fmt(x, spec=".3g"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def write(out: Path, rows, profiles, env, note):
+def write(out: Path, rows, profiles, env, note, cuda: bool):
     with open(out / "bench.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*asdict(Row("", "", "", "", "")), *env])
         writer.writeheader()
         writer.writerows({**asdict(r), **env} for r in rows)
+    extra = {}
+    if cuda:  # the tiles each launch chose, and the compiled variants as the driver sees them
+        extra = {"tiles": {" ".join(map(str, k)): v for k, v in _dispatch._chosen.items()},
+                 "compiled_kernels": compiled_kernels()}
     (out / "bench.json").write_text(json.dumps({**env, "note": note, "rows": [asdict(r) for r in rows],
-                                                "profiles": profiles}, indent=1))
+                                                "profiles": profiles, **extra}, indent=1, default=str))
 
 
 def print_table(rows, profiles, env, note):
@@ -466,7 +496,7 @@ def main(argv=None):
             rows += case_rows
             if prof is not None:
                 profiles[" ".join(key)] = prof
-            write(out, rows, profiles, env, note)  # after every case: an interrupted run keeps it
+            write(out, rows, profiles, env, note, cuda)  # after every case: a cut-off run keeps it
     plot(rows, env, out / "bench.png")
     print_table(rows, profiles, env, note)
     print(json.dumps({"out": str(out), "device": env["device"], "rows": len(rows),

@@ -58,9 +58,9 @@ one in the backward) competes with the matrix multiplies below D = 256; several 
 (registers, checked by tests/kernels/compile_sm90.py) let one program's epilogue overlap another's
 tl.dot. The backward writes g once and reads it twice (6 n N bytes in bf16).
 
-Tiles: on the GPU a short list of configurations is timed once per shape (`_dispatch.launch`,
-logged) and
-the fastest kept; the interpreter runs one configuration.
+Tiles: on the GPU a short list of configurations (those whose copy buffers fit the device's shared
+memory) is timed once per shape by `_dispatch.launch`, the choice logged, the fastest kept; the
+interpreter runs one configuration.
 
 Numerics: accumulation, exponentials and row statistics in fp32; bf16/fp16 operands go to tl.dot
 as they are on a GPU (tensor cores, fp32 accumulate); in the interpreter, which mishandles bf16
@@ -511,13 +511,20 @@ def _row_blocks(D: int, x: torch.Tensor) -> dict:
     return dict(BLOCK_R=128, BLOCK_P=32, BLOCK_D=min(max(next_pow2(D), 16), 64))
 
 
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) on CUDA
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated in fp32 and returned in fp32 (low-precision inputs stay on the tensor
-    cores through torch.mm's out_dtype where this torch has it)."""
+    """a @ b accumulated in fp32 and returned in fp32; low-precision inputs stay on the tensor
+    cores through torch.mm's out_dtype where this torch and device have it."""
+    global _MM_OUT_DTYPE
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
-        return torch.mm(a, b, out_dtype=torch.float32)
+    if a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError, TypeError):
+            _MM_OUT_DTYPE = False  # not for this dtype or device: upcast from now on
     return a.float() @ b.float()
 
 
@@ -531,10 +538,11 @@ def similarity_forward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin
     splits = _num_splits(n, N, q_nD)
     stats = torch.empty(splits, _NSTAT, n, dtype=torch.float32, device=q_nD.device)
     d_pow2 = max(16, next_pow2(D))
-    consts = dict(D_POW2=d_pow2, Q_ONCE=d_pow2 <= _Q_ONCE_MAX_D, A_NEG=a_neg,
-                  HAS_MOMENTUM=has_mom, **_dot_options(q_nD))
+    q_once = d_pow2 <= _Q_ONCE_MAX_D
+    consts = dict(D_POW2=d_pow2 if q_once else 16,  # unused when slicing: one variant for every D
+                  Q_ONCE=q_once, A_NEG=a_neg, HAS_MOMENTUM=has_mom, **_dot_options(q_nD))
     configs = _candidates(q_nD, _STATS_CONFIGS, _INTERPRETER_STATS, lambda c: _pipeline_bytes(
-        c, q_nD.element_size(), 1 + has_mom, d_pow2, consts["Q_ONCE"]))
+        c, q_nD.element_size(), 1 + has_mom, d_pow2, q_once))
     args = (q_nD, k_ND, qm_nD, km_ND, qid_n, kid_N, stats, n, N, D, splits,
             q_nD.stride(0), k_ND.stride(0), qm_nD.stride(0), km_ND.stride(0), LOG2E / tau)
     _dispatch.launch(_similarity_stats_kernel, lambda c: (triton.cdiv(n, c["BLOCK_M"]), splits),
