@@ -112,20 +112,49 @@ def _init_like_clip(module: nn.Module, width: int, layers: int) -> None:
             nn.init.zeros_(m.bias)
 
 
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the rows a mask selects (B x k x C input, B x k mask): statistics and
+    running averages from those rows only, with masks rather than a boolean index, so nothing
+    waits for the device to say how many rows there are. Same parameters and state as
+    BatchNorm1d; called as a module, so ZeRO-3 gathers its parameters."""
+
+    def forward(self, x_BkC: torch.Tensor, mask_Bk: torch.Tensor | None = None) -> torch.Tensor:
+        if mask_Bk is None:                      # every row (N x C): plain BatchNorm1d
+            return super().forward(x_BkC)
+        use_batch = self.training or not self.track_running_stats
+        if use_batch:
+            m = mask_Bk.to(x_BkC.dtype)[..., None]
+            n = m.sum(dim=(0, 1))
+            mean = (x_BkC * m).sum(dim=(0, 1)) / n.clamp(min=1.0)
+            var = (((x_BkC - mean) * m) ** 2).sum(dim=(0, 1)) / n.clamp(min=1.0)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    unbiased = var * n / (n - 1).clamp(min=1.0)
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                    self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        y = (x_BkC - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y
+
+
 class TokenSelectionEmbedding(nn.Module):
     """RDE's TSE aggregation of already selected tokens (METHODS.md).
 
     Each valid selected token is L2-normalised, mapped by FC(E -> out) + MLP(E -> E, BatchNorm,
     ReLU, -> out), and the results are max-pooled over the valid tokens of the sample. Slots
     that are not valid (a caption shorter than k) take part in nothing, BatchNorm statistics
-    included. `keep_bn_eval=True` reproduces the authors' released code, whose training ran
-    with these BatchNorms in eval mode.
+    included (a masked BatchNorm: no boolean indexing, so no host sync). `keep_bn_eval=True`
+    reproduces the authors' released code, whose training ran with these BatchNorms in eval mode.
     """
 
     def __init__(self, in_dim: int, out_dim: int, *, keep_bn_eval: bool = False):
         super().__init__()
         self.fc = nn.Linear(in_dim, out_dim)
-        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.BatchNorm1d(in_dim), nn.ReLU(),
+        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), MaskedBatchNorm1d(in_dim), nn.ReLU(),
                                  nn.Linear(in_dim, out_dim))
         self.keep_bn_eval = keep_bn_eval
 
@@ -136,10 +165,8 @@ class TokenSelectionEmbedding(nn.Module):
         return self
 
     def forward(self, tokens_BkE: torch.Tensor, valid_Bk: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.normalize(tokens_BkE[valid_Bk], dim=-1)
-        y = self.fc(x) + self.mlp(x)
-        out = torch.full((*valid_Bk.shape, y.shape[-1]), float("-inf"), dtype=y.dtype,
-                         device=y.device)
-        out[valid_Bk] = y
-        pooled = out.max(dim=1).values
+        x = torch.nn.functional.normalize(tokens_BkE, dim=-1)
+        h = self.mlp[2](self.mlp[1](self.mlp[0](x), valid_Bk))
+        y = self.fc(x) + self.mlp[3](h)
+        pooled = y.masked_fill(~valid_Bk[..., None], float("-inf")).max(dim=1).values
         return torch.where(valid_Bk.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))

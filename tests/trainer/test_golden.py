@@ -1,7 +1,6 @@
 """Refactor parity: the IRRA and RDE presets reproduce the per-step losses (and RDE's divisions)
-recorded in golden_losses.json to a relative 1e-6 (tests/trainer/golden.py says how)."""
-import json
-
+recorded in golden_losses.json to a relative 1e-6 (tests/trainer/golden.py says how, and why
+RDE's record was re-taken once)."""
 import pytest
 
 from tests.trainer import golden
@@ -16,7 +15,7 @@ def golden_shards(tmp_path_factory):
 
 @pytest.mark.parametrize("preset", list(golden.PRESETS))
 def test_preset_reproduces_the_golden_losses(tmp_path, golden_shards, preset):
-    want = json.loads(golden.RECORD.read_text())["losses"][preset]
+    want = golden.expected(preset)
     got = golden.run_preset(preset, golden_shards, tmp_path / "run")
     problems = golden.compare(got, want)
     assert not problems, "\n".join(problems[:20])

@@ -1,0 +1,40 @@
+"""The masked BatchNorm of the TSE head is BatchNorm over the valid rows (float64, exact maths)."""
+import torch
+
+from trainer.heads import TokenSelectionEmbedding
+
+
+def _boolean_index_reference(head, tokens_BkE, valid_Bk):
+    """What the head computed with a boolean index (a host sync on a GPU)."""
+    x = torch.nn.functional.normalize(tokens_BkE[valid_Bk], dim=-1)
+    bn = head.mlp[1]
+    h = head.mlp[0](x)
+    h = torch.nn.functional.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                       bn.training, bn.momentum, bn.eps)
+    y = head.fc(x) + head.mlp[3](torch.relu(h))
+    out = torch.full((*valid_Bk.shape, y.shape[-1]), float("-inf"), dtype=y.dtype)
+    out[valid_Bk] = y
+    pooled = out.max(dim=1).values
+    return torch.where(valid_Bk.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
+
+
+def test_masked_batchnorm_equals_batchnorm_over_the_valid_rows():
+    torch.manual_seed(0)
+    head = TokenSelectionEmbedding(8, 5).double()
+    ref = TokenSelectionEmbedding(8, 5).double()
+    ref.load_state_dict(head.state_dict())
+    tokens = torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0],
+                          [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    for mode in (True, False):
+        head.train(mode), ref.train(mode)
+        got = head(tokens, valid)
+        want = _boolean_index_reference(ref, tokens, valid)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        g_got = torch.autograd.grad(got.square().sum(), [tokens, *head.parameters()])
+        g_want = torch.autograd.grad(want.square().sum(), [tokens, *ref.parameters()])
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(head.mlp[1], name), getattr(ref.mlp[1], name))
+    assert int(head.mlp[1].num_batches_tracked) == 1
