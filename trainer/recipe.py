@@ -176,13 +176,12 @@ class Recipe(nn.Module):
                 value = self._similarity_term(term, name, emb, keys, pid, key_ids, mom, step, w,
                                               out)
             elif term.kind == "id":
-                value = self._id_term(term, img, txt, pid, w)
+                value, out[name] = self._id_term(term, img, txt, pid, w)
             elif term.kind == "mlm":
-                value = self._mlm_term(encoder, masked_ids, mlm_labels, img, txt, w)
+                value, out[name] = self._mlm_term(encoder, masked_ids, mlm_labels, img, w)
             else:
-                value = self._itm_term(term, img, txt, emb, keys, pid, key_ids, step, w)
-            if term.kind not in SIMILARITY_KINDS:
-                out[name] = value.detach()
+                value, out[name] = self._itm_term(term, img, txt, emb, keys, pid, key_ids, step,
+                                                  w)
             total = total + term.weight * value
         if weight_B is not None:
             out["anchors" if rc.weighting.use == "labels" else "mean_weight"] = weight_B.mean()
@@ -324,20 +323,26 @@ class Recipe(nn.Module):
             per_B = branch_B if per_B is None else per_B + branch_B
         return _reduce(per_B, w, term.reduction)
 
-    def _id_term(self, term, img, txt, pid, w):
-        if w is None and term.reduction == "mean":
-            return losses.id_loss(self.classifier(img.embeds_BE), self.classifier(txt.embeds_BE),
-                                  pid)
-        per_B = losses.id_loss(self.classifier(img.embeds_BE), self.classifier(txt.embeds_BE),
-                               pid, reduction="none")
-        return _reduce(per_B, w, term.reduction)
+    # Each term returns (its value, what is logged: the unweighted mean over this rank).
 
-    def _mlm_term(self, encoder, masked_ids, labels, img, txt, w):
+    def _id_term(self, term, img, txt, pid, w):
+        logits_i, logits_t = self.classifier(img.embeds_BE), self.classifier(txt.embeds_BE)
+        if w is None and term.reduction == "mean":
+            value = losses.id_loss(logits_i, logits_t, pid)
+            return value, value.detach()
+        per_B = losses.id_loss(logits_i, logits_t, pid, reduction="none")
+        return _reduce(per_B, w, term.reduction), per_B.detach().mean()
+
+    def _mlm_term(self, encoder, masked_ids, labels, img, w):
         masked_txt = encoder.encode_text(masked_ids, rows="none", length=masked_ids.shape[1])
         pad = torch.arange(masked_ids.shape[1], device=masked_ids.device)[None] > \
             masked_txt.eos_B[:, None]
         logits = self.mlm_head(self.cross(masked_txt.tokens_BLE, img.tokens_BTE, pad))
-        return losses.mlm_loss(logits, labels, None if w is None else w[:, None].expand_as(labels))
+        if w is None:
+            value = losses.mlm_loss(logits, labels)
+            return value, value.detach()
+        value = losses.mlm_loss(logits, labels, w[:, None].expand_as(labels))
+        return value, losses.mlm_loss(logits.detach(), labels)
 
     def _itm_term(self, term, img, txt, emb, keys, pid, key_ids, step, w):
         """ITM on the cross-modal encoder's first token: each pair, one hard negative text per
@@ -368,7 +373,7 @@ class Recipe(nn.Module):
         ce = F.cross_entropy(logits, labels, reduction="none").view(3, B)
         valid = torch.stack([torch.ones_like(ok_img), ok_img, ok_txt]).float()
         per_B = (ce * valid).sum(0) / valid.sum(0)
-        return _reduce(per_B, w, term.reduction)
+        return _reduce(per_B, w, term.reduction), per_B.detach().mean()
 
     # -- scoring for the weighting part ------------------------------------------------------------
 

@@ -1,0 +1,46 @@
+"""Every recipe command the README shows builds and trains two steps (the momentum model and
+the division included), here in one process on the tiny synthetic shards."""
+import json
+import re
+import shlex
+
+import pytest
+
+from tests.trainer.conftest import REPO, TINY_MODEL
+
+pytestmark = pytest.mark.slow
+
+
+def readme_recipes() -> list[list[str]]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- recipes: begin -->(.*?)<!-- recipes: end -->", text, re.S).group(1)
+    lines = [ln for ln in block.splitlines() if ln.startswith("python -m trainer.train")]
+    assert len(lines) >= 6
+    return [shlex.split(ln)[3:] for ln in lines]
+
+
+def test_readme_recipes_are_the_ones_tested():
+    assert any("method=aga" in args for args in readme_recipes())
+
+
+@pytest.mark.parametrize("args", readme_recipes(), ids=lambda a: " ".join(a[1:])[:60] or a[0])
+def test_readme_recipe_trains_two_steps(tmp_path, tiny_shards, args):
+    from trainer.config import load_config, parse_overrides
+    from trainer.train import Run
+
+    config, overrides = args[1], parse_overrides(args[2:])
+    cfg = load_config(REPO / config, overrides + [
+        f"data.shards={tiny_shards}", f"train.output_dir={tmp_path / 'run'}", *TINY_MODEL,
+        "train.max_steps=2", "eval.select_split=none", "eval.final_split=none",
+        "recipe.weighting.warmup_epochs=0"])
+    report = Run(cfg).fit()
+    assert report["steps"] == 2
+    events = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2]
+    assert all(0 < e["loss"] < 1e4 for e in steps)
+    if cfg.needs_momentum():
+        assert "ema_momentum" in steps[0]
+    if cfg.recipe.weighting.kind != "none":
+        assert [e["epoch"] for e in events if e["event"] == "epoch_start"] == [0]
+    assert (tmp_path / "run" / "final" / "model.json").is_file()
