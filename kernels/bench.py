@@ -32,6 +32,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -344,8 +345,8 @@ def environment(device, dtype, argv):
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels"], cwd=root,
                                capture_output=True, text=True).stdout.strip()
         commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git: the caller may say
+        commit = os.environ.get("KERNELS_COMMIT", "unknown")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -489,14 +490,18 @@ def main(argv=None):
             cases.append(topk_cases(SIZES[size]["topk"], args.selections.split(","), providers,
                                     device, dtype))
     rows, profiles = [], {}
-    for gen in cases:
-        for key, fns, work, exact in gen:
-            case_rows, prof = run_case(key, fns, work, exact, device, dtype, env["spec_peaks"],
-                                       args.repeats, not args.no_profile and "triton" in fns)
-            rows += case_rows
-            if prof is not None:
-                profiles[" ".join(key)] = prof
-            write(out, rows, profiles, env, note, cuda)  # after every case: a cut-off run keeps it
+    try:
+        for gen in cases:
+            for key, fns, work, exact in gen:
+                case_rows, prof = run_case(key, fns, work, exact, device, dtype, env["spec_peaks"],
+                                           args.repeats, not args.no_profile and "triton" in fns)
+                rows += case_rows
+                if prof is not None:
+                    profiles[" ".join(key)] = prof
+                write(out, rows, profiles, env, note, cuda)  # after every case: a cut run keeps it
+    except KeyboardInterrupt:  # SIGINT (a time limit): report the cases that finished
+        note = (note + "; " if note else "") + f"interrupted after {len(rows)} rows"
+        write(out, rows, profiles, env, note, cuda)
     plot(rows, env, out / "bench.png")
     print_table(rows, profiles, env, note)
     print(json.dumps({"out": str(out), "device": env["device"], "rows": len(rows),

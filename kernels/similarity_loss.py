@@ -32,8 +32,9 @@ Forward: three launches, the n x N matrix is never written.
   1. `_similarity_stats_kernel`, the only O(n N D) part: S tiles by tl.dot, and per row the
      online softmax over the NEGATIVES only (one compare, one max, one exp2 per element) and for
      itc the momentum softmax. One flat loop over (key tile, D slice) keeps the copy pipeline full
-     across key tiles; when D <= _Q_ONCE_MAX_D the query tile is loaded once, before the loop, and
-     the loop streams keys only. Keys split over a second grid axis when n is small.
+     across key tiles; when D <= _Q_ONCE_MAX_D (and the dot runs on tensor cores) the query tile
+     is loaded once, before the loop, and the loop streams keys only. Keys split over a second
+     grid axis when n is small.
   2. `torch.sort` of the key ids (the only torch op of the row algebra).
   3. `_similarity_rows_kernel`: per row, merges the key splits, finds the query's positive keys
      in the sorted ids (binary search), computes their z exactly in O(P D), and the loss and the
@@ -538,9 +539,12 @@ def similarity_forward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin
     splits = _num_splits(n, N, q_nD)
     stats = torch.empty(splits, _NSTAT, n, dtype=torch.float32, device=q_nD.device)
     d_pow2 = max(16, next_pow2(D))
-    q_once = d_pow2 <= _Q_ONCE_MAX_D
+    dot = _dot_options(q_nD)
+    # an IEEE fp32 dot (no tensor cores) holds its operands in registers: a whole-width query
+    # tile would spill, so that one always slices
+    q_once = d_pow2 <= _Q_ONCE_MAX_D and dot["INPUT_PRECISION"] != "ieee"
     consts = dict(D_POW2=d_pow2 if q_once else 16,  # unused when slicing: one variant for every D
-                  Q_ONCE=q_once, A_NEG=a_neg, HAS_MOMENTUM=has_mom, **_dot_options(q_nD))
+                  Q_ONCE=q_once, A_NEG=a_neg, HAS_MOMENTUM=has_mom, **dot)
     configs = _candidates(q_nD, _STATS_CONFIGS, _INTERPRETER_STATS, lambda c: _pipeline_bytes(
         c, q_nD.element_size(), 1 + has_mom, d_pow2, q_once))
     args = (q_nD, k_ND, qm_nD, km_ND, qid_n, kid_N, stats, n, N, D, splits,

@@ -11,8 +11,9 @@ candidate tile configuration, and its PTX assembled again by the ptxas Triton us
 The shapes are the goal's and training's, in bf16: similarity n = 64 queries against N = 512
 keys and n = N = 16384 (forward; its backward specialises like the training size: every size and
 stride divisible by 16), D = 512, every kind, and top-k selection at 1024 x 576, k = 172, D = 768.
---all adds fp16, fp32 (IEEE and TF32) and D = 256 (the query tile loaded once). Run in a process
-without TRITON_INTERPRET (the compiles run in --jobs processes, default 2):
+--all adds fp16, fp32 (IEEE and TF32) and D = 256 (the query tile loaded once), which the GPU
+tests launch too (kernels/gpu_check.sh runs it first, on every core, and so fills Triton's cache).
+Run in a process without TRITON_INTERPRET (the compiles run in --jobs processes, default 2):
     python -m tests.kernels.compile_sm90                 # the table
     python -m tests.kernels.compile_sm90 --all --json out.json
 """
@@ -185,14 +186,15 @@ def launches(everything: bool):
     out = (similarity_launches(64, 512, 512, bf16, sl.KINDS)
            + similarity_launches(16384, 16384, 512, bf16, sl.KINDS, backward=False)
            + topk_launches(1024, 576, 768, bf16))
-    if everything:
+    if everything:  # also what tests -m gpu launch (fp32 at D = 256 with and without TF32)
         out += similarity_launches(64, 512, 512, torch.float16, sl.KINDS)
         out += similarity_launches(64, 512, 256, bf16, ("sdm", "itc"))
-        out += similarity_launches(64, 512, 512, torch.float32, ("sdm", "itc"))
         before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
         try:
-            out += similarity_launches(64, 512, 512, torch.float32, ("sdm", "itc"))
+            for tf32 in (False, True):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                out += similarity_launches(64, 512, 512, torch.float32, ("sdm", "itc"))
+                out += similarity_launches(64, 512, 256, torch.float32, ("sdm", "tal", "itc"))
         finally:
             torch.backends.cuda.matmul.allow_tf32 = before
     return out

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The kernel checks that need a GPU (an H100 or H200), in one command, within a time budget:
+#
+#   OUT=/path/to/results bash kernels/gpu_check.sh            # about 8 minutes (BUDGET_S=480)
+#   OUT=/tmp/gpu-check BUDGET_S=300 bash kernels/gpu_check.sh # on a CPU machine: small sizes
+#
+# Steps, each in its own log under $OUT, each cut at the smaller of its cap and the time left
+# (a cut step keeps what it wrote: the benchmark writes its files after every case):
+#   env            nvidia-smi, versions, commit (set KERNELS_COMMIT where the copy has no .git)
+#   compile        python -m tests.kernels.compile_sm90 --all on every core: the registers and
+#                  spills of each launched variant, and Triton's cache filled for the steps below
+#   pytest         python -m pytest -m gpu tests/kernels (numerics against eager, large shapes,
+#                  memory linear in n + N)
+#   bench-quick    python -m kernels.bench --providers eager,triton (every kind and selection at
+#                  the goal and training sizes; no torch.compile, so it always finishes)
+#   step           python -m kernels.step_timing (ViT-B/16 at 384x128, batch 64, IRRA and RDE in
+#                  bf16, with the kernels and with impl=reference)
+#   bench          python -m kernels.bench: the same cases with torch.compile as well (compiling
+#                  the references takes most of its time)
+# Results: $OUT/summary.txt (exit status and seconds of each step), $OUT/*.log, $OUT/compile.json,
+# $OUT/pytest-gpu.xml, $OUT/bench-quick/ and $OUT/bench/ (bench.csv, bench.json, bench.png),
+# $OUT/step/step.json. Without a GPU the same steps run at CPU sizes (the GPU tests skip).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-check}
+BUDGET_S=${BUDGET_S:-480}
+mkdir -p "$OUT"
+: > "$OUT/summary.txt"
+start=$(date +%s)
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME CAP_SECONDS COMMAND...
+  local name=$1 cap=$2
+  shift 2
+  local left=$(( BUDGET_S - ($(date +%s) - start) ))
+  local t=$(( cap < left ? cap : left ))
+  if (( t < 20 )); then
+    echo "$name: skipped, ${left} s of the budget left" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  local s=$(date +%s)
+  timeout --signal=INT --kill-after=20 "$t" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local note=""
+  (( rc == 124 || rc == 130 || rc == 137 )) && note=" (cut at ${t} s)"
+  echo "$name: exit $rc after $(( $(date +%s) - s )) s$note" | tee -a "$OUT/summary.txt"
+}
+
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  gpu=1
+  bench_quick=(--providers eager,triton)
+  bench_full=()
+  step_args=()
+  jobs=$(nproc)
+else
+  gpu=0
+  bench_quick=(--providers eager)
+  bench_full=(--providers eager --kinds sdm,tal)
+  step_args=(--tiny --precision fp32 --steps 2 --warmup 1)
+  jobs=2
+fi
+
+{
+  echo "start: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET_S} s, gpu ${gpu}"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${KERNELS_COMMIT:-unknown}")"
+  python - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: not importable")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(0), f"{p.total_memory / 2**30:.0f} GiB",
+          f"{p.multi_processor_count} SMs", f"sm_{p.major}{p.minor}")
+EOF
+  command -v nvidia-smi > /dev/null && nvidia-smi
+} > "$OUT/env.log" 2>&1
+echo "env: written" | tee -a "$OUT/summary.txt"
+
+step compile 90 env -u TRITON_INTERPRET python -m tests.kernels.compile_sm90 --all \
+  --jobs "$jobs" --json "$OUT/compile.json"
+step pytest 150 python -m pytest -m gpu tests/kernels -q -rs --durations=15 -p no:cacheprovider \
+  --junitxml="$OUT/pytest-gpu.xml"
+step bench-quick 90 python -m kernels.bench "${bench_quick[@]}" --out "$OUT/bench-quick"
+step step 120 python -m kernels.step_timing "${step_args[@]}" --out "$OUT/step"
+step bench 240 python -m kernels.bench "${bench_full[@]}" --out "$OUT/bench"
+echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
