@@ -110,17 +110,21 @@ def erase_box(H: int, W: int, rng: np.random.Generator, scale, ratio
     return 0, 0, 0, 0
 
 
-def normalize_images(images_BHWC: torch.Tensor, boxes_B4: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+def normalize_images(images_BHWC: torch.Tensor, boxes_B4: torch.Tensor | None = None,
+                     any_box: bool | None = None) -> torch.Tensor:
     """uint8 B x H x W x 3 -> float32 B x 3 x H x W, CLIP-normalised, erase boxes set to 0.
 
     Runs where the tensors are: the loader hands over uint8 images (4x fewer bytes to move) and
     the trainer calls this on the accelerator, where it costs nothing next to the model.
+    any_box: whether any box is non-empty, when the caller knows it on the host (else it is
+    read from the device).
     """
     mean = torch.tensor(CLIP_MEAN, device=images_BHWC.device).view(1, 3, 1, 1) * 255.0
     inv_std = 1.0 / (torch.tensor(CLIP_STD, device=images_BHWC.device).view(1, 3, 1, 1) * 255.0)
     x = (images_BHWC.permute(0, 3, 1, 2).float() - mean) * inv_std
-    if boxes_B4 is not None and bool((boxes_B4[:, 2] > 0).any()):
+    if any_box is None and boxes_B4 is not None:
+        any_box = bool((boxes_B4[:, 2] > 0).any())
+    if any_box:
         B, _, H, W = x.shape
         top, left, h, w = (boxes_B4[:, i].view(B, 1, 1) for i in range(4))
         rows = torch.arange(H, device=x.device).view(1, H, 1)
@@ -131,8 +135,11 @@ def normalize_images(images_BHWC: torch.Tensor, boxes_B4: torch.Tensor | None = 
 
 
 def prepare_batch(batch: dict, device, non_blocking: bool = True) -> dict:
-    """A loader batch on `device`, with its images normalised there (see normalize_images)."""
+    """A loader batch on `device`, with its images normalised there (see normalize_images).
+    Whether any erase box is set is read on the host, before the copy: no device sync."""
+    erase = batch.get("erase")
+    any_box = None if erase is None else bool((erase[:, 2] > 0).any())
     out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
     if "image" in out:
-        out["image"] = normalize_images(out["image"], out.pop("erase", None))
+        out["image"] = normalize_images(out["image"], out.pop("erase", None), any_box)
     return out

@@ -296,22 +296,12 @@ class Run:
         sums = LoggedSums()
         for batch in self.loader.epoch(s.epoch, s.batch_in_epoch):
             batch = self._to_device(batch)
-            lr = set_lr(self.optimizer, cfg.optim.lr, self.lr_factor(s.step))
-            info = self.step_info()
-            with acc.accumulate(self.model):
-                out = self.model(batch, mode="train", step=info)
-                acc.backward(out["loss"])
-                if acc.sync_gradients and cfg.optim.grad_clip:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            out, lr, info = self.train_step(batch)
             sums.add(out)                    # stays on the device until a logging step
             s.batch_in_epoch += 1
             s.samples_seen += batch["pid"].shape[0] * acc.num_processes
             if not acc.sync_gradients:
                 continue
-            if self.ema is not None:
-                self.ema.update(s.step)
             s.step += 1
             if s.step % cfg.train.log_every_steps == 0 or self._done():
                 values = sums.mean_over_ranks()
@@ -341,6 +331,30 @@ class Run:
         stats = self.loader.stats.snapshot()
         if any(stats.values()):
             self.monitor.log("data", echo=True, epoch=s.epoch, **stats)
+
+    def train_step(self, batch: dict, mark=None):
+        """One micro-batch: forward and backward; at an accumulation boundary also the optimizer
+        step and the EMA update (the caller counts the step). `mark(phase)`, for benchmarks,
+        is called at the end of each phase ("forward", "backward", "optimizer", "ema").
+        Returns (the recipe's outputs, the learning rate, the StepInfo)."""
+        cfg, acc = self.cfg, self.acc
+        mark = mark or (lambda phase: None)
+        lr = set_lr(self.optimizer, cfg.optim.lr, self.lr_factor(self.state.step))
+        info = self.step_info()
+        with acc.accumulate(self.model):
+            out = self.model(batch, mode="train", step=info)
+            mark("forward")
+            acc.backward(out["loss"])
+            mark("backward")
+            if acc.sync_gradients and cfg.optim.grad_clip:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            mark("optimizer")
+        if acc.sync_gradients and self.ema is not None:
+            self.ema.update(self.state.step)
+            mark("ema")
+        return out, lr, info
 
     def _select(self, split: str) -> None:
         s = self.state
