@@ -22,11 +22,14 @@ The model knows nothing about distribution.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
@@ -109,10 +112,14 @@ class DualEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, cfg: ModelConfig, *, vocab_size: int, eot_id: int
                         ) -> "DualEncoder":
-        """A pretrained CLIP; position table interpolated to the grid, vocabulary grown if the
-        tokenizer added tokens (the mask token)."""
+        """A pretrained CLIP for the configured grid; vocabulary grown if the tokenizer added
+        tokens (the mask token). The position table, in order of preference: used as it is when
+        it already has 1 + gh*gw rows (a folder saved from a model of this grid, e.g.
+        `encoder.clip.save_pretrained`); the trained points picked out of the square table of an
+        export of this grid (`tbps_export.json` says exact_position_grid: trainer/export.py put
+        them there); else interpolated bilinearly from the square table (IRRA)."""
         try:
-            clip = CLIPModel.from_pretrained(name)
+            clip, table = _load_clip(name)
         except OSError as exc:
             raise FileNotFoundError(f"could not load CLIP weights from {name!r}: {exc}") from None
         patch = clip.config.vision_config.patch_size
@@ -122,8 +129,18 @@ class DualEncoder(nn.Module):
                              f"pretrained patch size {patch}")
         grid = (h // patch, w // patch)
         emb = clip.vision_model.embeddings
-        emb.position_embedding = _grid_table(emb.position_embedding.weight.data, grid)
-        log.info("interpolated the pretrained position embedding to the %dx%d patch grid", *grid)
+        table = emb.position_embedding.weight.data if table is None else table
+        if table.shape[0] == 1 + grid[0] * grid[1]:
+            emb.position_embedding = nn.Embedding.from_pretrained(table.clone(), freeze=False)
+            log.info("the pretrained position table fits the %dx%d patch grid: used as it is",
+                     *grid)
+        elif _exported_for(name, cfg.image_size):
+            emb.position_embedding = _exact_points(table, grid)
+            log.info("took the %dx%d trained positions out of the exported square table", *grid)
+        else:
+            emb.position_embedding = _grid_table(table, grid)
+            log.info("interpolated the pretrained position embedding to the %dx%d patch grid",
+                     *grid)
         if vocab_size > clip.config.text_config.vocab_size:
             _grow_vocab(clip, vocab_size)
         clip.config.text_config.eos_token_id = eot_id
@@ -258,6 +275,54 @@ def _grid_table(weight_PD: torch.Tensor, grid: tuple[int, int]) -> nn.Embedding:
     emb = nn.Embedding(table.shape[0], table.shape[1])
     emb.weight.data.copy_(table.to(weight_PD.dtype))
     return emb
+
+
+POSITIONS = "vision_model.embeddings.position_embedding.weight"
+
+
+def _load_clip(name: str) -> tuple[CLIPModel, torch.Tensor | None]:
+    """The CLIP of `name`, and the stored position table when it is not the square one the
+    config describes (a local folder saved from a model of a non-square grid; transformers
+    cannot hold that table, so it is read from the file and every other tensor is checked)."""
+    path = Path(name) / "model.safetensors"
+    if not path.is_file():
+        return CLIPModel.from_pretrained(name), None
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        table = f.get_tensor(POSITIONS) if POSITIONS in shapes else None
+    vc = CLIPConfig.from_pretrained(name).vision_config
+    if table is None or table.shape[0] == 1 + (vc.image_size // vc.patch_size) ** 2:
+        return CLIPModel.from_pretrained(name), None
+    clip = CLIPModel.from_pretrained(name, ignore_mismatched_sizes=True)
+    have = {k: tuple(v.shape) for k, v in clip.state_dict().items()}
+    wrong = [k for k, s in shapes.items() if k != POSITIONS and k in have and have[k] != s]
+    if wrong:
+        raise ValueError(f"{name}: stored tensors do not fit its config.json: {wrong[:5]}")
+    return clip, table
+
+
+def _exported_for(name: str, image_size: tuple[int, int]) -> bool:
+    """Whether `name` is an export (trainer/export.py) of a model of this image size whose
+    square table holds the trained positions exactly."""
+    info = Path(name) / "tbps_export.json"
+    if not info.is_file():
+        return False
+    data = json.loads(info.read_text())
+    return bool(data.get("exact_position_grid")) and tuple(data.get("image_size", ())) == \
+        tuple(image_size)
+
+
+def _exact_points(weight_PD: torch.Tensor, grid: tuple[int, int]) -> nn.Embedding:
+    """The (1 + gh*gw) x D table an export placed in its (1 + S*S) x D square one (the points
+    trainer/export.py square_grid wrote: row i*S/gh + (S/gh - 1)/2, the same for columns)."""
+    gh, gw = grid
+    side = int(round((weight_PD.shape[0] - 1) ** 0.5))
+    rh, rw = side // gh, side // gw
+    rows = torch.arange(gh) * rh + (rh - 1) // 2
+    cols = torch.arange(gw) * rw + (rw - 1) // 2
+    patches = weight_PD[1:].reshape(side, side, -1)[rows[:, None], cols[None, :]]
+    table = torch.cat([weight_PD[:1], patches.reshape(gh * gw, -1)])
+    return nn.Embedding.from_pretrained(table.clone(), freeze=False)
 
 
 def _grow_vocab(clip: CLIPModel, vocab_size: int) -> None:

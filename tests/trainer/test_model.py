@@ -121,6 +121,50 @@ def test_pretrained_folder_interpolates_grid_and_grows_vocab(tok, tmp_path):
         DualEncoder.from_pretrained(str(tmp_path / "missing"), cfg, vocab_size=10, eot_id=4)
 
 
+def test_pretrained_table_that_fits_the_grid_is_used_as_it_is(tok, tmp_path):
+    trained = _encoder(tok, image_size=(96, 32))                  # 12 x 4 grid, 49 positions
+    trained.clip.save_pretrained(tmp_path / "plain")              # transformers cannot hold it
+    cfg = ModelConfig(image_size=(96, 32), patch_size=8)
+    enc = DualEncoder.from_pretrained(str(tmp_path / "plain"), cfg, vocab_size=tok.vocab_size,
+                                      eot_id=tok.eot_id).eval()
+    want = trained.clip.vision_model.embeddings.position_embedding.weight
+    assert torch.equal(enc.clip.vision_model.embeddings.position_embedding.weight, want)
+    pixels = torch.randn(2, 3, 96, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_image(pixels).embeds_BE,
+                                   trained.encode_image(pixels).embeds_BE, rtol=0, atol=0)
+
+
+def test_export_of_a_non_square_grid_loads_back_exactly(tok, tmp_path):
+    """The export writes the 12 x 4 grid into a 12 x 12 table (columns 1, 4, 7, 10); loading it
+    as model.pretrained gives the trained table back bit for bit, and so does the bilinear
+    resampling the loader uses for other square tables."""
+    from trainer.build import build_model
+
+    cfg = load_config(None, ["model.image_size=[96, 32]", "model.vision_width=64",
+                             "model.text_width=64", "model.embed_dim=32", "model.vision_layers=2",
+                             "model.text_layers=2", "recipe.losses=[{kind: itc, alpha: 0}]"])
+    torch.manual_seed(2)
+    model = build_model(cfg, tok, num_classes=0, num_samples=10).eval()
+    save_weights(model.state_dict(), tmp_path / "w", cfg, tok, model.encoder.clip.config)
+    assert export_hf(tmp_path / "w", tmp_path / "hf")["exact_position_grid"]
+    tok_back = CaptionTokenizer.from_pretrained(tmp_path / "hf")
+    enc = DualEncoder.from_pretrained(str(tmp_path / "hf"), cfg.model,
+                                      vocab_size=tok_back.vocab_size, eot_id=tok_back.eot_id)
+    want = model.encoder.clip.vision_model.embeddings.position_embedding.weight
+    assert torch.equal(enc.clip.vision_model.embeddings.position_embedding.weight, want)
+    square = CLIPModel.from_pretrained(tmp_path / "hf").vision_model.embeddings
+    assert square.position_embedding.weight.shape[0] == 1 + 12 * 12
+    from trainer.model import _grid_table
+    assert torch.equal(_grid_table(square.position_embedding.weight.data, (12, 4)).weight, want)
+    pixels, ids = torch.randn(2, 3, 96, 32), _ids(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.eval().encode_image(pixels).embeds_BE,
+                                   model.encoder.encode_image(pixels).embeds_BE, rtol=0, atol=0)
+        torch.testing.assert_close(enc.encode_text(ids).embeds_BE,
+                                   model.encoder.encode_text(ids).embeds_BE, rtol=0, atol=0)
+
+
 def test_export_loads_with_transformers_alone_and_gives_the_same_embeddings(tok, tmp_path):
     from trainer.build import build_model
 
