@@ -37,8 +37,8 @@ Forward: three launches, the n x N matrix is never written.
      grid axis when n is small.
   2. `torch.sort` of the key ids (the only torch op of the row algebra).
   3. `_similarity_rows_kernel`: per row, merges the key splits, finds the query's positive keys
-     in the sorted ids (binary search), computes their z exactly in O(P D), and the loss and the
-     backward row vector (9 numbers) of the chosen kind.
+     in the sorted ids (binary search; the range is kept for the backward), computes their z
+     exactly in O(P D), and the loss and the backward row vector (9 numbers) of the kind.
 Backward, one chunk of rows at a time (C x N, at most _BWD_CHUNK_BYTES): `_similarity_grad_kernel`
 recomputes the S tiles and writes dL/dS as if every valid key were a negative,
   g_ij = exp(z_ij - lse_neg_i) (B0_i + B1_i z_ij) + w6_i softmax_j(Sm_ij / tau),
@@ -250,8 +250,9 @@ def _pair_dots(A, B, rows, row_in, cols, ok, D, stride_a, stride_b, BLOCK_R: tl.
 
 @triton.jit
 def _similarity_rows_kernel(
-    # pointers: STATS (splits, 6, n) from the stats kernel; LOSS (n,) and ROWV (9, n) written
-    Q, K, QID, KID_SORTED, PERM, STATS, LOSS, ROWV,
+    # pointers: STATS (splits, 6, n) from the stats kernel; LOSS (n,), ROWV (9, n) and RANGE
+    # (2, n: each row's positives in the sorted ids, for the backward) written
+    Q, K, QID, KID_SORTED, PERM, STATS, LOSS, ROWV, RANGE,
     # sizes
     n, N, D, splits, nbits,
     stride_q, stride_k,
@@ -286,6 +287,8 @@ def _similarity_rows_kernel(
 
     # positives: the keys with the query's id, scored exactly (base-2 max and sums, a in z)
     lo, hi = _positive_range(KID_SORTED, qid, row_in, N, nbits, BLOCK_R)
+    tl.store(RANGE + rows, lo, mask=row_in)
+    tl.store(RANGE + n + rows, hi, mask=row_in)
     m_pos, l_pos, a_pos, s_pos = ninf, zero, zero, zero
     for t0 in range(0, tl.max(hi - lo, 0), BLOCK_P):
         j = lo[:, None] + t0 + tl.arange(0, BLOCK_P)[None, :]
@@ -415,10 +418,11 @@ def _similarity_grad_kernel(
 
 @triton.jit(do_not_specialize=["stride_dloss"])
 def _similarity_grad_pos_kernel(
-    # pointers: G as in _similarity_grad_kernel; only its positive entries are written
-    Q, K, QM, KM, QID, KID_SORTED, PERM, ROWV, DLOSS, G,
+    # pointers: G as in _similarity_grad_kernel; only its positive entries are written; RANGE
+    # the forward's (2, n) positive ranges in the sorted ids, PERM their key columns
+    PERM, RANGE, ROWV, DLOSS, G, Q, K, QM, KM,
     # sizes
-    C, N, D, nbits,
+    C, D, stride_range,
     # strides
     stride_q, stride_k, stride_qm, stride_km, stride_rowv, stride_dloss, stride_g,
     inv_tau,
@@ -429,8 +433,8 @@ def _similarity_grad_pos_kernel(
     """dL/dS on the positive pairs of a row block, O(P D)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_in = rows < C
-    qid = tl.load(QID + rows, mask=row_in, other=-1)
-    lo, hi = _positive_range(KID_SORTED, qid, row_in, N, nbits, BLOCK_R)
+    lo = tl.load(RANGE + rows, mask=row_in, other=0)
+    hi = tl.load(RANGE + stride_range + rows, mask=row_in, other=0)
     scale = tl.load(DLOSS + rows * stride_dloss, mask=row_in, other=0.0) * inv_tau
     rv = ROWV + rows
     lse_pos = tl.load(rv, mask=row_in, other=0.0)
@@ -531,7 +535,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def similarity_forward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin, lam, eps, alpha,
                        gamma):
-    """Per-row loss (n,) and what the backward needs: (loss_n, rowv_Rn, kid_sorted_N, perm_N)."""
+    """Per-row loss (n,) and what the backward needs: (loss_n, rowv_Rn, perm_N, range_2n)."""
     (n, D), N = q_nD.shape, k_ND.shape[0]
     has_mom = qm_nD is not None
     qm_nD, km_ND = (qm_nD, km_ND) if has_mom else (q_nD, k_ND)
@@ -555,17 +559,19 @@ def similarity_forward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin
     kid_sorted, perm = torch.sort(kid_N)
     loss = torch.empty(n, dtype=torch.float32, device=q_nD.device)
     rowv = torch.empty(_NROWV, n, dtype=torch.float32, device=q_nD.device)
-    args = (q_nD, k_ND, qid_n, kid_sorted, perm, stats, loss, rowv, n, N, D, splits, N.bit_length(),
+    ranges = torch.empty(2, n, dtype=torch.int64, device=q_nD.device)
+    args = (q_nD, k_ND, qid_n, kid_sorted, perm, stats, loss, rowv, ranges, n, N, D, splits,
+            N.bit_length(),
             q_nD.stride(0), k_ND.stride(0), 1.0 / tau, tau, margin, lam, eps, math.log(eps), alpha,
             gamma)
     consts = dict(KIND=KINDS.index(kind), A_NEG=a_neg, HAS_MOMENTUM=has_mom)
     _dispatch.launch(_similarity_rows_kernel, lambda c: (triton.cdiv(n, c["BLOCK_R"]),), args,
                      consts, [_row_blocks(D, q_nD)])
-    return loss, rowv, kid_sorted, perm
+    return loss, rowv, perm, ranges
 
 
-def similarity_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kid_sorted, perm, rowv_Rn,
-                        dloss_n, tau) -> tuple[torch.Tensor, torch.Tensor]:
+def similarity_backward(q_nD, k_ND, kid_N, qm_nD, km_ND, perm, range_2n, rowv_Rn, dloss_n,
+                        tau) -> tuple[torch.Tensor, torch.Tensor]:
     """dQ and dK, one row chunk at a time: the kernels write g (C x N) from the row vector and
     the upstream gradient, two matmuls consume it; dK is summed over chunks in fp32."""
     (n, D), N = q_nD.shape, k_ND.shape[0]
@@ -594,8 +600,8 @@ def similarity_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kid_sorted, perm
             consts, configs, ("grad", C, N, D, q_nD.dtype, has_mom))
         _dispatch.launch(
             _similarity_grad_pos_kernel, lambda c, C=C: (triton.cdiv(C, c["BLOCK_R"]),),
-            (*rows_of, qid_n[r0:r1], kid_sorted, perm, rowv_Rn[:, r0:r1], dloss_n[r0:r1], g, C, N,
-             D, N.bit_length(), *strides, 1.0 / tau),
+            (perm, range_2n[:, r0:r1], rowv_Rn[:, r0:r1], dloss_n[r0:r1], g, *rows_of, C, D,
+             range_2n.stride(0), *strides, 1.0 / tau),
             dict(HAS_MOMENTUM=has_mom), [blocks])
         torch.mm(g, k_ND, out=dq_nD[r0:r1])
         if C == n:  # one chunk: one matmul, rounded once
@@ -612,9 +618,9 @@ class SimilarityLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin, lam, eps,
                 alpha, gamma):
-        loss_n, rowv, kid_sorted, perm = similarity_forward(
+        loss_n, rowv, perm, ranges = similarity_forward(
             q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kind, tau, margin, lam, eps, alpha, gamma)
-        ctx.save_for_backward(q_nD, k_ND, qid_n, kid_N, qm_nD, km_ND, kid_sorted, perm, rowv)
+        ctx.save_for_backward(q_nD, k_ND, kid_N, qm_nD, km_ND, perm, ranges, rowv)
         ctx.tau = tau
         return loss_n
 

@@ -81,29 +81,27 @@ def similarity_launches(n, N, D, dtype, kinds, backward=True):
     """Forward (and backward) of every kind, as the autograd Function drives the launchers; the
     backward with the upstream gradient of a mean (stride 0) and of a weighted sum (stride 1)."""
     g = torch.Generator().manual_seed(0)
-    q, k, qm, km = (torch.randn(x, D, generator=g).to(dtype) for x in (n, N, n, N))
+    q, k, qm, km = (torch.empty(x, D, dtype=dtype) for x in (n, N, n, N))  # values unused
     kid = torch.randint(0, max(1, N // 4), (N,), generator=g)
     qid = kid[:n].clone()
 
     def run():
         for kind in kinds:
             mom = (qm, km) if kind == "itc" else (None, None)
-            loss, rowv, kid_sorted, perm = sl.similarity_forward(
+            loss, rowv, perm, ranges = sl.similarity_forward(
                 q, k, qid, kid, *mom, kind, 0.02, 0.1, 1.0, 1e-8, 0.4, 2.0)
             if backward:
                 for dloss in (torch.ones(()).expand(n), torch.ones(n)):
-                    sl.similarity_backward(q, k, qid, kid, *mom, kid_sorted, perm, rowv, dloss, 0.02)
+                    sl.similarity_backward(q, k, kid, *mom, perm, ranges, rowv, dloss, 0.02)
 
     return [(f"n={n} N={N} D={D} {str(dtype)[6:]}", x) for x in record(run)]
 
 
 def topk_launches(B, L, D, dtype):
     k = int(0.3 * L)
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(B, L, generator=g).to(dtype)
+    scores, weights, noise = torch.empty(B, L, dtype=dtype), torch.empty(B, L), torch.empty(B, L)
     valid = torch.ones(B, L, dtype=torch.bool)
-    feats = torch.randn(B, L, D, generator=g).to(dtype)
-    weights, noise = torch.rand(B, L, generator=g), torch.rand(B, L, generator=g)
+    feats = torch.empty(B, L, D, dtype=dtype)  # values unused: only launches are recorded
 
     def run():
         tk.topk_select_forward(scores, valid, k, feats, None, None)
