@@ -48,17 +48,17 @@ def bidirectional(img_BE, txt_BE, pid_B, keys: GatheredKeys, key_ids_N, *, kind:
 
 @torch.no_grad()
 def itm_negatives(query_BE: torch.Tensor, keys_NE: torch.Tensor, pid_B: torch.Tensor,
-                  key_ids_N: torch.Tensor, *, tau: float, generator: torch.Generator
+                  key_ids_N: torch.Tensor, *, tau: float, noise_BN: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """One hard negative key per query, drawn with probability softmax(S / tau) over the keys of
     every rank that are not of the query's identity (and not padding): (index_B, found_B); a
     query whose keys are all of its identity gets found False. Normalised inputs; the draw is
-    an exponential race, argmax_j p_j / E_j, E_j ~ Exp(1) (no host sync)."""
+    an exponential race, argmax_j p_j / E_j with noise_BN the E ~ Exp(1) (no host sync)."""
     logits = (query_BE @ keys_NE.T) / tau
     allowed = (pid_B[:, None] != key_ids_N[None]) & (key_ids_N[None] >= 0)
-    p = torch.where(allowed, (logits - logits.amax(1, keepdim=True)).exp(), 0.0)
-    noise = torch.empty_like(p).exponential_(generator=generator)
-    race = torch.where(allowed, p / noise, -1.0)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    p = (logits - logits.amax(1, keepdim=True).clamp(min=-1e30)).exp()
+    race = torch.where(allowed, p / noise_BN.to(p.device, p.dtype), -1.0)
     return race.argmax(dim=1), allowed.any(dim=1)
 
 

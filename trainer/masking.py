@@ -42,13 +42,15 @@ def random_mlm_mask(ids_BL, eos_B, *, prob: float, mask_id: int, vocab_size: int
 
 
 def sampled_mlm_mask(ids_BL, eos_B, score_BL, *, ratio: float, mask_id: int, vocab_size: int,
-                     special_ids, generator: torch.Generator, noise_generator: torch.Generator):
+                     special_ids, generator: torch.Generator, noise_BL: torch.Tensor):
     """k = ceil(ratio x n) of a caption's n words, drawn without replacement with probability
-    proportional to score_BL renormalised over the words (None: uniformly); then 80/10/10.
+    proportional to score_BL renormalised over the words (None: uniformly); then 80/10/10
+    (those draws from `generator`).
 
-    The draw is the sampled top-k of `kernels.topk_select` for the longest possible caption
-    (k_max from the batch's length, known without a sync); each caption keeps its first k of
-    those draws, which is a draw of k without replacement."""
+    The draw is the exponential race: the top k_max of weight / E with noise_BL the E ~ Exp(1),
+    through `kernels.topk_select`, for the longest possible caption (k_max from the batch's
+    length, known without a sync); each caption keeps its first k of those, in race order,
+    which is a draw of k without replacement."""
     words = word_positions(ids_BL, eos_B)
     n_B = words.sum(dim=1)
     if score_BL is None:
@@ -58,8 +60,8 @@ def sampled_mlm_mask(ids_BL, eos_B, score_BL, *, ratio: float, mask_id: int, voc
         weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-30)
     k_B = torch.ceil(n_B.double() * ratio - 1e-9).long().clamp(min=1)
     k_max = max(1, math.ceil(ratio * max(ids_BL.shape[1] - 2, 1) - 1e-9))
-    sel = topk_select(None, words, min(k_max, ids_BL.shape[1]), weights_BL=weights, sample=True,
-                      generator=noise_generator)
+    sel = topk_select(weights / noise_BL.to(weights.device), words & (weights > 0),
+                      min(k_max, ids_BL.shape[1]))
     slot = torch.arange(sel.indices_Bk.shape[1], device=ids_BL.device)[None]
     take = sel.valid_Bk & (slot < k_B[:, None])
     chosen = torch.zeros_like(ids_BL).scatter_add_(1, sel.indices_Bk, take.long()) > 0

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import topk_select
-from trainer import losses
+from trainer import draws, losses
 from trainer.config import SIMILARITY_KINDS, Config
 from trainer.heads import CrossModalEncoder, MLMHead, TokenSelectionEmbedding, identity_classifier
 from trainer.masking import apply_mask, random_mlm_mask, sampled_mlm_mask, word_positions
@@ -56,19 +56,9 @@ class StepInfo:
     epoch: int
     step: int                      # optimizer step
     tau: float
-    generator: torch.Generator     # CPU generator seeded by (seed, rank, epoch, batch)
+    generator: torch.Generator     # CPU generator seeded by (seed, rank, epoch, batch): IRRA's
+    #                                random masking; the other sampled parts use trainer.draws
     momentum: object = None        # the momentum model (trainer.ema.ShardedEMA), when built
-    _device_generators: dict = field(default_factory=dict, repr=False)
-
-    def generator_on(self, device: torch.device) -> torch.Generator:
-        """A generator for draws made on `device`: the CPU one, or one seeded from it."""
-        if device.type == "cpu":
-            return self.generator
-        key = str(device)
-        if key not in self._device_generators:
-            seed = int(torch.randint(2**62, (1,), generator=self.generator))
-            self._device_generators[key] = torch.Generator(device).manual_seed(seed)
-        return self._device_generators[key]
 
 
 @dataclass
@@ -125,6 +115,7 @@ class Recipe(nn.Module):
         if self.weighting:
             self.register_buffer("sample_weight", torch.ones(num_samples))
         self.needs_momentum = bool(cfg.recipe.momentum_parts())
+        self.seed = cfg.train.seed
 
     new_modules = ("classifier", "cross", "mlm_head", "itm_head", "tse_image", "tse_text")
 
@@ -134,13 +125,14 @@ class Recipe(nn.Module):
         rc, kinds = self.rc, self.rc.kinds()
         length = batch.get("text_length")
         enrich = rc.enrich.kind != "none"
+        keys = self._draw_keys(batch, step)
         # 1. text
         with torch.set_grad_enabled(torch.is_grad_enabled() and not enrich):
             txt = encoder.encode_text(batch["input_ids"], rows=self._text_rows(), length=length)
         # 2. masking
         masked_ids = mlm_labels = None
         if "mlm" in kinds or enrich:
-            masked_ids, mlm_labels = self._mask_captions(txt, step)
+            masked_ids, mlm_labels = self._mask_captions(txt, step, keys)
         # 3. momentum
         mom = None
         if self.needs_momentum:
@@ -148,10 +140,10 @@ class Recipe(nn.Module):
                 raise RuntimeError("this recipe needs the momentum model; the trainer builds it")
             request = {"image": batch["image"], "input_ids": txt.input_ids_BL,
                        "caption_embeds": txt.embeds_BE.detach(), "masked_ids": masked_ids,
-                       "mlm_labels": mlm_labels}
+                       "mlm_labels": mlm_labels, "draw_seed": keys[0], "draw_index": keys[1]}
             mom = step.momentum(request, mode="momentum", step=step)
         # 4. patches, 5. image
-        keep_BK = self._keep_patches(batch["image"].shape[0], mom, step, batch["image"].device)
+        keep_BK = self._keep_patches(mom, keys)
         img = encoder.encode_image(batch["image"], keep_BK,
                                    rows="last" if "tse" in self.branches else "none")
         # 6. enrich
@@ -164,6 +156,7 @@ class Recipe(nn.Module):
             emb["tse"] = (self._tse_image(img), self._tse_text(txt))
         # 8. keys
         pid = batch["pid"]
+        draw_keys = keys
         key_ids = losses.gather_ids(pid)
         keys = {b: losses.gather_keys(*emb[b]) for b in self._key_branches()}
         # 9. terms
@@ -181,13 +174,22 @@ class Recipe(nn.Module):
                 value, out[name] = self._mlm_term(encoder, masked_ids, mlm_labels, img, w)
             else:
                 value, out[name] = self._itm_term(term, img, txt, emb, keys, pid, key_ids, step,
-                                                  w)
+                                                  w, draw_keys)
             total = total + term.weight * value
         if weight_B is not None:
             out["anchors" if rc.weighting.use == "labels" else "mean_weight"] = weight_B.mean()
         if mom is not None and mom.enriched_B is not None:
             out["enriched"] = mom.enriched_B.float().mean()
         return {"loss": total, **out}
+
+    def _draw_keys(self, batch: dict, step: StepInfo) -> tuple[int, torch.Tensor]:
+        """(seed, sample index) the sampled parts key their draws by (trainer/draws.py): the
+        step's seed from (training seed, epoch, optimizer step), and each sample's index in the
+        dataset (its position in the batch where a batch has no index)."""
+        index = batch.get("index")
+        if index is None:
+            index = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+        return draws.step_seed(self.seed, step.epoch, step.step), index
 
     def _text_rows(self, with_agm: bool = True) -> str:
         if with_agm and self.rc.caption_mask.kind == "attention":
@@ -203,7 +205,7 @@ class Recipe(nn.Module):
 
     # -- 2. caption masking ------------------------------------------------------------------------
 
-    def _mask_captions(self, txt, step: StepInfo):
+    def _mask_captions(self, txt, step: StepInfo, keys):
         cm, ids = self.rc.caption_mask, txt.input_ids_BL
         opts = dict(mask_id=self.mask_id, vocab_size=self.vocab_size,
                     special_ids=self.special_ids, generator=step.generator)
@@ -212,8 +214,8 @@ class Recipe(nn.Module):
         score = None
         if cm.kind == "attention":
             score = aggregate_layers(txt.attn_rows_BlL, cm.beta)
-        return sampled_mlm_mask(ids, txt.eos_B, score, ratio=cm.ratio,
-                                noise_generator=step.generator_on(ids.device), **opts)
+        noise = draws.exponential(*keys, ids.shape[1], stream=draws.AGM)
+        return sampled_mlm_mask(ids, txt.eos_B, score, ratio=cm.ratio, noise_BL=noise, **opts)
 
     # -- 3. the momentum model's forward (runs on the momentum copy) ------------------------------
 
@@ -251,38 +253,46 @@ class Recipe(nn.Module):
         """TEM: the momentum MLM's words at the masked positions; each caption replaced by its
         enriched version with probability recipe.enrich.prob."""
         ids, masked = batch["input_ids"], batch["masked_ids"]
+        seed, index = batch["draw_seed"], batch["draw_index"]
         chosen = batch["mlm_labels"] != -100
         mtxt = encoder.encode_text(masked, rows="none", length=masked.shape[1])
         pad = torch.arange(masked.shape[1], device=masked.device)[None] > mtxt.eos_B[:, None]
         logits = self.mlm_head(self.cross(mtxt.tokens_BLE, img.tokens_BTE, pad)).float()
         logits[..., list(self.special_ids)] = float("-inf")      # never a special token
-        gen = step.generator_on(ids.device)
-        if self.rc.enrich.kind == "sample":
-            noise = torch.empty_like(logits).exponential_(generator=gen)
-            pred = (logits.softmax(-1) / noise).argmax(-1)        # a draw from the softmax
+        if self.rc.enrich.kind == "sample":                     # inverse CDF, one uniform a word
+            u = draws.uniform(seed, index, ids.shape[1], stream=draws.TEM_WORD).float()
+            cdf = logits.softmax(-1).cumsum(-1)
+            pred = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None]).squeeze(-1)
+            pred = pred.clamp(max=logits.shape[-1] - 1)
         else:
             pred = logits.argmax(-1)
         enriched = torch.where(chosen, pred, ids)
-        use_B = torch.rand(ids.shape[0], generator=gen, device=ids.device) < self.rc.enrich.prob
+        u = draws.uniform(seed, index, 1, stream=draws.TEM_CAPTION)[:, 0]
+        use_B = u < self.rc.enrich.prob
         return torch.where(use_B[:, None], enriched, ids), use_B
 
     # -- 4. image-token selection ------------------------------------------------------------------
 
-    def _keep_patches(self, B: int, mom: Momentum | None, step: StepInfo, device):
-        """Indices (B x K, ascending) of the patches the online encoder sees; None: all."""
+    def _keep_patches(self, mom: Momentum | None, keys):
+        """Indices (B x K, ascending) of the patches the online encoder sees; None: all.
+
+        floor(ratio x N) patches are dropped, drawn without replacement with probability
+        proportional to a weight: 1 (random) or 1 - the min-max normalised momentum score (AWM;
+        the best-scored patch is never dropped). The draw is the exponential race: the top
+        n_drop of weight / E, E ~ Exp(1) keyed by sample (trainer/draws.py), through
+        kernels.topk_select."""
         it = self.rc.image_tokens
         if it.kind == "all" or not self.training:
             return None
+        seed, index = keys
         N = self.num_patches
         n_drop = math.floor(it.ratio * N)
         if it.kind == "random":
-            weights = torch.ones(B, N, device=device)
+            weights = torch.ones(index.shape[0], N, device=index.device)
         else:
-            s = mom.patch_scores_BN.float()
-            lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
-            weights = 1.0 - (s - lo) / (hi - lo).clamp(min=1e-12)
-        drop = topk_select(None, None, n_drop, weights_BL=weights, sample=True,
-                           generator=step.generator_on(device))
+            weights = awm_weights(mom.patch_scores_BN)
+        noise = draws.exponential(seed, index, N, stream=draws.AWM)
+        drop = topk_select(weights / noise, weights > 0, n_drop)
         return kept_indices(drop.indices_Bk, drop.valid_Bk, N)
 
     # -- 7. branches ---------------------------------------------------------------------------------
@@ -344,20 +354,23 @@ class Recipe(nn.Module):
         value = losses.mlm_loss(logits, labels, w[:, None].expand_as(labels))
         return value, losses.mlm_loss(logits.detach(), labels)
 
-    def _itm_term(self, term, img, txt, emb, keys, pid, key_ids, step, w):
+    def _itm_term(self, term, img, txt, emb, keys, pid, key_ids, step, w, draw_keys):
         """ITM on the cross-modal encoder's first token: each pair, one hard negative text per
         image and one hard negative image per text, drawn from the similarity softmax over every
         rank's keys, never of the same identity (trainer/losses.py itm_negatives)."""
         B, L = txt.input_ids_BL.shape
         img_BE, txt_BE = emb["bge"]
         k = keys["bge"]
-        gen = step.generator_on(img_BE.device)
-        neg_txt, ok_txt = losses.itm_negatives(F.normalize(img_BE.detach().float(), dim=-1),
-                                               F.normalize(k.txt_NE.detach().float(), dim=-1),
-                                               pid, key_ids, tau=step.tau, generator=gen)
-        neg_img, ok_img = losses.itm_negatives(F.normalize(txt_BE.detach().float(), dim=-1),
-                                               F.normalize(k.img_NE.detach().float(), dim=-1),
-                                               pid, key_ids, tau=step.tau, generator=gen)
+        seed, index = draw_keys
+        N = key_ids.shape[0]
+        neg_txt, ok_txt = losses.itm_negatives(
+            F.normalize(img_BE.detach().float(), dim=-1),
+            F.normalize(k.txt_NE.detach().float(), dim=-1), pid, key_ids, tau=step.tau,
+            noise_BN=draws.exponential(seed, index, N, stream=draws.ITM_TEXT))
+        neg_img, ok_img = losses.itm_negatives(
+            F.normalize(txt_BE.detach().float(), dim=-1),
+            F.normalize(k.img_NE.detach().float(), dim=-1), pid, key_ids, tau=step.tau,
+            noise_BN=draws.exponential(seed, index, N, stream=draws.ITM_IMAGE))
         pad_L = self.context_length
         txt_tokens = F.pad(txt.tokens_BLE, (0, 0, 0, pad_L - L))
         all_txt = losses.gather_with_grad(txt_tokens)
@@ -447,6 +460,13 @@ def _term_names(terms) -> list[str]:
 def _reduce(per_B: torch.Tensor, w_B: torch.Tensor | None, reduction: str) -> torch.Tensor:
     x = per_B if w_B is None else w_B.to(per_B.dtype) * per_B
     return losses.local_mean(x) if reduction == "mean" else losses.local_sum(x)
+
+
+def awm_weights(scores_BN: torch.Tensor) -> torch.Tensor:
+    """AWM's drop weight of each patch: 1 - its min-max normalised score (per image)."""
+    s = scores_BN.float()
+    lo, hi = s.amin(1, keepdim=True), s.amax(1, keepdim=True)
+    return 1.0 - (s - lo) / (hi - lo).clamp(min=1e-12)
 
 
 def aggregate_layers(rows_BlL: torch.Tensor, beta: float) -> torch.Tensor:
