@@ -456,10 +456,14 @@ class EvalConfig:
     """Split that picks the best checkpoint: "auto" = val when the shards have one, else no
     selection (the last epoch is reported). "test" is allowed but logged as test-set selection."""
     final_split: str = "test"
+    itm_rerank: int = 0
+    """Re-score each query's top K images by the ITM head (a recipe with an itm term; AGA uses
+    128), reported as an extra similarity with its cost; 0: off."""
 
     def __post_init__(self):
         _check(self.select_split in ("auto", "val", "test", "none"), "eval.select_split",
                "auto, val, test or none")
+        _check(self.itm_rerank >= 0, "eval.itm_rerank", "must be >= 0")
 
 
 @dataclass(kw_only=True)

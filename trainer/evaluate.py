@@ -14,6 +14,14 @@ metrics.json beside the weights (or --out).
 
 also writes the report a person reads into that folder (trainer/report.py): a CMC curve, a
 retrieval grid of sampled queries, the worst queries, and report.html showing all of it.
+
+ITM re-ranking (`eval.itm_rerank=K`, a recipe with an itm term, AGA's): each query's top K
+images by the first similarity are re-scored by the ITM head on the cross-modal encoder and put
+first in that order, the rest keep theirs; reported as an extra similarity "<name>+ITM@K" with
+its cost (seconds, queries/s). Every rank takes part: the projected tokens of the queries and the
+gallery are gathered, the query list is cut into one share per rank, each rank scores its share
+in batches of pairs (the same number of forwards on every rank, as ZeRO-3 needs), and the scores
+are gathered.
 """
 from __future__ import annotations
 
@@ -44,10 +52,12 @@ def _dummy_batch(modality: str, cfg, tokenizer, device) -> dict:
 
 
 @torch.no_grad()
-def embed(model, cfg, tokenizer, split: str, modality: str, device) -> tuple[dict, torch.Tensor]:
+def embed(model, cfg, tokenizer, split: str, modality: str, device, mode: str | None = None
+          ) -> tuple[dict, torch.Tensor]:
     """All embeddings of a split's queries (text) or gallery (image), in sample-index order, on
     every rank, with their person ids. Every rank runs the same number of forward passes (ZeRO-3
-    gathers parameters collectively in each one)."""
+    gathers parameters collectively in each one). mode: the model's forward mode (default the
+    modality; "image_tokens" / "text_tokens" give the projected tokens)."""
     loader = EvalLoader(cfg.data.shards, tokenizer,
                         LoaderConfig(batch_size=cfg.data.eval_batch_size,
                                      image_size=tuple(cfg.model.image_size),
@@ -67,8 +77,8 @@ def embed(model, cfg, tokenizer, split: str, modality: str, device) -> tuple[dic
         if not real:
             batch = _dummy_batch(modality, cfg, tokenizer, device)
         batch = prepare_batch(batch, device)
-        out = model(batch, mode=modality)
-        dims = {name: f.shape[-1] for name, f in out.items()}
+        out = model(batch, mode=mode or modality)
+        dims = {name: tuple(f.shape[1:]) for name, f in out.items()}
         if real:
             for name, f in out.items():
                 feats.setdefault(name, []).append(f.float())
@@ -79,7 +89,7 @@ def embed(model, cfg, tokenizer, split: str, modality: str, device) -> tuple[dic
     order = torch.argsort(dist.gather_varlen(local_idx))
     out = {}
     for name, dim in sorted(dims.items()):
-        local = torch.cat(feats[name]) if name in feats else torch.zeros(0, dim, device=device)
+        local = torch.cat(feats[name]) if name in feats else torch.zeros(0, *dim, device=device)
         out[name] = dist.gather_varlen(local)[order]
     return out, dist.gather_varlen(torch.cat(pids) if pids else empty)[order]
 
@@ -94,12 +104,60 @@ def evaluate(model, cfg, tokenizer, split: str, device) -> dict[str, dict[str, f
     model.eval()
     text, q_pids = embed(model, cfg, tokenizer, split, "text", device)
     image, g_pids = embed(model, cfg, tokenizer, split, "image", device)
+    rerank = None
+    k = cfg.eval.itm_rerank
+    if k and _unwrap(model).recipe.itm_head is not None:
+        sims = _unwrap(model).recipe.similarity(text, image)
+        name, first = next(iter(sims.items()))
+        rerank = (f"{name}+ITM@{k}", *itm_rerank(model, cfg, tokenizer, split, device, first, k))
     model.train(was_training)
     result = None
     if dist.rank() == 0:
         sims = _unwrap(model).recipe.similarity(text, image)
         result = {name: retrieval_metrics(s, q_pids, g_pids) for name, s in sims.items()}
+        if rerank is not None:
+            name, scores, cost = rerank
+            result[name] = {**retrieval_metrics(scores, q_pids, g_pids), **cost}
     return dist.broadcast_object(result)
+
+
+@torch.no_grad()
+def itm_rerank(model, cfg, tokenizer, split: str, device, sims_QG: torch.Tensor, k: int,
+               pairs_per_batch: int = 256) -> tuple[torch.Tensor, dict]:
+    """The query x gallery scores after ITM re-ranking of each query's top k (see the module
+    docstring), and its cost. Every rank returns the same matrix."""
+    import math
+    import time
+
+    t0 = time.time()
+    k = min(k, sims_QG.shape[1])
+    top_Qk = sims_QG.topk(k, dim=1).indices
+    text, _ = embed(model, cfg, tokenizer, split, "text", device, mode="text_tokens")
+    image, _ = embed(model, cfg, tokenizer, split, "image", device, mode="image_tokens")
+    Q, world, rank = sims_QG.shape[0], dist.world_size(), dist.rank()
+    share = math.ceil(Q / world)
+    mine = torch.arange(rank * share, min(Q, (rank + 1) * share), device=device)
+    q_P = mine.repeat_interleave(k)
+    g_P = top_Qk[mine].reshape(-1)
+    n_batches = math.ceil(share * k / pairs_per_batch)
+    scores = []
+    for b in range(n_batches):                      # the same count on every rank
+        sl = slice(b * pairs_per_batch, (b + 1) * pairs_per_batch)
+        q, g = q_P[sl], g_P[sl]
+        if q.numel() == 0:                          # this rank's share is done: a dummy pair
+            q, g = torch.zeros(1, dtype=torch.long, device=device), q.new_zeros(1)
+        batch = {"text_tokens": text["tokens"][q], "eos": text["eos"][q].long(),
+                 "image_tokens": image["tokens"][g]}
+        out = model(batch, mode="itm")
+        if q_P[sl].numel():
+            scores.append(out.float())
+    local = torch.cat(scores) if scores else torch.zeros(0, device=device)
+    every = dist.gather_varlen(local).view(Q, k)
+    reranked = sims_QG.clone().float()
+    reranked.scatter_(1, top_Qk, 1e4 + every)       # the top k first, in ITM order
+    seconds = time.time() - t0
+    return reranked, {"rerank_seconds": round(seconds, 3),
+                      "rerank_queries_per_s": round(Q / max(seconds, 1e-9), 1)}
 
 
 def format_table(results: dict, title: str):

@@ -42,10 +42,12 @@ def random_mlm_mask(ids_BL, eos_B, *, prob: float, mask_id: int, vocab_size: int
 
 
 def sampled_mlm_mask(ids_BL, eos_B, score_BL, *, ratio: float, mask_id: int, vocab_size: int,
-                     special_ids, generator: torch.Generator, noise_BL: torch.Tensor):
+                     special_ids, noise_BL: torch.Tensor,
+                     uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     generator: torch.Generator | None = None):
     """k = ceil(ratio x n) of a caption's n words, drawn without replacement with probability
     proportional to score_BL renormalised over the words (None: uniformly); then 80/10/10
-    (those draws from `generator`).
+    (drawn from `uniforms`, else from `generator`; see apply_mask).
 
     The draw is the exponential race: the top k_max of weight / E with noise_BL the E ~ Exp(1),
     through `kernels.topk_select`, for the longest possible caption (k_max from the batch's
@@ -66,15 +68,23 @@ def sampled_mlm_mask(ids_BL, eos_B, score_BL, *, ratio: float, mask_id: int, voc
     take = sel.valid_Bk & (slot < k_B[:, None])
     chosen = torch.zeros_like(ids_BL).scatter_add_(1, sel.indices_Bk, take.long()) > 0
     return apply_mask(ids_BL, chosen, mask_id=mask_id, vocab_size=vocab_size,
-                      special_ids=special_ids, generator=generator)
+                      special_ids=special_ids, generator=generator, uniforms=uniforms)
 
 
 def apply_mask(ids_BL, chosen_BL, *, mask_id: int, vocab_size: int, special_ids,
-               generator: torch.Generator):
-    """80/10/10 replacement of the chosen positions; returns (masked ids, labels)."""
-    r = torch.rand(ids_BL.shape, generator=generator).to(ids_BL.device)
+               generator: torch.Generator | None = None,
+               uniforms: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """80/10/10 replacement of the chosen positions; returns (masked ids, labels). The draws
+    (which of the three, which random word) come from `generator`, or from two B x L uniforms
+    given in `uniforms` (keyed draws, trainer/draws.py)."""
     words = _word_ids(vocab_size, tuple(special_ids))
-    rand_ids = words[torch.randint(len(words), ids_BL.shape, generator=generator)].to(ids_BL.device)
+    if uniforms is None:
+        r = torch.rand(ids_BL.shape, generator=generator).to(ids_BL.device)
+        pick = torch.randint(len(words), ids_BL.shape, generator=generator)
+    else:
+        r = uniforms[0].to(ids_BL.device)
+        pick = (uniforms[1] * len(words)).long().clamp(max=len(words) - 1).cpu()
+    rand_ids = words[pick].to(ids_BL.device)
     masked = torch.where(chosen_BL & (r < 0.8), mask_id, ids_BL)
     swap = chosen_BL & (r >= 0.8) & (r < 0.9)
     masked = torch.where(swap, rand_ids, masked)

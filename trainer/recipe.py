@@ -214,8 +214,13 @@ class Recipe(nn.Module):
         score = None
         if cm.kind == "attention":
             score = aggregate_layers(txt.attn_rows_BlL, cm.beta)
-        noise = draws.exponential(*keys, ids.shape[1], stream=draws.AGM)
-        return sampled_mlm_mask(ids, txt.eos_B, score, ratio=cm.ratio, noise_BL=noise, **opts)
+        L = ids.shape[1]
+        noise = draws.exponential(*keys, L, stream=draws.AGM)
+        uniforms = (draws.uniform(*keys, L, stream=draws.MASK_KIND),
+                    draws.uniform(*keys, L, stream=draws.MASK_WORD))
+        opts.pop("generator")
+        return sampled_mlm_mask(ids, txt.eos_B, score, ratio=cm.ratio, noise_BL=noise,
+                                uniforms=uniforms, **opts)
 
     # -- 3. the momentum model's forward (runs on the momentum copy) ------------------------------
 
@@ -436,6 +441,24 @@ class Recipe(nn.Module):
             out["tse"] = F.normalize(self._tse_text(txt).float(), dim=-1)
         return out
 
+    def tokens(self, encoder, batch: dict, modality: str) -> dict[str, torch.Tensor]:
+        """Projected tokens for ITM re-ranking: image {"tokens": B x T x E}; text {"tokens":
+        B x context_length x E (zero-padded), "eos": B}."""
+        if modality == "image":
+            return {"tokens": encoder.encode_image(batch["image"], rows="none").tokens_BTE}
+        txt = encoder.encode_text(batch["input_ids"], rows="none", length=batch.get("text_length"))
+        pad = self.context_length - txt.tokens_BLE.shape[1]
+        return {"tokens": F.pad(txt.tokens_BLE, (0, 0, 0, pad)), "eos": txt.eos_B}
+
+    def itm_scores(self, batch: dict) -> torch.Tensor:
+        """ITM match score (positive minus negative logit) of each (caption, image) pair from
+        their projected tokens (`tokens`)."""
+        L = batch["text_tokens"].shape[1]
+        pad = torch.arange(L, device=batch["eos"].device)[None] > batch["eos"][:, None]
+        hidden = self.cross(batch["text_tokens"], batch["image_tokens"], pad)[:, 0]
+        logits = self.itm_head(hidden).float()
+        return logits[:, 1] - logits[:, 0]
+
     def similarity(self, text: dict, image: dict) -> dict[str, torch.Tensor]:
         """Named query x gallery similarities; the first is the one checkpoints are chosen on."""
         s_bge = text["bge"] @ image["bge"].T
@@ -502,6 +525,10 @@ class RetrievalModel(nn.Module):
             return self.recipe.per_sample_losses(self.encoder, batch, step)
         if mode in ("image", "text"):
             return self.recipe.embed(self.encoder, batch, mode)
+        if mode in ("image_tokens", "text_tokens"):
+            return self.recipe.tokens(self.encoder, batch, mode.split("_")[0])
+        if mode == "itm":
+            return self.recipe.itm_scores(batch)
         if mode == "features":                  # the encoder's own outputs
             return self.encoder(batch.get("image"), batch.get("input_ids"), batch.get("keep"),
                                 rows=batch.get("rows", "last"))
