@@ -53,6 +53,8 @@ class PretrainSettings:
     images_per_id: int = 4
     seed: int = PRETRAIN_SEED
     """The population's generator seed."""
+    shard_size: int = 256
+    """Samples per shard (every rank needs shards of its own: small populations, small shards)."""
     config: str = "launch/configs/pretrain_synth.yaml"
     overrides: tuple[str, ...] = ()
     """Extra section.field=value for the training run (e.g. train.epochs=6)."""
@@ -70,6 +72,7 @@ class PretrainSettings:
         return {"benchmark_config": json.loads(bench.read_text())[0]["config"],
                 "train_ids": self.train_ids, "val_ids": self.val_ids,
                 "images_per_id": self.images_per_id, "seed": self.seed,
+                "shard_size": self.shard_size,
                 "config": self.config,
                 "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
                 "overrides": list(self.overrides), "processes": self.processes}
@@ -133,7 +136,8 @@ def ensure_backbone(out: str | Path, settings: PretrainSettings, *, overwrite: b
               "--quiet", "--overwrite"])
     if not (shards / "manifest.parquet").is_file():
         _run([py, "-m", "data_pipeline", "shard", "--format", "cuhk-pedes", "--root", data,
-              "--out", shards, "--tokenizer", "synthetic-vocab", "--workers", 2, "--quiet"])
+              "--out", shards, "--tokenizer", "synthetic-vocab", "--shard-size", settings.shard_size,
+              "--workers", 2, "--quiet"])
     if not (run / "metrics.json").is_file():
         resume = ["train.resume=latest"] if (run / "checkpoints").exists() else []
         _run([py, "-m", "accelerate.commands.launch", "--config_file",
@@ -186,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--val-ids", type=int, default=defaults.val_ids)
     p.add_argument("--images-per-id", type=int, default=defaults.images_per_id)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--shard-size", type=int, default=defaults.shard_size)
     p.add_argument("--config", default=defaults.config)
     p.add_argument("--processes", type=int, default=defaults.processes)
     p.add_argument("--accelerate-config", default=defaults.accelerate_config)

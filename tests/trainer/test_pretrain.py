@@ -35,7 +35,7 @@ def bench(tmp_path_factory):
 
 def test_backbone_is_made_once_reused_refused_with_other_settings(bench, tmp_path, monkeypatch):
     settings = pretrain.PretrainSettings(
-        benchmark=str(bench / "synth"), train_ids=16, val_ids=4,
+        benchmark=str(bench / "synth"), train_ids=16, val_ids=4, shard_size=32,
         overrides=(*TINY_MODEL, "train.epochs=1", "train.max_steps=3"))
     backbone = pretrain.ensure_backbone(tmp_path / "bb", settings)
     info = json.loads((backbone / "backbone.json").read_text())
