@@ -1,19 +1,32 @@
-"""Training checkpoints: atomic, resumable mid-epoch, pruned; and portable model weights.
+"""Training checkpoints: atomic, verified, resumable mid-epoch and on another number of ranks.
 
 Layout of a run folder:
     checkpoints/step-00000420/   accelerate state (model, optimizer, per-rank RNG; DeepSpeed's
-                                 own partitioned files under ZeRO) + trainer_state.json
+                                 own partitioned files under ZeRO), ema-rankNNNNN.pt (each
+                                 rank's EMA fragments), trainer_state.json, manifest.json
     checkpoints/latest           name of the newest complete checkpoint
     best/, final/                model.safetensors (consolidated weights), config.yaml, tokenizer/
 
-A checkpoint is written to `<name>.partial` by every rank and renamed by rank 0 once all ranks
-are done, so an interrupted save never looks complete. `trainer_state.json` holds the epoch, the
-number of batches of that epoch already trained on, the optimizer step and the best score:
-together with the loader's deterministic order this resumes in the middle of an epoch.
+Writing: every rank writes into `<name>.partial`; once all are done rank 0 writes
+trainer_state.json, flushes every file to disk, and writes manifest.json (the size of every
+file) last, then renames the folder into place (an older folder of the same name is moved aside
+first, and removed only after). A save that fails (a full disk) or is killed leaves a `.partial`
+folder that nothing reads and the next save removes: the last complete checkpoint is never
+touched. Old checkpoints are pruned only after the new one is in place.
+
+Reading (`find`): the newest checkpoint whose files match its manifest; a damaged one (a file
+missing or of another size: truncated, half-copied) is named and skipped for the next older.
+`load` reports a file that cannot be read, naming it, instead of loading half of it.
+
+trainer_state.json holds the epoch, the batches of that epoch already trained on, the optimizer
+step, the best score with its epoch and the evaluation history (a checkpoint at an epoch's end
+is written after that epoch's evaluation), and the layout the run had (ranks, batch size,
+accumulation, steps per epoch, total steps) so a resume on another layout can say what changes.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,10 +35,19 @@ from pathlib import Path
 import torch
 
 from trainer import dist
+from trainer.errors import RankError, is_collective_failure
+
+log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RankError):
+    """A checkpoint that cannot be used or written (the message names it and what to do); any
+    rank that meets it says so, since a rank's own files may be the damaged ones."""
 
 
 @dataclass
@@ -37,64 +59,219 @@ class TrainState:
     best_score: float | None = None
     best_epoch: int | None = None
     history: list = field(default_factory=list)
+    layout: dict = field(default_factory=dict)
+    """world_size, batch_size, grad_accum, batches_per_epoch (a rank's), steps_per_epoch,
+    total_steps, epochs, zero_stage of the run that wrote the checkpoint."""
+
+
+def ema_file(rank: int) -> str:
+    return f"ema-rank{rank:05d}.pt"
 
 
 def save(acc, run_dir: Path, state: TrainState, keep: int, ema=None) -> Path:
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{state.step:08d}"
     tmp = root / (final.name + ".partial")
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    acc.save_state(str(tmp))
-    if ema is not None:              # every rank its own fragments
-        torch.save(ema.state_dict(), tmp / f"ema-rank{dist.rank():05d}.pt")
-    dist.barrier()
-    if acc.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name)
-        _prune(root, keep)
-    dist.barrier()
+    try:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        acc.save_state(str(tmp))
+        if ema is not None:              # every rank its own fragments
+            torch.save(ema.state_dict(), tmp / ema_file(dist.rank()))
+        dist.barrier()
+        if acc.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            _seal(tmp)
+            _move_into_place(tmp, final)
+            _write_atomic(root / LATEST, final.name)
+            _prune(root, keep, final)
+        dist.barrier()
+    except OSError as exc:
+        good = _newest_complete(root)
+        raise CheckpointError(
+            f"writing the checkpoint {final.name} failed: {exc}. The last complete checkpoint "
+            f"({good or 'none yet'}) is untouched; free some space (or fix the folder) and "
+            "continue with train.resume=latest") from None
     return final
 
 
-def find(run_dir: Path, resume: str) -> Path:
-    """The checkpoint folder `resume` names ("latest" or a path); a clear error if none."""
-    if resume != "latest":
+def find(run_dir: Path, resume: str) -> tuple[Path, list[str]]:
+    """The checkpoint `resume` names ("latest"/"auto" or a folder), and a line for every newer
+    checkpoint skipped as damaged."""
+    if resume not in ("latest", "auto"):
         path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-        return path
+        problems = verify(path)
+        if problems:
+            raise CheckpointError(f"train.resume={resume}: {path} cannot be resumed from: "
+                                  f"{'; '.join(problems)}")
+        return path, []
     root = Path(run_dir) / CKPT_DIR
-    pointer = root / LATEST
-    if pointer.is_file() and (root / pointer.read_text().strip() / STATE_FILE).is_file():
-        return root / pointer.read_text().strip()
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
-    if not done:
-        raise FileNotFoundError(f"--resume latest: no complete checkpoint under {root}")
-    return done[-1]
+    skipped = []
+    for path in _complete(root)[::-1]:
+        problems = verify(path)
+        if not problems:
+            return path, skipped
+        skipped.append(f"{path} is damaged ({'; '.join(problems[:3])}): skipped")
+    detail = f" ({'; '.join(skipped)})" if skipped else ""
+    raise CheckpointError(f"train.resume={resume}: no complete checkpoint under {root}{detail}; "
+                          "start the run afresh (without train.resume) or point "
+                          "train.resume at a checkpoint folder")
+
+
+def verify(path: Path) -> list[str]:
+    """What is wrong with a checkpoint folder (empty: nothing found)."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return [f"no {STATE_FILE} (not a complete checkpoint)"]
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (ValueError, OSError) as exc:
+        return [f"{STATE_FILE} cannot be read ({exc})"]
+    if not (path / MANIFEST).is_file():
+        return []                        # written before manifests: nothing to compare with
+    try:
+        sizes = json.loads((path / MANIFEST).read_text())["files"]
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        return [f"{MANIFEST} cannot be read ({exc})"]
+    problems = []
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{name} has {f.stat().st_size} bytes, {size} were written")
+    return problems
 
 
 def load(acc, path: Path, ema=None) -> TrainState:
-    acc.load_state(str(path))
+    """Model, optimizer, RNG and EMA state from a verified checkpoint; a file that cannot be
+    read is an error naming it. The EMA is re-cut when the checkpoint's layout differs."""
+    path = Path(path)
+    state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+    _check_random_state(path, state)
+    try:
+        acc.load_state(str(path))
+    except Exception as exc:                        # noqa: BLE001 (re-raised below)
+        if is_collective_failure(exc):
+            raise
+        raise CheckpointError(f"{path} cannot be loaded: {type(exc).__name__}: {exc}. The "
+                              "checkpoint is damaged; resume from an older one with "
+                              "train.resume=<its folder>") from None
     if ema is not None:
-        shard = Path(path) / f"ema-rank{dist.rank():05d}.pt"
-        if not shard.is_file():
-            raise FileNotFoundError(f"{shard} is missing: the checkpoint has no EMA for this rank")
-        ema.load_state_dict(torch.load(shard, weights_only=True))
-    return TrainState(**json.loads((Path(path) / STATE_FILE).read_text()))
+        _load_ema(path, ema)
+    return state
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
-    for old in done[:-keep]:
+def set_aside(run_dir: Path, resumed: Path) -> list[Path]:
+    """Rank 0: rename complete-looking checkpoints newer than the one resumed from (found
+    damaged) to `<name>.damaged`, so nothing reads or prunes them; they are kept for a look."""
+    moved = []
+    for path in _complete(Path(run_dir) / CKPT_DIR):
+        if path.name > Path(resumed).name:
+            target = path.with_name(path.name + ".damaged")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            moved.append(target)
+            log.warning("set %s aside as %s", path, target.name)
+    return moved
+
+
+def _check_random_state(path: Path, state: TrainState) -> None:
+    """accelerate skips a random-state file it cannot read with an info line; refuse instead."""
+    rank, world = dist.rank(), state.layout.get("world_size", dist.world_size())
+    f = path / f"random_states_{rank}.pkl"
+    if rank >= world:
+        return                              # this rank did not exist: a fresh random state
+    if not f.is_file():
+        raise RankError(f"{f} is missing: the checkpoint is incomplete; resume from an older one "
+                        "with train.resume=<its folder>")
+    try:
+        torch.load(f, weights_only=False)
+    except Exception as exc:                        # noqa: BLE001 (any unpickling failure)
+        raise RankError(f"{f} cannot be read ({type(exc).__name__}: {exc}): the checkpoint is "
+                        "damaged; resume from an older one with train.resume=<its folder>") \
+            from None
+
+
+def _load_ema(path: Path, ema) -> None:
+    own = path / ema_file(dist.rank())
+    files = sorted(path.glob("ema-rank*.pt"))
+    if not files:
+        raise CheckpointError(f"{path} holds no EMA (ema-rank*.pt) but this run has a momentum "
+                              "model: resume it with the same recipe")
+    try:
+        if own.is_file():
+            state = torch.load(own, weights_only=True)
+            if ema.same_layout(state):
+                ema.load_state_dict(state)
+                return
+        states = [torch.load(f, weights_only=True) for f in files]
+    except Exception as exc:                        # noqa: BLE001 (any unpickling failure)
+        raise CheckpointError(f"an EMA file in {path} cannot be read ({type(exc).__name__}: "
+                              f"{exc}); resume from an older checkpoint") from None
+    ema.load_state_dicts(states)
+    log.warning("the EMA was saved as %d fragment file(s) (%s over %s ranks); put together and "
+                "re-cut for this run's %d rank(s)", len(files), states[0]["kind"],
+                states[0]["world_size"], dist.world_size())
+
+
+def _seal(folder: Path) -> None:
+    """Flush every file to disk, then write the manifest (last: its presence means complete)."""
+    sizes = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            sizes[str(f.relative_to(folder))] = f.stat().st_size
+    _write_atomic(folder / MANIFEST, json.dumps({"files": sizes}, indent=1))
+    _fsync_dir(folder)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete(root: Path) -> list[Path]:
+    """Checkpoint folders that were renamed into place, oldest first."""
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and "." not in p.name)
+
+
+def _newest_complete(root: Path) -> Path | None:
+    done = [p for p in _complete(root) if (p / STATE_FILE).is_file()]
+    return done[-1] if done else None
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    done = [p for p in _complete(root) if p != newest]
+    for old in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -428,24 +428,40 @@ class TrainConfig:
     epochs: int = 6
     max_steps: int | None = None
     """Stop after this many optimizer steps (tests, smoke runs); None: run all epochs."""
-    precision: str = "fp32"
-    """fp32, bf16 or fp16 (mixed precision through accelerate / DeepSpeed)."""
+    precision: str = "auto"
+    """auto, fp32, bf16 or fp16 (mixed precision through accelerate / DeepSpeed). auto: bf16
+    where the device computes it natively (a GPU with bf16, a CPU with AVX512_BF16 / AMX /
+    Arm BF16), fp32 elsewhere; chosen once at start and logged (trainer/precision.py)."""
     seed: int = 0
     output_dir: str = "runs/irra-synth"
     resume: str | None = None
-    """"latest", a checkpoint folder, or None to start afresh (an existing run is refused)."""
+    """"latest" (the newest complete checkpoint), a checkpoint folder, "auto" (latest when the
+    output folder holds a checkpoint, else start: for job scripts that requeue themselves), or
+    None to start afresh (an existing run is refused)."""
     ckpt_every_steps: int = 0
     """Also checkpoint every this many optimizer steps (0: only at epoch ends)."""
     keep_checkpoints: int = 2
     log_every_steps: int = 10
-    """Log (and check for a SIGTERM / SIGUSR1 stop request) every this many optimizer steps."""
+    """Log every this many optimizer steps (a SIGTERM / SIGUSR1 stop request is agreed on
+    every step, whatever this is)."""
     tensorboard: bool = True
+    collective_timeout_s: float = 600.0
+    """Seconds a collective (all-reduce, gather, barrier) may wait for the other ranks before
+    the run stops with an error naming it: a rank that died or hangs ends the run instead of
+    blocking it forever. Every rank must reach each collective within this, so it must exceed
+    the longest step any single rank takes alone (a checkpoint write, the division, the export)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is not finite on some rank is skipped (no update; logged); this many
+    in a row stop the run with an error."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _check(self.ckpt_every_steps >= 0, "train.ckpt_every_steps", "must be >= 0")
+        _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+        _check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
+        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ rows against every rank's keys, and the backward sums the keys' gradients back t
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 
@@ -27,21 +28,37 @@ log = logging.getLogger(__name__)
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
+def quiet_third_party() -> None:
+    """Keep the libraries' start-up chatter off the console; their warnings still show.
+
+    On a machine without CUDA, DS_ACCELERATOR=cpu spares DeepSpeed its accelerator detection
+    (which warns "Setting accelerator to CPU" in every process that imports it)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for name in ("accelerate", "deepspeed", "DeepSpeed", "torch.distributed",
+                 "torch.distributed.elastic", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def build_accelerator(cfg, run_dir: str):
-    """An Accelerator for this launch (DDP or DeepSpeed ZeRO-1/2/3; CPU or GPU)."""
+    """An Accelerator for this launch (DDP or DeepSpeed ZeRO-1/2/3; CPU or GPU), its collectives
+    bounded by train.collective_timeout_s. cfg.train.precision must be resolved (not auto)."""
     cpu = not torch.cuda.is_available()
     deepspeed = using_deepspeed()
     if cpu and deepspeed:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    quiet_third_party()
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
+    group = InitProcessGroupKwargs(timeout=timeout)
     if cpu and deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        group = InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False), group]
     kwargs = dict(mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers,
                   gradient_accumulation_steps=cfg.optim.grad_accum, project_dir=run_dir)
     if cfg.train.tensorboard:
@@ -227,3 +244,52 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True on every rank when `flag` (a bool tensor on the training device) is true on any:
+    one all-reduce and one host read."""
+    if world_size() == 1:
+        return bool(flag)
+    t = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class StopAgreement:
+    """Every rank's stop request (a signal it got), agreed on at every optimizer step without
+    waiting for it: `poll(local)` starts an all-reduce (MAX) of this step's flag and returns the
+    result of the previous step's, which has long arrived. Every rank calls it once a step, so
+    all see the same answer at the same step and stop together, one step after the request
+    reached the last of them. The flag travels as a CPU tensor over gloo (the default group on
+    CPU; a gloo side group next to NCCL), so reading it never waits for the GPU."""
+
+    def __init__(self, timeout_s: float):
+        self.group, self.pending = None, None
+        if world_size() > 1:
+            if dist.get_backend() == "gloo":
+                self.group = dist.group.WORLD
+            else:
+                self.group = dist.new_group(backend="gloo",
+                                            timeout=datetime.timedelta(seconds=timeout_s))
+
+    def poll(self, local: bool) -> bool:
+        if self.group is None:
+            return local
+        agreed = self._result()
+        flag = torch.tensor([int(local)], dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group,
+                                        async_op=True), flag)
+        return agreed
+
+    def close(self) -> bool:
+        """Wait for the last all-reduce (before a stop or the end); its result."""
+        return self._result()
+
+    def _result(self) -> bool:
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        self.pending = None
+        work.wait()
+        return bool(flag.item())

@@ -27,9 +27,12 @@ DeepSpeed engine without optimizer whose partitions are overwritten from the loc
 (no traffic), and DeepSpeed gathers each layer during its forward, as for the online model. The
 communication and memory figures are logged once.
 
-Checkpoints: `state_dict()` holds this rank's fragments and their layout; `load_state_dict`
-refuses another layout (world size or ZeRO stage), since fragments cannot be re-cut without the
-whole EMA. `full_state_dict()` gathers the whole fp32 EMA (for export, tests, a change of layout).
+Checkpoints: `state_dict()` holds this rank's fragments and their layout (every fragment is a
+range of a flattened parameter, whatever the layout). `load_state_dict(state)` takes this rank's
+own state back; `load_state_dicts(states)` takes every rank's states of a checkpoint written
+under another layout (world size or ZeRO stage), puts the whole fp32 EMA together from their
+fragments and cuts this rank's fragments from it (a resume on another number of ranks).
+`full_state_dict()` gathers the whole fp32 EMA (for export, tests).
 """
 from __future__ import annotations
 
@@ -203,15 +206,48 @@ class ShardedEMA:
                 "fragments": [(f.name, f.start, f.numel) for f in self.fragments],
                 "shadow": [e.cpu() for e in self.shadow]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def same_layout(self, state: dict) -> bool:
         mine = [(f.name, f.start, f.numel) for f in self.fragments]
-        if (state["kind"], state["world_size"], list(map(tuple, state["fragments"]))) != \
-                (self.kind, dist.world_size(), mine):
+        return (state["kind"], state["world_size"], list(map(tuple, state["fragments"]))) == \
+            (self.kind, dist.world_size(), mine)
+
+    def load_state_dict(self, state: dict) -> None:
+        """This rank's own state, saved under the same layout."""
+        if not self.same_layout(state):
             raise ValueError(f"the checkpoint's EMA was cut for {state['kind']} over "
                              f"{state['world_size']} ranks; this run is {self.kind} over "
-                             f"{dist.world_size()}: resume with the same launch layout")
+                             f"{dist.world_size()}: load every rank's state with "
+                             "load_state_dicts to re-cut it")
         for ema, saved in zip(self.shadow, state["shadow"]):
             ema.copy_(saved)
+        self.refresh(force=True)
+
+    @torch.no_grad()
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Every rank's state of a checkpoint written under any layout: the whole EMA is put
+        together from their fragments (each a range of a flattened parameter) and this rank's
+        fragments cut from it. Refuses states of other modules or that leave a gap."""
+        modules = {tuple(s["modules"]) for s in states}
+        if modules != {self.modules}:
+            raise ValueError(f"the checkpoint's EMA covers {sorted(modules)}, this run's "
+                             f"{self.modules}: they must be the same modules")
+        sizes = {n: (p.ds_numel if self.kind == "zero3" else p.numel())
+                 for n, p in self.params.items()}
+        full = {n: torch.empty(k, dtype=torch.float32) for n, k in sizes.items()}
+        covered = dict.fromkeys(sizes, 0)
+        for state in states:
+            for (name, start, numel), values in zip(state["fragments"], state["shadow"]):
+                if name not in full or start + numel > sizes[name]:
+                    raise ValueError(f"the checkpoint's EMA holds {name}[{start}:{start + numel}]"
+                                     ", which this model does not have")
+                full[name][start: start + numel] = values.view(-1).float()
+                covered[name] += numel
+        gaps = [n for n, k in covered.items() if k != sizes[n]]
+        if gaps:
+            raise ValueError(f"the checkpoint's EMA files cover {gaps[0]} (and {len(gaps) - 1} "
+                             "more) incompletely: an EMA file of some rank is missing")
+        for f, ema in zip(self.fragments, self.shadow):
+            ema.copy_(full[f.name][f.start: f.start + f.numel])
         self.refresh(force=True)
 
     # -- reporting ----------------------------------------------------------------------------

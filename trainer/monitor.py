@@ -1,8 +1,10 @@
-"""What a run tells its user: a rich progress bar, JSON log lines, TensorBoard scalars.
+"""What a run tells its user: a short summary, a rich progress bar, JSON log lines, TensorBoard.
 
-Only rank 0 prints and writes. Log lines go to `<run>/log.jsonl` (one JSON object per line, with
-"event": "step" | "epoch" | "eval" | "config" | ...) and to the console when no progress bar can
-be drawn (not a terminal), so CI logs still show progress.
+Only rank 0 prints and writes. The run opens with a few lines (`run_summary`: method and parts,
+data, ranks, precision, steps, output folder); the whole resolved config goes to config.yaml and
+to log.jsonl, not to the console. Log lines go to `<run>/log.jsonl` (one JSON object per line,
+with "event": "step" | "epoch" | "eval" | "config" | ...) and to the console when no progress bar
+can be drawn (not a terminal), so CI logs still show progress.
 """
 from __future__ import annotations
 
@@ -73,6 +75,12 @@ class Monitor:
         if self.trackers and scalars and "step" in values:
             self.acc.log(scalars, step=values["step"])
 
+    def print_lines(self, lines: list[str]) -> None:
+        if self.enabled:
+            out = self.progress.console if self.progress else self.console
+            for line in lines:
+                out.print(line, markup=False, highlight=False, soft_wrap=True)
+
     def print(self, renderable) -> None:
         if self.enabled:
             (self.progress.console if self.progress else self.console).print(renderable)
@@ -80,3 +88,44 @@ class Monitor:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def run_summary(cfg, meta: dict, info: dict, run_dir: Path) -> list[str]:
+    """The few lines a run opens with (the full config is in config.yaml and log.jsonl)."""
+    rc, run = cfg.recipe, info["run"]
+    terms = " + ".join(t.kind if t.weight == 1 else f"{t.weight:g} {t.kind}" for t in rc.losses)
+    parts = [f"branches {'+'.join(rc.branches)}", f"loss {terms}"]
+    if rc.image_tokens.kind != "all":
+        parts.append(f"image tokens {rc.image_tokens.kind} (drop {rc.image_tokens.ratio:g})")
+    if "mlm" in rc.kinds() or rc.enrich.kind != "none":
+        parts.append(f"caption mask {rc.caption_mask.kind} {rc.caption_mask.ratio:g}")
+    if rc.enrich.kind != "none":
+        parts.append(f"enrich {rc.enrich.kind}")
+    if rc.weighting.kind != "none":
+        parts.append(f"weighting {rc.weighting.kind} ({rc.weighting.use})")
+    model = cfg.model.pretrained or (f"CLIP from scratch, width {cfg.model.vision_width}/"
+                                     f"{cfg.model.text_width}")
+    splits = meta.get("splits", {})
+    train = splits.get("train", {})
+    others = ", ".join(f"{k} {v.get('num_samples', 0):,}" for k, v in splits.items()
+                       if k != "train")
+    kind = run["distributed_type"] if not run.get("zero_stage") else f"ZeRO-{run['zero_stage']}"
+    epochs = cfg.train.epochs
+    steps = f"{info['steps_per_epoch']:,} steps an epoch x {epochs} epochs"
+    if info["total_steps"] != info["steps_per_epoch"] * epochs:
+        steps += f", stopping at step {info['total_steps']:,} (train.max_steps)"
+    else:
+        steps += f" = {info['total_steps']:,} steps"
+    select = f", best on {info['select_split']}" if info.get("select_split") else ""
+    return [
+        f"method  {cfg.method or 'custom'}: {', '.join(parts)}; {model}, "
+        f"{info['parameters'] / 1e6:.1f}M parameters",
+        f"data    {cfg.data.shards}: {train.get('num_samples', 0):,} training pairs of "
+        f"{meta.get('num_classes', 0):,} identities ({others}); global batch "
+        f"{info['global_batch']} = {cfg.data.batch_size} x {run['num_processes']} rank(s) x "
+        f"{cfg.optim.grad_accum}",
+        f"ranks   {run['num_processes']} ({kind}, {run['device']}, {run['backend'] or 'single'})"
+        f"; precision {info['precision_reason']}",
+        f"steps   {steps}",
+        f"output  {run_dir}/ (config.yaml, log.jsonl, checkpoints/{select})",
+    ]

@@ -9,24 +9,36 @@
     # continue an interrupted run where it stopped (mid-epoch included)
     accelerate launch ... -m trainer.train --config ... train.resume=latest
 
-Overrides are `section.field=value` (or `--section.field value`). The resolved config is
-printed at start and saved as <output_dir>/config.yaml. Each epoch: the weighting part's
-division when it asks for one (the training set scored, gathered once, divided on rank 0, the
-weights handed to every rank's recipe), the training batches, a checkpoint, and an evaluation on
-the selection split (val where the shards have one) that keeps the best weights in
-<output_dir>/best. At the end: the final weights, the test metrics of best and final
+    # check a config, its shards, tokenizer, model and DeepSpeed settings without training;
+    # print the plan and a memory estimate per GPU (trainer/plan.py)
+    python -m trainer.train --dry-run --config launch/configs/irra.yaml \
+        --launch launch/accelerate/gpu_zero2.yaml data.shards=shards/cuhk
+
+Overrides are `section.field=value` (or `--section.field value`). A short summary opens the run
+(method and parts, data, ranks, precision, steps, output folder); the resolved config is saved
+as <output_dir>/config.yaml and logged in log.jsonl. Each epoch: the weighting part's division
+when it asks for one (the training set scored, gathered once, divided on rank 0, the weights
+handed to every rank's recipe), the training batches, an evaluation on the selection split (val
+where the shards have one) that keeps the best weights in <output_dir>/best, then a checkpoint
+that holds it. At the end: the final weights, the test metrics of best and final
 (metrics.json) and a transformers export of the best (hf/). The momentum model (trainer/ema.py)
 is built when a part of the recipe needs one (trainer/recipe.py momentum_modules) or
 `ema.modules` names some, and handed to the recipe with each step.
+
+Faults: SIGTERM / SIGUSR1 to any rank (or to `python -m trainer.launch`, which forwards them)
+stop every rank at the same step within two steps, after a checkpoint (exit code 3); a step
+whose loss is not finite on some rank is skipped, train.max_nonfinite_steps in a row stop the
+run; a collective that waits longer than train.collective_timeout_s (a rank died or hangs) ends
+the run with an error naming it (exit code 1). Exit codes: trainer/errors.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,29 +48,50 @@ import torch
 from data_pipeline.loader import LoaderConfig, TrainLoader
 from data_pipeline.manifest import read_meta
 from data_pipeline.transforms import TrainAugment, prepare_batch
-from trainer import checkpoint, dist
+from trainer import checkpoint, dist, errors, launch, precision
 from trainer.build import build_model, load_tokenizer, save_weights
 from trainer.ccd import ConsensusWeighting
 from trainer.checkpoint import TrainState
 from trainer.config import Config, load_config, parse_overrides, save_config
+from trainer.errors import Stopped
 from trainer.evaluate import evaluate, format_table
-from trainer.monitor import Monitor
+from trainer.monitor import Monitor, run_summary
 from trainer.optim import build_optimizer, lr_factor, set_lr
 from trainer.recipe import StepInfo, momentum_modules
 
 log = logging.getLogger("trainer")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop = {"signal": None}              # the first stop signal this process got
 
 
-class Stopped(Exception):
-    """Training stopped early on request (a scheduler's SIGTERM / SIGUSR1) after a checkpoint."""
+def _on_stop_signal(signum, _frame) -> None:
+    _stop["signal"] = _stop["signal"] or signum
 
 
-def parse_args(argv):
+def catch_stop_signals() -> None:
+    """SIGTERM / SIGUSR1 become a stop request that the ranks agree on (Run.fit)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _on_stop_signal)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="recipe YAML (launch/configs/...)")
-    args, rest = p.parse_known_args(argv)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, shards, tokenizer, model and DeepSpeed settings and "
+                        "print the plan with a memory estimate per GPU; no training")
+    p.add_argument("--launch", metavar="ACCELERATE_YAML",
+                   help="dry run: the accelerate config the run will be launched with (ranks, "
+                        "machines, ZeRO stage, offload); default: this process's launch")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB",
+                   help="dry run: memory of one GPU to compare the estimate with")
+    return p
+
+
+def parse_args(argv) -> Config:
+    args, rest = build_parser().parse_known_args(argv)
     return load_config(args.config, parse_overrides(rest))
 
 
@@ -72,8 +105,15 @@ class Run:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
+        catch_stop_signals()
+        choice = precision.resolve(cfg.train.precision)
+        cfg.train.precision = choice.precision
         self.acc = dist.build_accelerator(cfg, str(self.run_dir))
         _setup_logging(self.acc)
+        if choice.warning:
+            log.warning(choice.warning)
+        self.precision_reason = choice.reason
+        self.resume = self._resume_choice()
         self._check_run_dir()
         torch.manual_seed(cfg.train.seed)              # same initial weights on every rank
         self.tokenizer = load_tokenizer(cfg)
@@ -98,17 +138,15 @@ class Run:
         self.weighting = (ConsensusWeighting(cfg.recipe.weighting, cfg.train.seed)
                           if cfg.recipe.weighting.kind == "consensus" else None)
         self.state = TrainState()
-        if cfg.train.resume:
-            path = checkpoint.find(self.run_dir, cfg.train.resume)
-            self.state = checkpoint.load(self.acc, path, self.ema)
-            log.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
-                     self.state.batch_in_epoch, self.state.step)
+        self.stopper = dist.StopAgreement(cfg.train.collective_timeout_s)
+        self._nonfinite = None             # device flag: a loss of this step was not finite
+        self._skipped_in_a_row = 0
+        self.monitor = None
+        resumed = self._resume() if self.resume else None
+        self.state.layout = self.layout()
         self.select_split = self._select_split()
-        self._stop_signal = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_signal)
         self.monitor = Monitor(self.acc, self.run_dir, self.total_steps, self.state.step)
-        self._announce()
+        self._announce(resumed)
 
     # -- set-up helpers -----------------------------------------------------------------------
 
@@ -134,9 +172,24 @@ class Run:
                           momentum=e.momentum, momentum_end=e.momentum_end,
                           total_steps=self.total_steps, refresh_every=e.refresh_every)
 
+    def _resume_choice(self) -> str | None:
+        """train.resume, with "auto" turned into "latest" or None by what the folder holds."""
+        resume = self.cfg.train.resume
+        if resume == "auto":
+            has = any(checkpoint._complete(self.run_dir / checkpoint.CKPT_DIR))
+            log.info("train.resume=auto: %s", "a checkpoint is there, continuing it" if has
+                     else "no checkpoint yet, starting")
+            return "latest" if has else None
+        return resume
+
     def _check_run_dir(self) -> None:
+        run, shards = self.run_dir.resolve(), Path(self.cfg.data.shards).resolve()
+        if run == shards or shards in run.parents or run in shards.parents:
+            raise ValueError(f"train.output_dir={self.run_dir} and data.shards="
+                             f"{self.cfg.data.shards} overlap: a run must not write into its "
+                             "input; choose another train.output_dir")
         exists = (self.run_dir / checkpoint.CKPT_DIR).exists()
-        if exists and not self.cfg.train.resume:
+        if exists and not self.resume:
             raise ValueError(f"{self.run_dir} already holds a run; pass train.resume=latest to "
                              "continue it or choose another train.output_dir")
         if self.acc.is_main_process:
@@ -159,34 +212,100 @@ class Run:
                         ": its test figures are optimistic")
         return choice
 
-    def _announce(self) -> None:
+    def layout(self) -> dict:
+        """What a checkpoint records of how this run trains (compared on resume)."""
+        c = self.cfg
+        return {"world_size": self.acc.num_processes, "batch_size": c.data.batch_size,
+                "grad_accum": c.optim.grad_accum, "batches_per_epoch": self.loader.num_batches,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "epochs": c.train.epochs, "zero_stage": dist.zero_stage(self.acc),
+                "warmup_epochs": c.optim.warmup_epochs}
+
+    def _resume(self) -> list[str]:
+        """Load the checkpoint train.resume names; what was done, as lines for the log."""
+        path, skipped = checkpoint.find(self.run_dir, self.resume)
+        for line in skipped:
+            log.warning(line)
+        if skipped and self.acc.is_main_process:
+            checkpoint.set_aside(self.run_dir, path)
+        dist.barrier()
+        self.state = checkpoint.load(self.acc, path, self.ema)
+        old, new, old_step = self.state.layout, self.layout(), self.state.step
+        notes = [f"resumed from {path} at epoch {self.state.epoch}, batch "
+                 f"{self.state.batch_in_epoch}, step {self.state.step}"]
+        if old and (old["world_size"], old["batch_size"], old["grad_accum"]) != \
+                (new["world_size"], new["batch_size"], new["grad_accum"]):
+            notes += self._move_position(old, new)
+        if old:
+            notes += self._schedule_change(old, new, old_step)
+        for line in notes[1:]:
+            log.warning(line)
+        return notes
+
+    def _move_position(self, old: dict, new: dict) -> list[str]:
+        """The checkpoint's position on this run's layout (other ranks, batch or accumulation):
+        the same share of the epoch, the optimizer step counted in this run's steps so the
+        learning-rate schedule continues at the same point of training."""
+        s = self.state
+        frac = s.batch_in_epoch / max(1, old["batches_per_epoch"])
+        accum = new["grad_accum"]
+        batch = min(new["batches_per_epoch"], int(frac * new["batches_per_epoch"]) // accum * accum)
+        step = s.epoch * new["steps_per_epoch"] + batch // accum
+        old_lr = self.cfg.optim.lr * _lr_at(self.cfg, old, s.step)
+        new_lr = self.cfg.optim.lr * _lr_at(self.cfg, new, step)
+        glob = lambda d: d["world_size"] * d["batch_size"] * d["grad_accum"]   # noqa: E731
+        lines = [
+            f"the checkpoint was written by {old['world_size']} rank(s) x batch "
+            f"{old['batch_size']} x accumulation {old['grad_accum']} (global batch {glob(old)}); "
+            f"this run has {new['world_size']} x {new['batch_size']} x {new['grad_accum']} "
+            f"(global batch {glob(new)}): the learning rate is not rescaled for it",
+            f"position moved to the same share of epoch {s.epoch} ({frac:.0%}): batch "
+            f"{s.batch_in_epoch} of {old['batches_per_epoch']} a rank -> {batch} of "
+            f"{new['batches_per_epoch']}, step {s.step} -> {step}; the learning rate continues "
+            f"at {new_lr:.3g} (it was {old_lr:.3g})"]
+        if 0 < frac < 1:
+            lines.append(f"the rest of epoch {s.epoch} is dealt to the ranks anew: some of its "
+                         "samples are seen twice this epoch and as many not at all")
+        if dist.rank() >= old["world_size"] or new["world_size"] != old["world_size"]:
+            lines.append("ranks without a random state in the checkpoint start fresh ones")
+        s.batch_in_epoch, s.step = batch, step
+        return lines
+
+    def _schedule_change(self, old: dict, new: dict, old_step: int) -> list[str]:
+        """What a changed schedule (epochs, max_steps, warm-up) does to the learning rate."""
+        length = lambda d: d["total_steps"] / max(1, d["steps_per_epoch"])   # noqa: E731
+        if (length(old), old.get("warmup_epochs")) == (length(new), new["warmup_epochs"]):
+            return []
+        lr, step = self.cfg.optim.lr, self.state.step
+        was, now = lr * _lr_at(self.cfg, old, old_step), lr * _lr_at(self.cfg, new, step)
+        line = (f"the schedule changed: {length(old):g} epochs of {old['steps_per_epoch']} steps "
+                f"(cosine ending at step {old['total_steps']}) -> {length(new):g} of "
+                f"{new['steps_per_epoch']} (ending at step {new['total_steps']}); the learning "
+                f"rate goes from {was:.3g} on the old curve to {now:.3g} on the new one")
+        if abs(now - was) > 0.05 * max(abs(was), 1e-12):
+            change = abs(now - was) / max(was, 1e-12)
+            line += f": a {'jump up' if now > was else 'drop'} of {change:.0%}"
+        return [line]
+
+    def _announce(self, resumed: list[str] | None) -> None:
         info = {"run": dist.describe(self.acc), "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "select_split": self.select_split,
                 "global_batch": self.cfg.data.batch_size * self.acc.num_processes *
                 self.cfg.optim.grad_accum, "num_classes": self.meta["num_classes"],
-                "vocab_size": self.tokenizer.vocab_size,
+                "vocab_size": self.tokenizer.vocab_size, "precision_reason": self.precision_reason,
                 "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())}
         if self.acc.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
-            self.monitor.log("config", echo=True, config=self.cfg.to_dict(), **info)
+            self.monitor.log("config", echo=False, config=self.cfg.to_dict(), **info)
+            self.monitor.print_lines(run_summary(self.cfg, self.meta, info, self.run_dir))
+            if resumed:
+                self.monitor.log("resumed", echo=True, notes=resumed)
         if self.cfg.train.tensorboard:
             flat = {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
                     for sec, fields in self.cfg.to_dict().items() if isinstance(fields, dict)
                     for k, v in fields.items()}
             flat["method"] = str(self.cfg.method)
             self.acc.init_trackers("tensorboard", config=flat)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-
-    def _stop_requested(self) -> bool:
-        """True on every rank once any rank got a stop signal (ranks must stop together).
-        Asked at logging steps only: the all-reduce and its host sync stay out of other steps."""
-        flag = torch.tensor([self._stop_signal is not None], dtype=torch.long,
-                            device=self.acc.device)
-        if dist.world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag)
 
     # -- per-step values ---------------------------------------------------------------------
 
@@ -199,10 +318,8 @@ class Run:
         return lc.tau_start + (lc.tau - lc.tau_start) * frac
 
     def lr_factor(self, step: int) -> float:
-        o = self.cfg.optim
-        return lr_factor(step, warmup_steps=int(o.warmup_epochs * self.steps_per_epoch),
-                         total_steps=self.total_steps, start=o.warmup_start_factor,
-                         minimum=o.min_lr_factor)
+        return _lr_at(self.cfg, {"steps_per_epoch": self.steps_per_epoch,
+                                 "total_steps": self.total_steps}, step)
 
     def step_info(self) -> StepInfo:
         s = self.state
@@ -282,13 +399,19 @@ class Run:
             if self._done() and s.batch_in_epoch < self.loader.num_batches:
                 break
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints, self.ema)
+            # the epoch's evaluation first, so its checkpoint holds it (history, best epoch)
             if self.select_split and cfg.eval.every_epochs and s.epoch % cfg.eval.every_epochs == 0:
                 self._select(self.select_split)
+            self._save_checkpoint()
         return self._finish()
 
     def _done(self) -> bool:
         return self.state.step >= self.total_steps
+
+    def _save_checkpoint(self) -> Path:
+        self.state.layout = self.layout()
+        return checkpoint.save(self.acc, self.run_dir, self.state, self.cfg.train.keep_checkpoints,
+                               self.ema)
 
     def _train_epoch(self) -> None:
         cfg, s, acc = self.cfg, self.state, self.acc
@@ -296,65 +419,110 @@ class Run:
         sums = LoggedSums()
         for batch in self.loader.epoch(s.epoch, s.batch_in_epoch):
             batch = self._to_device(batch)
-            out, lr, info = self.train_step(batch)
+            out, lr, info, applied = self.train_step(batch)
             sums.add(out)                    # stays on the device until a logging step
             s.batch_in_epoch += 1
             s.samples_seen += batch["pid"].shape[0] * acc.num_processes
             if not acc.sync_gradients:
                 continue
             s.step += 1
+            if applied:
+                sums.commit()
+                self._skipped_in_a_row = 0
+            else:
+                sums.discard()
+                self._skipped(out)
             if s.step % cfg.train.log_every_steps == 0 or self._done():
-                values = sums.mean_over_ranks()
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"the loss was {values['loss']} in the {sums.count} batches before step "
-                        f"{s.step} (epoch {s.epoch}); lower optim.lr or check the data")
-                values.update(lr=lr, tau=info.tau, epoch=s.epoch,
-                              samples_per_s=self.monitor.rate(s.samples_seen))
-                if self.ema is not None:
-                    values["ema_momentum"] = self.ema.momentum(s.step - 1)
-                self.monitor.step(s.step, values)
+                if sums.count:
+                    values = sums.mean_over_ranks()
+                    values.update(lr=lr, tau=info.tau, epoch=s.epoch,
+                                  samples_per_s=self.monitor.rate(s.samples_seen))
+                    if self.ema is not None:
+                        values["ema_momentum"] = self.ema.momentum(s.step - 1)
+                    self.monitor.step(s.step, values)
                 sums = LoggedSums()
             if cfg.train.ckpt_every_steps and s.step % cfg.train.ckpt_every_steps == 0:
-                checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints, self.ema)
-            if s.step % cfg.train.log_every_steps == 0 and self._stop_requested():
-                path = checkpoint.save(self.acc, self.run_dir, s, cfg.train.keep_checkpoints,
-                                       self.ema)
-                self.monitor.log("stopped", echo=True, step=s.step, epoch=s.epoch,
-                                 checkpoint=str(path))
-                self.monitor.close()
-                raise Stopped(f"stopped by signal at step {s.step} (epoch {s.epoch}, batch "
-                              f"{s.batch_in_epoch}); checkpoint {path}; continue with "
-                              "train.resume=latest")
+                self._save_checkpoint()
+            # every rank's stop request of the previous step, agreed without waiting
+            if self.stopper.poll(_stop["signal"] is not None):
+                self._stop()
             if self._done():
                 break
         stats = self.loader.stats.snapshot()
         if any(stats.values()):
             self.monitor.log("data", echo=True, epoch=s.epoch, **stats)
 
+    def _stop(self) -> None:
+        s = self.state
+        path = self._save_checkpoint()
+        self.stopper.close()
+        self.monitor.log("stopped", echo=True, step=s.step, epoch=s.epoch, checkpoint=str(path))
+        self.monitor.close()
+        raise Stopped(f"stopped on request at step {s.step} (epoch {s.epoch}, batch "
+                      f"{s.batch_in_epoch}); checkpoint {path}; continue with the same command "
+                      "and train.resume=latest")
+
+    def _skipped(self, out: dict) -> None:
+        """A step whose update was skipped for a non-finite loss: say so; too many in a row stop
+        the run."""
+        s, k = self.state, self.cfg.train.max_nonfinite_steps
+        self._skipped_in_a_row += 1
+        self.monitor.log("skipped", echo=True, step=s.step, epoch=s.epoch,
+                         in_a_row=self._skipped_in_a_row,
+                         reason="the loss was not finite on at least one rank: no update")
+        if self._skipped_in_a_row >= k:
+            raise FloatingPointError(
+                f"the loss was not finite in {k} steps in a row (steps "
+                f"{s.step - k + 1}-{s.step}, epoch {s.epoch}; train.max_nonfinite_steps={k}); "
+                "the weights were not updated by them. Lower optim.lr, use "
+                "train.precision=fp32, or check the data; continue from the last checkpoint "
+                "with train.resume=latest")
+
     def train_step(self, batch: dict, mark=None):
         """One micro-batch: forward and backward; at an accumulation boundary also the optimizer
-        step and the EMA update (the caller counts the step). `mark(phase)`, for benchmarks,
-        is called at the end of each phase ("forward", "backward", "optimizer", "ema").
-        Returns (the recipe's outputs, the learning rate, the StepInfo)."""
+        step and the EMA update (the caller counts the step), unless a loss of the step was not
+        finite on some rank: then no update at all. `mark(phase)`, for benchmarks, is called at
+        the end of each phase ("forward", "backward", "optimizer", "ema").
+        Returns (the recipe's outputs, the learning rate, the StepInfo, whether the step's
+        update was applied: None between accumulation boundaries)."""
         cfg, acc = self.cfg, self.acc
         mark = mark or (lambda phase: None)
         lr = set_lr(self.optimizer, cfg.optim.lr, self.lr_factor(self.state.step))
         info = self.step_info()
+        applied = None
         with acc.accumulate(self.model):
             out = self.model(batch, mode="train", step=info)
+            self._note_finite(out["loss"])
             mark("forward")
-            acc.backward(out["loss"])
+            acc.backward(out["loss"])           # DeepSpeed also steps here (at a boundary)
             mark("backward")
-            if acc.sync_gradients and cfg.optim.grad_clip:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
+            if acc.sync_gradients:
+                applied = self._step_is_finite()
+                if applied and cfg.optim.grad_clip:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                if applied:
+                    self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             mark("optimizer")
-        if acc.sync_gradients and self.ema is not None:
+        if applied and self.ema is not None:
             self.ema.update(self.state.step)
             mark("ema")
-        return out, lr, info
+        return out, lr, info, applied
+
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())        # on the device: no host read here
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+
+    def _step_is_finite(self) -> bool:
+        """Whether every rank's losses of this step were finite. Under DeepSpeed its engine
+        has already decided inside backward (it skips a step whose gradients are not finite and
+        agrees across ranks: no extra read); otherwise one all-reduce of a flag and one host
+        read per optimizer step."""
+        flag, self._nonfinite = self._nonfinite, None
+        if dist.zero_stage(self.acc) or dist.using_deepspeed():
+            skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
+            return not skipped or self.cfg.train.precision == "fp16"   # fp16: loss scaling
+        return not dist.any_rank(flag)
 
     def _select(self, split: str) -> None:
         s = self.state
@@ -380,6 +548,7 @@ class Run:
 
     def _finish(self) -> dict:
         s = self.state
+        self.stopper.close()
         self._save_weights("final", {"epoch": s.epoch, "step": s.step})
         final_split = self.cfg.eval.final_split
         report = {"epochs": s.epoch, "steps": s.step, "best_epoch": s.best_epoch,
@@ -416,6 +585,9 @@ class Run:
     def _export(self) -> None:
         from trainer.export import export_hf
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()           # "Writing model shards" under our own bar
         source = "best" if self.state.best_epoch is not None else "final"
         with dist.plain_init(self.acc):
             export_hf(self.run_dir / source, self.run_dir / "hf")
@@ -426,19 +598,40 @@ class Run:
         return self.acc.unwrap_model(self.model)
 
 
+def _lr_at(cfg: Config, layout: dict, step: int) -> float:
+    """The schedule's learning-rate factor at `step` for a run of this layout."""
+    o = cfg.optim
+    warmup = layout.get("warmup_epochs", o.warmup_epochs)
+    return lr_factor(step, warmup_steps=int(warmup * layout["steps_per_epoch"]),
+                     total_steps=layout["total_steps"], start=o.warmup_start_factor,
+                     minimum=o.min_lr_factor)
+
+
 class LoggedSums:
     """The step's logged values summed on the device (float64) between logging steps: no host
-    read per step. `mean_over_ranks` makes the one all-reduce and the one read."""
+    read per step. A step's micro-batches are held apart until the step is known to be applied
+    (`commit`) or skipped (`discard`). `mean_over_ranks` makes the one all-reduce and the one
+    read."""
 
     def __init__(self):
         self.keys, self.total, self.count = None, None, 0
+        self.pending, self.pending_count = None, 0
 
     def add(self, out: dict[str, torch.Tensor]) -> None:
         if self.keys is None:
             self.keys = sorted(out)
         row = torch.stack([out[k].detach().reshape(()).double() for k in self.keys])
-        self.total = row if self.total is None else self.total + row
-        self.count += 1
+        self.pending = row if self.pending is None else self.pending + row
+        self.pending_count += 1
+
+    def commit(self) -> None:
+        if self.pending is not None:
+            self.total = self.pending if self.total is None else self.total + self.pending
+            self.count += self.pending_count
+        self.pending, self.pending_count = None, 0
+
+    def discard(self) -> None:
+        self.pending, self.pending_count = None, 0
 
     def mean_over_ranks(self) -> dict[str, float]:
         if self.total is None:
@@ -453,21 +646,29 @@ class LoggedSums:
 def _setup_logging(acc) -> None:
     level = logging.INFO if acc.is_main_process else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("accelerate", "deepspeed", "torch.distributed", "DeepSpeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    dist.quiet_third_party()
+
+
+def _main(argv) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.dry_run:
+        from trainer import plan
+
+        return plan.dry_run(args.config, parse_overrides(rest), launch_file=args.launch,
+                            gpu_memory_gib=args.gpu_memory)
+    if args.launch or args.gpu_memory:
+        raise ValueError("--launch and --gpu-memory go with --dry-run")
+    Run(load_config(args.config, parse_overrides(rest))).fit()
+    return 0
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-        Run(cfg).fit()
-    except Stopped as exc:
-        print(str(exc), file=sys.stderr, flush=True)
-        return 3
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    launch.follow_launcher()
+    catch_stop_signals()
+    code = errors.guard(lambda: _main(argv), timeout_field="train.collective_timeout_s",
+                        on_stop="continue with the same command and train.resume=latest")
+    launch.write_exit_code(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""What a trainer command says when it cannot go on, and its exit code.
+
+    sys.exit(errors.guard(lambda: run(args), on_stop="continue with train.resume=latest"))
+
+Exit codes of every command (train, evaluate, export, bench, search, quickstart, the dry run):
+  0  done;
+  1  a fault: another rank died or stopped answering (the message says which collective timed
+     out), or a bug (with its traceback: bugs are not hidden);
+  2  bad input: a missing or damaged file, a wrong value, an impossible combination; one
+     paragraph on stderr naming the thing and what to do, no traceback;
+  3  stopped on request (SIGTERM, SIGUSR1, Ctrl-C); the message says how to continue.
+
+Under several ranks every rank meets the same bad config or shards: rank 0 says it, the others
+exit quietly. An error only one rank can meet (its own checkpoint file) is a `RankError` and
+that rank says it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import sys
+from collections.abc import Callable
+
+OS_HINTS = {errno.ENOENT: "check the path", errno.EACCES: "check its permissions",
+            errno.ENOSPC: "free some space and run the command again",
+            errno.EDQUOT: "free some of the quota and run the command again",
+            errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EISDIR: "it is a folder; give a file path",
+            errno.EROFS: "the file system is read-only; choose another folder"}
+
+
+class Stopped(Exception):
+    """Stopped on request (a scheduler's SIGTERM / SIGUSR1, Ctrl-C); the message says how to
+    continue."""
+
+
+class RankError(ValueError):
+    """Bad input that only this rank meets (e.g. its own file in a checkpoint)."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another rank died, or did not reach it within the timeout."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input (or a full disk): answered without a traceback."""
+    import yaml
+
+    kinds = [ValueError, OSError, FloatingPointError, EOFError, pickle.UnpicklingError,
+             yaml.YAMLError]
+    try:
+        from safetensors import SafetensorError
+
+        kinds.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def describe(exc: BaseException) -> str:
+    """One paragraph: the exception's own message where it names the thing and what to do (this
+    package's are written so), a hint added to the system's bare ones."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        hint = OS_HINTS.get(exc.errno, "check the path")
+        return f"{exc.filename}: {exc.strerror.lower()}; {hint}"
+    return str(exc) or type(exc).__name__
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True for the errors torch.distributed raises when a peer dies or a collective times out."""
+    if isinstance(exc, CollectiveError):
+        return True
+    try:
+        from torch.distributed import DistError
+    except ImportError:                             # pragma: no cover (old torch)
+        DistError = ()                              # noqa: N806
+    if DistError and isinstance(exc, DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        k in text for k in ("gloo", "Connection reset by peer", "Connection closed by peer",
+                            "Timed out waiting", "NCCL", "Broken pipe"))
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except (ImportError, RuntimeError):
+        pass
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def guard(fn: Callable[[], int | None], *, on_stop: str = "run the command again",
+          timeout_field: str | None = None) -> int:
+    """Run a command's body and turn how it ended into an exit code and one paragraph."""
+    rank = _rank()
+    try:
+        return fn() or 0
+    except Stopped as exc:
+        if rank == 0:
+            say(str(exc))
+        return 3
+    except KeyboardInterrupt:
+        if rank == 0:
+            say(f"stopped by Ctrl-C; {on_stop}")
+        return 3
+    except Exception as exc:                       # noqa: BLE001 (sorted below)
+        rank = _rank()
+        if is_collective_failure(exc):
+            setting = f" ({timeout_field})" if timeout_field else ""
+            say(f"error on rank {rank}: a collective operation failed: {describe(exc)}. Another "
+                "rank died, or stopped answering for longer than the collective timeout"
+                f"{setting}: its own log says why (out of memory, a crash, a hung data loader "
+                "or a paused process). Fix that and continue from the last complete checkpoint "
+                "with train.resume=latest.")
+            return 1
+        if isinstance(exc, user_errors()):
+            if rank == 0 or isinstance(exc, RankError):
+                where = f"rank {rank}: " if isinstance(exc, RankError) else ""
+                say(f"error: {where}{describe(exc)}")
+            return 2
+        raise
