@@ -155,11 +155,22 @@ def load_study(args) -> Study:
         if unknown:
             raise ValueError(f"--only {unknown}: not methods of the study ({sorted(methods)})")
         methods = {m: methods[m] for m in args.only}
-    return Study(benchmark=raw["benchmark"],
+    benchmark = dict(raw["benchmark"])
+    for item in args.benchmark or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in benchmark:
+            raise ValueError(f"--benchmark {item}: KEY=VALUE with KEY one of {sorted(benchmark)}")
+        benchmark[key] = yaml.safe_load(value)
+    backbone = proto.get("backbone")
+    if args.backbone:
+        if not backbone:
+            raise ValueError(f"--backbone: the {protocol} protocol fine-tunes no backbone")
+        backbone = {"folder": args.backbone}
+    return Study(benchmark=benchmark,
                  rates=sorted(args.rates if args.rates is not None else raw["noise"]["rates"]),
                  noise_seeds=args.noise_seeds or raw["noise"]["seeds"],
                  seeds=args.seeds if args.seeds is not None else raw["seeds"],
-                 protocol=protocol, backbone=proto.get("backbone"),
+                 protocol=protocol, backbone=backbone,
                  overrides=[*raw.get("overrides", []), *proto.get("overrides", []),
                             *args.overrides],
                  methods=methods, launcher=raw.get("launcher", {}),
@@ -226,6 +237,9 @@ def prepare_backbone(study: Study, out: Path, data: Path) -> tuple[Path | None, 
         return None, None
     from trainer.pretrain import PretrainSettings, ensure_backbone, zero_shot
 
+    if "folder" in study.backbone:
+        backbone = Path(study.backbone["folder"])
+        return backbone, zero_shot(backbone, shards_dir(data, 0.0, 0))
     b = dict(study.backbone)
     b["overrides"] = tuple(b.get("overrides", ()))
     settings = PretrainSettings(benchmark=str(data / "synth"), **b,
@@ -254,8 +268,9 @@ def run_spec(cmd: list[str], backbone: Path | None) -> dict:
     settings (the same folder may have been remade)."""
     spec = {"command": cmd}
     if backbone is not None:
-        record = (backbone.parent / "pretrain.json").read_bytes()
-        spec["backbone_sha256"] = hashlib.sha256(record).hexdigest()[:16]
+        record = backbone.parent / "pretrain.json"
+        weights = record if record.is_file() else backbone / "model.safetensors"
+        spec["backbone_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     return spec
 
 
@@ -372,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add or replace a method (repeatable)")
     p.add_argument("--methods-file", help="YAML mapping NAME: {config, overrides, ablation}")
     p.add_argument("--ablation", action="append", metavar="NAME=OTHER")
+    p.add_argument("--benchmark", action="append", metavar="KEY=VALUE",
+                   help="change a field of the study file's benchmark (e.g. train_ids=300)")
+    p.add_argument("--backbone", help="fine-tune this model.pretrained folder instead of "
+                   "making the study file's backbone")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("overrides", nargs="*", help="section.field=value for every run")
     return p

@@ -160,24 +160,35 @@ def ensure_backbone(out: str | Path, settings: PretrainSettings, *, overwrite: b
 
 
 def zero_shot(backbone: str | Path, shards: str | Path, split: str = "test") -> dict:
-    """The backbone's metrics on `shards` without fine-tuning ({similarity: {R1, ...}}), cached
-    in backbone/zero_shot.json per shards folder and manifest."""
+    """Metrics ({similarity: {R1, ...}}) on `shards` of the model `model.pretrained=backbone`
+    builds, untuned; cached in backbone/zero_shot.json per shards folder, split and manifest."""
     backbone, shards = Path(backbone), Path(shards)
     cache = backbone / "zero_shot.json"
     key = f"{shards.resolve()}:{split}:" + hashlib.sha256(
         (shards / "manifest.parquet").read_bytes()).hexdigest()[:16]
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in known:
-        info = json.loads((backbone / "backbone.json").read_text())
-        weights = backbone.parent / info["weights"]
-        tmp = backbone / "zero_shot.tmp"
-        tmp.mkdir(exist_ok=True)
-        _run([sys.executable, "-m", "trainer.evaluate", weights, "--split", split,
-              "--shards", shards, "--out", tmp], log=backbone / "zero_shot.log")
-        known[key] = json.loads((tmp / "metrics.json").read_text())["metrics"]
-        shutil.rmtree(tmp)
+        known[key] = _evaluate_untuned(backbone, shards, split)
         cache.write_text(json.dumps(known, indent=1) + "\n")
     return known[key]
+
+
+def _evaluate_untuned(backbone: Path, shards: Path, split: str) -> dict:
+    import torch
+
+    from trainer.build import build_model, load_tokenizer
+    from trainer.config import load_config
+    from trainer.evaluate import evaluate
+
+    info = backbone / "tbps_export.json"
+    size = json.loads(info.read_text())["image_size"] if info.is_file() else [96, 32]
+    cfg = load_config(None, ["method=null", f"model.pretrained={backbone}",
+                             f"model.image_size={size}", f"data.shards={shards}",
+                             "data.num_workers=0", "recipe.losses=[{kind: itc, alpha: 0.0}]"])
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, tokenizer, num_classes=0, num_samples=1).eval()
+    with torch.no_grad():
+        return evaluate(model, cfg, tokenizer, split, torch.device("cpu"))
 
 
 def main(argv=None) -> int:
