@@ -296,9 +296,7 @@ class Recipe(nn.Module):
             weights = torch.ones(index.shape[0], N, device=index.device)
         else:
             weights = awm_weights(mom.patch_scores_BN)
-        noise = draws.exponential(seed, index, N, stream=draws.AWM)
-        drop = topk_select(weights / noise, weights > 0, n_drop)
-        return kept_indices(drop.indices_Bk, drop.valid_Bk, N)
+        return drop_patches(weights, n_drop, seed, index)
 
     # -- 7. branches ---------------------------------------------------------------------------------
 
@@ -483,6 +481,17 @@ def _term_names(terms) -> list[str]:
 def _reduce(per_B: torch.Tensor, w_B: torch.Tensor | None, reduction: str) -> torch.Tensor:
     x = per_B if w_B is None else w_B.to(per_B.dtype) * per_B
     return losses.local_mean(x) if reduction == "mean" else losses.local_sum(x)
+
+
+def drop_patches(weights_BN: torch.Tensor, n_drop: int, seed: int, index_B: torch.Tensor
+                 ) -> torch.Tensor:
+    """Kept patch indices (B x (N - n_drop), ascending) after dropping n_drop patches drawn
+    without replacement with probability proportional to weights_BN (an exponential race keyed
+    by sample, through kernels.topk_select)."""
+    N = weights_BN.shape[1]
+    noise = draws.exponential(seed, index_B, N, stream=draws.AWM)
+    drop = topk_select(weights_BN / noise, weights_BN > 0, n_drop)
+    return kept_indices(drop.indices_Bk, drop.valid_Bk, N)
 
 
 def awm_weights(scores_BN: torch.Tensor) -> torch.Tensor:
