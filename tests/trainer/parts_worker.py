@@ -83,7 +83,7 @@ def reference(tok_dir, overrides) -> dict:
 
     out = model(batch(tok), mode="train", step=step_info(call))
     out["loss"].backward()
-    return {"values": {k: float(v) for k, v in out.items()},
+    return {"values": {k: float(v.detach()) for k, v in out.items()},
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()
                       if p.grad is not None}}
 
