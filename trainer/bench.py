@@ -110,7 +110,7 @@ def bench(cfg, steps: int, warmup: int) -> dict:
             timer.start()
             batch = run._to_device(next(batches))
             timer.mark("data")
-            out, _, _ = run.train_step(batch, mark=timer.mark)
+            out = run.train_step(batch, mark=timer.mark)[0]
             samples += batch["pid"].shape[0] * acc.num_processes
             if not acc.sync_gradients:
                 continue
