@@ -145,9 +145,10 @@ def verify(path: Path) -> list[str]:
     return problems
 
 
-def load(acc, path: Path, ema=None) -> TrainState:
-    """Model, optimizer, RNG and EMA state from a verified checkpoint; a file that cannot be
-    read is an error naming it. The EMA is re-cut when the checkpoint's layout differs."""
+def load(acc, path: Path, ema=None) -> tuple[TrainState, list[str]]:
+    """Model, optimizer, RNG and EMA state from a verified checkpoint, and what was done beyond
+    loading (lines for the log); a file that cannot be read is an error naming it. The EMA is
+    re-cut when the checkpoint's layout differs."""
     path = Path(path)
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
     _check_random_state(path, state)
@@ -159,9 +160,8 @@ def load(acc, path: Path, ema=None) -> TrainState:
         raise CheckpointError(f"{path} cannot be loaded: {type(exc).__name__}: {exc}. The "
                               "checkpoint is damaged; resume from an older one with "
                               "train.resume=<its folder>") from None
-    if ema is not None:
-        _load_ema(path, ema)
-    return state
+    notes = [] if ema is None else _load_ema(path, ema)
+    return state, notes
 
 
 def set_aside(run_dir: Path, resumed: Path) -> list[Path]:
@@ -195,7 +195,7 @@ def _check_random_state(path: Path, state: TrainState) -> None:
             from None
 
 
-def _load_ema(path: Path, ema) -> None:
+def _load_ema(path: Path, ema) -> list[str]:
     own = path / ema_file(dist.rank())
     files = sorted(path.glob("ema-rank*.pt"))
     if not files:
@@ -206,15 +206,15 @@ def _load_ema(path: Path, ema) -> None:
             state = torch.load(own, weights_only=True)
             if ema.same_layout(state):
                 ema.load_state_dict(state)
-                return
+                return []
         states = [torch.load(f, weights_only=True) for f in files]
     except Exception as exc:                        # noqa: BLE001 (any unpickling failure)
         raise CheckpointError(f"an EMA file in {path} cannot be read ({type(exc).__name__}: "
                               f"{exc}); resume from an older checkpoint") from None
     ema.load_state_dicts(states)
-    log.warning("the EMA was saved as %d fragment file(s) (%s over %s ranks); put together and "
-                "re-cut for this run's %d rank(s)", len(files), states[0]["kind"],
-                states[0]["world_size"], dist.world_size())
+    return [f"the EMA was saved as {len(files)} fragment file(s) ({states[0]['kind']} over "
+            f"{states[0]['world_size']} ranks): put together and re-cut for this run's "
+            f"{dist.world_size()} rank(s) ({ema.kind})"]
 
 
 def _seal(folder: Path) -> None:

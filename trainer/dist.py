@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,9 @@ def quiet_third_party() -> None:
     for name in ("accelerate", "deepspeed", "DeepSpeed", "torch.distributed",
                  "torch.distributed.elastic", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # DeepSpeed calls collectives torch has renamed: one FutureWarning per call site and rank
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                            category=FutureWarning)
 
 
 def using_deepspeed() -> bool:
@@ -104,6 +108,15 @@ def describe(acc) -> dict:
             "mixed_precision": acc.mixed_precision,
             "zero_stage": plugin.zero_stage if plugin is not None else None,
             "backend": dist.get_backend() if dist.is_initialized() else None}
+
+
+def offloads_optimizer(acc) -> bool:
+    """Whether DeepSpeed keeps the optimizer state on the CPU (ZeRO-Offload)."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        return False
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    return (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
 
 
 def zero_stage(acc) -> int:

@@ -94,6 +94,9 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+LAST = {"rank_specific": False}        # how the last guarded command failed
+
+
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -115,6 +118,7 @@ def guard(fn: Callable[[], int | None], *, on_stop: str = "run the command again
     except Exception as exc:                       # noqa: BLE001 (sorted below)
         rank = _rank()
         if is_collective_failure(exc):
+            LAST["rank_specific"] = True
             setting = f" ({timeout_field})" if timeout_field else ""
             say(f"error on rank {rank}: a collective operation failed: {describe(exc)}. Another "
                 "rank died, or stopped answering for longer than the collective timeout"
@@ -123,6 +127,7 @@ def guard(fn: Callable[[], int | None], *, on_stop: str = "run the command again
                 "with train.resume=latest.")
             return 1
         if isinstance(exc, user_errors()):
+            LAST["rank_specific"] = isinstance(exc, RankError)
             if rank == 0 or isinstance(exc, RankError):
                 where = f"rank {rank}: " if isinstance(exc, RankError) else ""
                 say(f"error: {where}{describe(exc)}")

@@ -13,8 +13,10 @@ whatever they were writing) and exits 1 whatever they did. This wrapper:
 - turns SIGTERM, SIGUSR1, SIGHUP and the first Ctrl-C into a stop request (SIGUSR1) to every rank:
   the ranks agree on a step (trainer/dist.py StopAgreement), write a checkpoint and exit 3;
   a second Ctrl-C terminates the launcher (no checkpoint);
-- exits with the code the node's first rank chose (written into $TRAINER_EXIT_FILE): 0 done, 2 bad input,
-  3 stopped on request (continue with train.resume=latest), else the launcher's own.
+- exits with the code the ranks chose (each writes it into $TRAINER_EXIT_DIR): 0 done, 1 a
+  fault, 2 bad input, 3 stopped on request (continue with train.resume=latest); the launcher's
+  own code where no rank wrote one. Ranks that stop, or all meet the same bad input, end with
+  0 under the wrapper, so the launcher does not print its failure report over their message.
 
 Children end with their parent: the launcher gets SIGTERM when this wrapper dies, and every rank
 (`follow_launcher`) a stop request (SIGTERM) when its launcher dies, so no rank trains on alone.
@@ -32,8 +34,10 @@ import tempfile
 import threading
 import time
 
-EXIT_FILE = "TRAINER_EXIT_FILE"
+EXIT_DIR = "TRAINER_EXIT_DIR"
 STOP_REQUESTS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+RESEND_S = 2.0
+FAULT_GRACE_S = 5.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -67,14 +71,39 @@ def follow_launcher() -> None:
         die_with_parent(signal.SIGTERM)
 
 
-def write_exit_code(code: int) -> None:
-    """The first rank of each node: the exit code the run means, for the wrapper on that node
-    (the launcher itself reports 1 for any failure)."""
-    path = os.environ.get(EXIT_FILE)
-    if path and os.environ.get("LOCAL_RANK", "0") == "0":
-        with contextlib.suppress(OSError):
-            with open(path, "w") as fh:
-                fh.write(str(code))
+def ignore_stop_requests() -> None:
+    """At the end of a rank's work: later stop requests (the wrapper repeats them) are ignored.
+    Python resets its handlers to the default action while it shuts down, and a SIGUSR1 then
+    would end the process as killed by a signal instead of with its exit code."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_REQUESTS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def exit_code(code: int, *, same_on_every_rank: bool = True) -> int:
+    """The exit code a rank should end with. Under the wrapper each rank writes the code it
+    means into $TRAINER_EXIT_DIR and ends a stop (3), or bad input every rank met (2), with 0, so
+    that the launcher ends quietly instead of printing its failure report over the message; the
+    wrapper then exits with the code. Without the wrapper the code is the exit code."""
+    folder = os.environ.get(EXIT_DIR)
+    if not folder:
+        return code
+    with contextlib.suppress(OSError):
+        with open(os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}"), "w") as fh:
+            fh.write(str(code))
+    return 0 if code == 3 or (code == 2 and same_on_every_rank) else code
+
+
+def _chosen(folder: str, launcher_rc: int) -> int:
+    """The wrapper's exit code from what the ranks wrote: a fault (1) first, then bad input,
+    then a stop; the launcher's own code where no rank wrote one."""
+    codes = {_read_code(os.path.join(folder, name)) for name in os.listdir(folder)}
+    for code in (1, 2, 3):
+        if code in codes:
+            return code
+    if launcher_rc < 0:                         # the launcher itself died of a signal
+        return 128 - launcher_rc
+    return launcher_rc
 
 
 def _launcher_preexec() -> None:
@@ -98,13 +127,41 @@ def _ranks(pid: int) -> list[int]:
 
 
 def run(args: list[str]) -> int:
-    fd, exit_file = tempfile.mkstemp(prefix="trainer-exit-")
-    os.close(fd)
-    env = dict(os.environ, **{EXIT_FILE: exit_file})
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_launcher_preexec, start_new_session=True)
-    state = {"requests": 0, "interrupts": 0}
+    with tempfile.TemporaryDirectory(prefix="trainer-exit-") as folder:
+        env = dict(os.environ, **{EXIT_DIR: folder})
+        if not _has_cuda():               # spares DeepSpeed's "Setting accelerator to CPU"
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=_launcher_preexec,
+                                start_new_session=True)
+        state = {"requested": None, "interrupts": 0}
+        previous = {s: signal.signal(s, _handler(proc, state))
+                    for s in (*STOP_REQUESTS, signal.SIGINT)}
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=RESEND_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if state["requested"]:          # ranks that started (or armed) since
+                        _ask_ranks(proc.pid)
+                    _end_after_fault(folder, proc.pid, state)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return _chosen(folder, rc)
 
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _handler(proc, state: dict):
     def forward(signum, _frame):
         if signum == signal.SIGINT:
             state["interrupts"] += 1
@@ -114,38 +171,44 @@ def run(args: list[str]) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
                 return
-        state["requests"] += 1
-        ranks = _ranks(proc.pid)
-        print(f"trainer.launch: {signal.Signals(signum).name}: asking {len(ranks)} rank(s) to "
+        state["requested"] = signum
+        n = _ask_ranks(proc.pid)
+        print(f"trainer.launch: {signal.Signals(signum).name}: asking {n} rank(s) to "
               "checkpoint and stop", file=sys.stderr, flush=True)
-        for pid in ranks:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
 
-    previous = {s: signal.signal(s, forward) for s in (*STOP_REQUESTS, signal.SIGINT)}
+    return forward
+
+
+def _end_after_fault(folder: str, launcher: int, state: dict) -> None:
+    """Once a rank has reported a fault (a peer died or hung), the ranks still there are ended
+    FAULT_GRACE_S later: a hung or paused rank would otherwise hold the launcher for its own
+    30 s grace (it answers SIGTERM only when it runs)."""
+    if "fault_at" not in state:
+        if any(_read_code(os.path.join(folder, n)) == 1 for n in os.listdir(folder)):
+            state["fault_at"] = time.monotonic()
+        return
+    if time.monotonic() - state["fault_at"] >= FAULT_GRACE_S:
+        for pid in _ranks(launcher):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _read_code(path: str) -> int | None:
     try:
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except InterruptedError:
-                continue
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    try:
-        with open(exit_file) as fh:
-            chosen = fh.read().strip()
-    except OSError:
-        chosen = ""
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(exit_file)
-    if rc != 0 and chosen in ("2", "3"):
-        return int(chosen)
-    if rc < 0:                                    # the launcher itself died of a signal
-        return 128 - rc
-    return rc
+        with open(path) as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _ask_ranks(launcher: int) -> int:
+    """A stop request (SIGUSR1) to every rank; repeated every RESEND_S seconds while the run
+    lasts, so ranks that were still starting (their handler not yet set) get it too."""
+    ranks = _ranks(launcher)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    return len(ranks)
 
 
 def main(argv=None) -> int:

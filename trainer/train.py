@@ -131,7 +131,7 @@ class Run:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        optimizer = build_optimizer(model, cfg)
+        optimizer = self._optimizer(model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         dist.register_external_parameters(self.acc, self.model)
         self.ema = self._build_ema()
@@ -160,6 +160,19 @@ class Run:
     def _build_model(self):
         return build_model(self.cfg, self.tokenizer, self.meta["num_classes"],
                            self.meta["splits"]["train"]["num_samples"])
+
+    def _optimizer(self, model):
+        """Adam(W) over the per-module groups; DeepSpeed's CPU Adam where ZeRO offloads the
+        optimizer state to the CPU (a torch optimizer there is refused by DeepSpeed)."""
+        if not dist.offloads_optimizer(self.acc):
+            return build_optimizer(model, self.cfg)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        from trainer.optim import param_groups
+
+        o = self.cfg.optim
+        return DeepSpeedCPUAdam(param_groups(model, self.cfg), lr=o.lr, betas=o.betas, eps=o.eps,
+                                adamw_mode=o.optimizer == "adamw")
 
     def _build_ema(self):
         e = self.cfg.ema
@@ -224,22 +237,18 @@ class Run:
     def _resume(self) -> list[str]:
         """Load the checkpoint train.resume names; what was done, as lines for the log."""
         path, skipped = checkpoint.find(self.run_dir, self.resume)
-        for line in skipped:
-            log.warning(line)
         if skipped and self.acc.is_main_process:
             checkpoint.set_aside(self.run_dir, path)
         dist.barrier()
-        self.state = checkpoint.load(self.acc, path, self.ema)
+        self.state, loaded = checkpoint.load(self.acc, path, self.ema)
         old, new, old_step = self.state.layout, self.layout(), self.state.step
         notes = [f"resumed from {path} at epoch {self.state.epoch}, batch "
-                 f"{self.state.batch_in_epoch}, step {self.state.step}"]
+                 f"{self.state.batch_in_epoch}, step {self.state.step}", *skipped, *loaded]
         if old and (old["world_size"], old["batch_size"], old["grad_accum"]) != \
                 (new["world_size"], new["batch_size"], new["grad_accum"]):
             notes += self._move_position(old, new)
         if old:
             notes += self._schedule_change(old, new, old_step)
-        for line in notes[1:]:
-            log.warning(line)
         return notes
 
     def _move_position(self, old: dict, new: dict) -> list[str]:
@@ -266,8 +275,9 @@ class Run:
         if 0 < frac < 1:
             lines.append(f"the rest of epoch {s.epoch} is dealt to the ranks anew: some of its "
                          "samples are seen twice this epoch and as many not at all")
-        if dist.rank() >= old["world_size"] or new["world_size"] != old["world_size"]:
-            lines.append("ranks without a random state in the checkpoint start fresh ones")
+        if new["world_size"] > old["world_size"]:
+            lines.append(f"ranks {old['world_size']}-{new['world_size'] - 1} have no random "
+                         "state in the checkpoint and start fresh ones")
         s.batch_in_epoch, s.step = batch, step
         return lines
 
@@ -299,7 +309,8 @@ class Run:
             self.monitor.log("config", echo=False, config=self.cfg.to_dict(), **info)
             self.monitor.print_lines(run_summary(self.cfg, self.meta, info, self.run_dir))
             if resumed:
-                self.monitor.log("resumed", echo=True, notes=resumed)
+                self.monitor.log("resumed", echo=False, notes=resumed)
+                self.monitor.print_lines(resumed)
         if self.cfg.train.tensorboard:
             flat = {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
                     for sec, fields in self.cfg.to_dict().items() if isinstance(fields, dict)
@@ -583,9 +594,9 @@ class Run:
         return evaluate(model.to(self.acc.device), cfg, tok, split, self.acc.device)
 
     def _export(self) -> None:
-        from trainer.export import export_hf
-
         from transformers.utils import logging as hf_logging
+
+        from trainer.export import export_hf
 
         hf_logging.disable_progress_bar()           # "Writing model shards" under our own bar
         source = "best" if self.state.best_epoch is not None else "final"
@@ -667,8 +678,8 @@ def main(argv=None) -> int:
     catch_stop_signals()
     code = errors.guard(lambda: _main(argv), timeout_field="train.collective_timeout_s",
                         on_stop="continue with the same command and train.resume=latest")
-    launch.write_exit_code(code)
-    return code
+    launch.ignore_stop_requests()            # the work is over: a late request must not kill
+    return launch.exit_code(code, same_on_every_rank=not errors.LAST["rank_specific"])
 
 
 if __name__ == "__main__":

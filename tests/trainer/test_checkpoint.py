@@ -1,0 +1,174 @@
+"""Checkpoints that fail to write or are damaged: the last good one stays usable and is found,
+a damaged one is named and skipped, never half-loaded; the EMA is re-cut for another world size.
+One process; the accelerate state is a stand-in writing the same kind of files."""
+import errno
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError, TrainState
+from trainer.errors import RankError
+
+
+class FakeAcc:
+    """The part of an Accelerator checkpoint.save/load use; fail_at names a file whose write
+    fails with a full disk (after half of it is written)."""
+
+    is_main_process = True
+
+    def __init__(self, fail_at: str | None = None):
+        self.fail_at, self.loaded = fail_at, None
+
+    def save_state(self, folder):
+        for name, size in (("model.safetensors", 4000), ("optimizer.bin", 8000)):
+            path = f"{folder}/{name}"
+            with open(path, "wb") as fh:
+                if name == self.fail_at:
+                    fh.write(b"\0" * (size // 2))
+                    raise OSError(errno.ENOSPC, "No space left on device", path)
+                fh.write(bytes(range(256)) * (size // 256))
+        torch.save({"python": 1, "torch": torch.get_rng_state()}, f"{folder}/random_states_0.pkl")
+
+    def load_state(self, folder):
+        for name in ("model.safetensors", "optimizer.bin"):
+            data = open(f"{folder}/{name}", "rb").read()
+            if data != bytes(range(256)) * (len(data) // 256):
+                raise RuntimeError(f"unexpected bytes in {name}")
+        self.loaded = folder
+
+
+def _save(run, step, acc=None, keep=3):
+    return checkpoint.save(acc or FakeAcc(), run, TrainState(step=step, epoch=step // 10,
+                                                            layout={"world_size": 1}), keep)
+
+
+def test_a_failed_save_leaves_the_last_good_checkpoint(tmp_path):
+    _save(tmp_path, 10)
+    _save(tmp_path, 20)
+    with pytest.raises(CheckpointError) as err:
+        _save(tmp_path, 30, FakeAcc(fail_at="optimizer.bin"))
+    msg = str(err.value)
+    assert "step-00000030 failed" in msg and "no space left" in msg.lower()
+    assert "step-00000020) is untouched" in msg and "train.resume=latest" in msg
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-00000020"
+    assert (root / "step-00000030.partial").is_dir()          # never taken for a checkpoint
+    path, skipped = checkpoint.find(tmp_path, "latest")
+    assert path.name == "step-00000020" and not skipped
+    _save(tmp_path, 30)                                       # the next save cleans it up
+    assert not (root / "step-00000030.partial").exists()
+    assert checkpoint.find(tmp_path, "latest")[0].name == "step-00000030"
+
+
+def test_a_killed_save_is_never_complete(tmp_path):
+    _save(tmp_path, 10)
+    partial = tmp_path / "checkpoints" / "step-00000020.partial"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")       # killed before the rename
+    assert checkpoint.find(tmp_path, "latest")[0].name == "step-00000010"
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_skipped(tmp_path):
+    _save(tmp_path, 10)
+    newest = _save(tmp_path, 20)
+    with open(newest / "optimizer.bin", "r+b") as fh:           # truncated (a half copy)
+        fh.truncate(100)
+    path, skipped = checkpoint.find(tmp_path, "latest")
+    assert path.name == "step-00000010"
+    assert len(skipped) == 1 and "step-00000020 is damaged" in skipped[0]
+    assert "optimizer.bin has 100 bytes, 7936 were written" in skipped[0]
+    moved = checkpoint.set_aside(tmp_path, path)
+    assert [m.name for m in moved] == ["step-00000020.damaged"]
+    with pytest.raises(CheckpointError, match="optimizer.bin has 100 bytes"):
+        checkpoint.find(tmp_path, str(moved[0]))               # named: refused, not skipped
+    state, notes = checkpoint.load(FakeAcc(), path)
+    assert state.step == 10 and notes == []
+
+
+def test_damage_the_manifest_cannot_see_is_an_error_not_a_half_load(tmp_path):
+    path = _save(tmp_path, 10)
+    data = bytearray((path / "optimizer.bin").read_bytes())
+    data[7] ^= 0xFF                                            # same size, other bytes
+    (path / "optimizer.bin").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="step-00000010 cannot be loaded.*damaged"):
+        checkpoint.load(FakeAcc(), path)
+
+
+def test_a_truncated_random_state_is_not_ignored(tmp_path):
+    path = _save(tmp_path, 10)
+    (path / checkpoint.MANIFEST).unlink()                      # as written by older versions
+    rng = path / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[:50])
+    assert checkpoint.verify(path) == []
+    with pytest.raises(RankError, match="random_states_0.pkl cannot be read"):
+        checkpoint.load(FakeAcc(), path)
+
+
+def test_no_complete_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(CheckpointError, match="no complete checkpoint.*start the run afresh"):
+        checkpoint.find(tmp_path, "latest")
+
+
+def test_a_checkpoint_of_the_same_step_is_replaced_whole(tmp_path):
+    _save(tmp_path, 10)
+    path = _save(tmp_path, 10)                                 # a stop right after a save
+    assert json.loads((path / checkpoint.STATE_FILE).read_text())["step"] == 10
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
+        ["latest", "step-00000010"]
+
+
+def test_pruning_keeps_the_newest(tmp_path):
+    for step in (10, 20, 30, 40):
+        _save(tmp_path, step, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == \
+        ["step-00000030", "step-00000040"]
+
+
+# -- the EMA on another world size --------------------------------------------------------
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3))
+        self.head = nn.Linear(3, 2)
+
+
+def _ema(model):
+    from accelerate import Accelerator
+
+    from trainer.ema import ShardedEMA
+
+    return ShardedEMA(Accelerator(cpu=True), model, factory=Tiny, modules=("encoder",),
+                      momentum=0.9, keep_roots=())
+
+
+def test_the_ema_is_recut_from_every_rank_fragments():
+    torch.manual_seed(0)
+    ema = _ema(Tiny())
+    full = {n: torch.randn_like(p) for n, p in ema.params.items()}
+    flat = torch.cat([v.view(-1) for v in full.values()])
+    # the two states a 2-rank DDP run writes: the flattened parameters cut in two ranges
+    states, half = [], -(-flat.numel() // 2)
+    for rank in range(2):
+        lo, hi, offset, frags, shadow = rank * half, min(flat.numel(), (rank + 1) * half), 0, [], []
+        for name, v in full.items():
+            a, b = max(lo, offset), min(hi, offset + v.numel())
+            if a < b:
+                frags.append((name, a - offset, b - a))
+                shadow.append(v.view(-1)[a - offset: b - offset].clone())
+            offset += v.numel()
+        states.append({"kind": "flat", "world_size": 2, "modules": ("encoder",),
+                       "fragments": frags, "shadow": shadow})
+    assert not ema.same_layout(states[0])
+    with pytest.raises(ValueError, match="load_state_dicts"):
+        ema.load_state_dict(states[0])
+    with pytest.raises(ValueError, match="an EMA file of some rank is missing"):
+        ema.load_state_dicts(states[:1])
+    ema.load_state_dicts(states)
+    for name, value in ema.full_state_dict().items():
+        torch.testing.assert_close(value, full[name])
+    assert ema.same_layout(ema.state_dict())
