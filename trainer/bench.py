@@ -185,17 +185,21 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", help="write the result as JSON here")
     args, rest = p.parse_known_args(argv)
+    from trainer import dist, errors
     from trainer.config import load_config, parse_overrides
 
-    try:
+    result = {}
+
+    def run() -> int:
         if args.steps < 1 or args.warmup < 0:
             raise ValueError("--steps must be >= 1 and --warmup >= 0")
         cfg = load_config(args.config, parse_overrides(rest))
-        result = bench(cfg, args.steps, args.warmup)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from trainer import dist
+        result.update(bench(cfg, args.steps, args.warmup))
+        return 0
+
+    code = errors.guard(run, on_stop="nothing was written; run it again")
+    if code:
+        return code
 
     if dist.rank() == 0:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -115,7 +115,7 @@ def load_weights_folder(folder: Path, overrides=()) -> tuple[Config, CaptionToke
                          "incomplete; use another weights folder or re-export it") from None
     info_path = folder / MODEL_INFO
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        info = _read_json(info_path)
         if info.get("format", 0) > FORMAT:
             raise ValueError(f"{info_path} has format {info['format']}; this version reads up "
                              f"to {FORMAT}: update the code")
@@ -128,8 +128,8 @@ def load_weights_folder(folder: Path, overrides=()) -> tuple[Config, CaptionToke
             if "recipe.sample_weight" in state else 0
         log.info("%s has no %s (written by an older version): %d classes and %d samples read "
                  "off its tensors", folder, MODEL_INFO, num_classes, num_samples)
-    encoder = DualEncoder.from_clip_config(CLIPConfig.from_json_file(str(folder / CLIP_CONFIG)),
-                                           cfg.model.image_size, tokenizer.eot_id)
+    clip_config = CLIPConfig.from_dict(_read_json(folder / CLIP_CONFIG))
+    encoder = DualEncoder.from_clip_config(clip_config, cfg.model.image_size, tokenizer.eot_id)
     recipe = Recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
                     num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
     model = RetrievalModel(encoder, recipe)
@@ -138,3 +138,14 @@ def load_weights_folder(folder: Path, overrides=()) -> tuple[Config, CaptionToke
         raise ValueError(f"{folder / WEIGHTS} does not fit the model its config describes: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return cfg, tokenizer, model.eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is damaged ({exc}); use another weights folder or write it "
+                         "again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object); use another weights folder")
+    return data

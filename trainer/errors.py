@@ -64,7 +64,27 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
         hint = OS_HINTS.get(exc.errno, "check the path")
         return f"{exc.filename}: {exc.strerror.lower()}; {hint}"
-    return str(exc) or type(exc).__name__
+    text = str(exc) or type(exc).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def check_output(out, inputs: dict, *, own_marker: str | None = None, flag: str = "--out"):
+    """Refuse an output folder that is, holds or lies inside one of the command's inputs
+    ({what: path}), or that holds files this command did not write (own_marker: a file its
+    own output always has, which makes writing over it fine)."""
+    from pathlib import Path
+
+    out = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ValueError(f"{flag} {out} overlaps the {what} {src}: a command never writes "
+                             f"into its own input; choose another {flag}")
+    if out.is_dir() and any(out.iterdir()) and own_marker and not (out / own_marker).exists():
+        raise ValueError(f"{flag} {out} already holds files this command did not write (no "
+                         f"{own_marker}); choose a new or empty folder")
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -129,7 +149,8 @@ def guard(fn: Callable[[], int | None], *, on_stop: str = "run the command again
         if isinstance(exc, user_errors()):
             LAST["rank_specific"] = isinstance(exc, RankError)
             if rank == 0 or isinstance(exc, RankError):
-                where = f"rank {rank}: " if isinstance(exc, RankError) else ""
+                several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+                where = f"rank {rank}: " if isinstance(exc, RankError) and several else ""
                 say(f"error: {where}{describe(exc)}")
             return 2
         raise

@@ -189,33 +189,40 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the report's query sample")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from trainer import errors
+
+    dist.quiet_third_party()
+    return errors.guard(lambda: _main(args), on_stop="nothing was written; run it again")
+
+
+def _main(args) -> int:
     from accelerate import Accelerator
     from rich.console import Console
 
     from trainer.build import load_weights_folder
+    from trainer.errors import check_output
 
-    try:
-        if args.report is not None and min(args.report_queries, args.report_worst) < 1:
-            raise ValueError("--report-queries and --report-worst must be at least 1")
-        overrides = [f"data.shards={args.shards}"] if args.shards else []
-        cfg, tokenizer, model = load_weights_folder(Path(args.weights), overrides)
-        acc = Accelerator(cpu=not torch.cuda.is_available())
-        model = acc.prepare(model)
-        if args.report is None:
-            results = evaluate(model, cfg, tokenizer, args.split, acc.device)
-        else:
-            from trainer.report import write_report
+    if args.report is not None and min(args.report_queries, args.report_worst) < 1:
+        raise ValueError("--report-queries and --report-worst must be at least 1")
+    overrides = [f"data.shards={args.shards}"] if args.shards else []
+    cfg, tokenizer, model = load_weights_folder(Path(args.weights), overrides)
+    if args.report is not None:
+        check_output(args.report, {"shards": cfg.data.shards}, flag="--report")
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    model = acc.prepare(model)
+    if args.report is None:
+        results = evaluate(model, cfg, tokenizer, args.split, acc.device)
+    else:
+        from trainer.report import write_report
 
-            results = write_report(model, cfg, tokenizer, args.split, acc.device,
-                                   Path(args.report), title=f"{args.weights} on {args.split}",
-                                   queries=args.report_queries, worst=args.report_worst,
-                                   seed=args.seed)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        results = write_report(model, cfg, tokenizer, args.split, acc.device,
+                               Path(args.report), title=f"{args.weights} on {args.split}",
+                               queries=args.report_queries, worst=args.report_worst,
+                               seed=args.seed)
     if acc.is_main_process:
         Console().print(format_table(results, f"{args.weights} on {args.split}"))
         out = Path(args.out or args.weights) / "metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"split": args.split, "metrics": results}, indent=1))
         print(json.dumps({"split": args.split, "metrics": results}))
         if args.report is not None:

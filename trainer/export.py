@@ -242,12 +242,20 @@ def main(argv=None) -> int:
     p.add_argument("out", help="folder to write the transformers model into")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    try:
+    from trainer import dist, errors
+
+    dist.quiet_third_party()
+
+    def run() -> int:
+        errors.check_output(args.out, {"weights folder": args.weights},
+                            own_marker="tbps_export.json", flag="out")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         print(json.dumps(export_hf(Path(args.weights), Path(args.out))))
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return errors.guard(run, on_stop="the export may be incomplete; run it again")
 
 
 if __name__ == "__main__":

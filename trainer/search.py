@@ -640,11 +640,17 @@ def main(argv=None) -> int:
     q.add_argument("--grid", help="also draw each query with its top-k images into this PNG")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _cmd_index(args) if args.command == "index" else _cmd_query(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from trainer import dist, errors
+
+    dist.quiet_third_party()
+    if args.command == "index":
+        def run():
+            errors.check_output(args.out, {"gallery": args.gallery, "weights": args.weights},
+                                own_marker=HEADER)
+            return _cmd_index(args)
+
+        return errors.guard(run, on_stop="run the same command again")
+    return errors.guard(lambda: _cmd_query(args))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,8 @@ class Run:
         self.precision_reason = choice.reason
         self.resume = self._resume_choice()
         self._check_run_dir()
+        # which checkpoint, before anything is built (a wrong train.resume fails at once)
+        self._resume_from = checkpoint.find(self.run_dir, self.resume) if self.resume else None
         torch.manual_seed(cfg.train.seed)              # same initial weights on every rank
         self.tokenizer = load_tokenizer(cfg)
         self.meta = read_meta(cfg.data.shards)
@@ -236,7 +238,7 @@ class Run:
 
     def _resume(self) -> list[str]:
         """Load the checkpoint train.resume names; what was done, as lines for the log."""
-        path, skipped = checkpoint.find(self.run_dir, self.resume)
+        path, skipped = self._resume_from
         if skipped and self.acc.is_main_process:
             checkpoint.set_aside(self.run_dir, path)
         dist.barrier()

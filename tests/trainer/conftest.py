@@ -38,14 +38,16 @@ def tiny_shards_noisy(tiny_shards):
 
 
 def launch(accelerate_config: str | None, run_dir: Path, shards: Path, *overrides,
-           processes: int = 2, wait: bool = True, timeout: int = 600):
-    """Run trainer.train under `accelerate launch` (or alone when accelerate_config is None)."""
+           processes: int = 2, wait: bool = True, timeout: int = 600, wrapper: bool = False):
+    """Run trainer.train under `accelerate launch` (or alone when accelerate_config is None);
+    wrapper: through `python -m trainer.launch` (signals forwarded, exit codes kept)."""
     args = ["--config", str(REPO / "launch/configs/irra_synth.yaml"), f"data.shards={shards}",
             f"train.output_dir={run_dir}", *TINY_MODEL, *overrides]
     if accelerate_config is None:
         cmd = [sys.executable, "-m", "trainer.train", *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        launcher = "trainer.launch" if wrapper else "accelerate.commands.launch"
+        cmd = [sys.executable, "-m", launcher, "--config_file",
                str(REPO / "launch/accelerate" / accelerate_config), "--num_processes",
                str(processes), "-m", "trainer.train", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
@@ -67,3 +69,27 @@ def step_losses(run_dir: Path) -> dict[int, float]:
         if rec["event"] == "step":
             out[rec["step"]] = rec["loss"]
     return out
+
+
+EPOCHS = ["train.epochs=2"]          # 320 pairs / (16 x 2 ranks) = 10 steps an epoch
+EMA = ["ema.modules=[encoder]", "ema.momentum=0.9"]
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, tiny_shards):
+    """The uninterrupted reference: 2 ranks (DDP over gloo), 2 epochs, the momentum model on."""
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    launch("cpu_ddp.yaml", run, tiny_shards, *EPOCHS, *EMA)
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Runs built in the test process leave accelerate's singletons behind (mixed precision
+    included); the next in-process run starts from a clean state."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

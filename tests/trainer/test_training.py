@@ -1,25 +1,11 @@
 """Real training runs under `accelerate launch` with 2 CPU processes (gloo)."""
 import json
-import signal
-import time
 
 import pytest
-import torch
 
-from tests.trainer.conftest import launch, step_losses
-from trainer import checkpoint
+from tests.trainer.conftest import EPOCHS, launch, step_losses
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-EPOCHS = ["train.epochs=2"]          # 320 pairs / (16 x 2 ranks) = 10 steps an epoch
-EMA = ["ema.modules=[encoder]", "ema.momentum=0.9"]
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, tiny_shards):
-    run = tmp_path_factory.mktemp("ddp") / "run"
-    launch("cpu_ddp.yaml", run, tiny_shards, *EPOCHS, *EMA)
-    return run
 
 
 def _falls(losses: dict[int, float]) -> None:
@@ -57,35 +43,6 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_shards, ddp_run):
     proc = launch(None, ddp_run, tiny_shards, *EPOCHS, wait=False)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "already holds a run" in out
-
-
-def test_resume_mid_epoch_reproduces_the_uninterrupted_losses(tmp_path, tiny_shards, ddp_run):
-    run = tmp_path / "run"
-    proc = launch("cpu_ddp.yaml", run, tiny_shards, *EPOCHS, *EMA, wait=False)
-    log = run / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(step_losses(run)) >= 3:
-            proc.send_signal(signal.SIGTERM)          # as a cluster scheduler preempting the job
-            break
-        time.sleep(0.05)
-    out, _ = proc.communicate(timeout=300)
-    state = json.loads((checkpoint.find(run, "latest") / checkpoint.STATE_FILE).read_text())
-    stopped = state["step"]
-    assert 3 <= stopped < 20, out[-3000:]
-    assert "stopped by signal" in out
-    launch("cpu_ddp.yaml", run, tiny_shards, *EPOCHS, *EMA, "train.resume=latest")
-    resumed, full = step_losses(run), step_losses(ddp_run)
-    assert sorted(resumed) == list(range(1, 21))
-    for step in range(stopped + 1, 21):
-        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
-    # the EMA continued too: the final checkpoints hold the same EMA shards
-    for rank in range(2):
-        a, b = (torch.load(checkpoint.find(r, "latest") / f"ema-rank{rank:05d}.pt")
-                for r in (run, ddp_run))
-        assert a["fragments"] == b["fragments"]
-        for x, y in zip(a["shadow"], b["shadow"]):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
 def test_evaluate_cli_reproduces_the_run_figures(tmp_path, ddp_run):
