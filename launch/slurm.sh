@@ -44,7 +44,7 @@ set -euo pipefail
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launch/accelerate/multinode_zero2.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 NNODES=${SLURM_NNODES:?run this through sbatch (SLURM_NNODES is not set)}
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)   # sed reads all: no SIGPIPE
 export MASTER_ADDR=$HEAD
 export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
