@@ -103,12 +103,17 @@ def bench(cfg, steps: int, warmup: int) -> dict:
             return info
 
         run.step_info = step_info
-        batches = run.loader.epoch(0)
+        epoch, batches = 0, run.loader.epoch(0)
         steps_done, samples = 0, 0
         total = warmup + steps
         while steps_done < total:
             timer.start()
-            batch = run._to_device(next(batches))
+            raw = next(batches, None)
+            if raw is None:                          # the epoch ran out: the next one
+                epoch += 1
+                batches = run.loader.epoch(epoch)
+                raw = next(batches)
+            batch = run._to_device(raw)
             timer.mark("data")
             out = run.train_step(batch, mark=timer.mark)[0]
             samples += batch["pid"].shape[0] * acc.num_processes
