@@ -43,6 +43,7 @@ CKPT_DIR = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
+DS_FOLDER = "pytorch_model"              # accelerate's name for DeepSpeed's own files
 
 
 class CheckpointError(RankError):
@@ -143,6 +144,40 @@ def verify(path: Path) -> list[str]:
         elif f.stat().st_size != size:
             problems.append(f"{name} has {f.stat().st_size} bytes, {size} were written")
     return problems
+
+
+def read_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((Path(path) / STATE_FILE).read_text()))
+
+
+def universal(acc, path: Path) -> Path:
+    """`path` converted to DeepSpeed's universal checkpoint (optimizer state per parameter, not
+    per rank) in `<name>.universal` beside it (the original is left as it is), with the
+    engine told to load that form. Rank 0 converts once; later resumes reuse the folder."""
+    path = Path(path)
+    target = path.with_name(path.name + ".universal")
+    if acc.is_main_process and not (target / STATE_FILE).is_file():
+        import subprocess
+        import sys
+
+        tmp = path.with_name(path.name + ".universal.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(path / DS_FOLDER), "--output_folder", str(tmp / DS_FOLDER),
+               "--inject_missing_state"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CheckpointError(f"{path} could not be converted to a universal checkpoint for "
+                                  f"another number of ranks ({done.stderr.strip()[-500:]}); "
+                                  "resume on the number of ranks that wrote it")
+        for f in path.iterdir():
+            if f.is_file() and f.name != MANIFEST:
+                shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, target)
+    dist.barrier()
+    acc.deepspeed_engine_wrapped.engine._config.load_universal_checkpoint = True
+    return target
 
 
 def load(acc, path: Path, ema=None) -> tuple[TrainState, list[str]]:

@@ -20,6 +20,8 @@ whatever they were writing) and exits 1 whatever they did. This wrapper:
 
 Children end with their parent: the launcher gets SIGTERM when this wrapper dies, and every rank
 (`follow_launcher`) a stop request (SIGTERM) when its launcher dies, so no rank trains on alone.
+Once a rank reports a fault (a peer died or hung past train.collective_timeout_s), the ranks
+still there are killed FAULT_GRACE_S later instead of the launcher's own 30 s grace.
 """
 from __future__ import annotations
 

@@ -242,7 +242,15 @@ class Run:
         if skipped and self.acc.is_main_process:
             checkpoint.set_aside(self.run_dir, path)
         dist.barrier()
+        saved = checkpoint.read_state(path).layout
+        converted = self._check_kind(path, saved)
+        if converted:
+            path = converted
         self.state, loaded = checkpoint.load(self.acc, path, self.ema)
+        if converted:
+            loaded.insert(0, f"DeepSpeed's optimizer partitions were cut for "
+                             f"{saved['world_size']} rank(s): converted to a universal "
+                             f"checkpoint ({path}) and re-cut for {self.acc.num_processes}")
         old, new, old_step = self.state.layout, self.layout(), self.state.step
         notes = [f"resumed from {path} at epoch {self.state.epoch}, batch "
                  f"{self.state.batch_in_epoch}, step {self.state.step}", *skipped, *loaded]
@@ -252,6 +260,24 @@ class Run:
         if old:
             notes += self._schedule_change(old, new, old_step)
         return notes
+
+    def _check_kind(self, path: Path, saved: dict) -> Path | None:
+        """A checkpoint of another kind of launch: DDP and DeepSpeed write different files (a
+        clear error); DeepSpeed's optimizer partitions on another number of ranks or ZeRO stage
+        go through its universal checkpoint (the converted folder, else None)."""
+        if not saved:
+            return None
+        old_zero, new_zero = saved.get("zero_stage", 0), dist.zero_stage(self.acc)
+        if bool(old_zero) != bool(new_zero):
+            kinds = {False: "DDP", True: "DeepSpeed"}
+            raise checkpoint.CheckpointError(
+                f"{path} was written under {kinds[bool(old_zero)]}"
+                f"{f' ZeRO-{old_zero}' if old_zero else ''}; this run is "
+                f"{kinds[bool(new_zero)]}{f' ZeRO-{new_zero}' if new_zero else ''}: resume with "
+                "the same kind of launch (the best/ and final/ weights load anywhere)")
+        if new_zero and (saved["world_size"], old_zero) != (self.acc.num_processes, new_zero):
+            return checkpoint.universal(self.acc, path)
+        return None
 
     def _move_position(self, old: dict, new: dict) -> list[str]:
         """The checkpoint's position on this run's layout (other ranks, batch or accumulation):

@@ -242,3 +242,23 @@ def test_a_non_finite_loss_skips_the_step_and_k_in_a_row_stop(tmp_path, tiny_sha
     assert [e["in_a_row"] for e in skipped] == [1, 1, 2, 3]
     logged = {e["step"]: e["loss"] for e in _events(tmp_path / "run", "step")}
     assert sorted(logged) == [1, 2, 4] and all(v == v for v in logged.values())
+
+
+def test_a_zero2_checkpoint_resumes_on_one_rank_through_a_universal_checkpoint(tmp_path,
+                                                                              tiny_shards):
+    """DeepSpeed cannot load its optimizer partitions on another number of ranks: the trainer
+    converts the checkpoint to DeepSpeed's universal form beside it and loads that."""
+    run = tmp_path / "run"
+    proc = launch("cpu_zero2.yaml", run, tiny_shards, *EPOCHS, *EMA, wait=False, wrapper=True)
+    assert _wait_for(run, "eval", proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out[-3000:]
+    stopped = _events(run, "stopped")[0]["step"]
+    launch("cpu_zero2.yaml", run, tiny_shards, *EPOCHS, *EMA, "train.resume=latest",
+           processes=1, wrapper=True)
+    notes = " | ".join(_events(run, "resumed")[0]["notes"])
+    assert "converted to a universal checkpoint" in notes and "re-cut for 1" in notes
+    assert f"step {stopped} -> {2 * stopped}" in notes
+    assert (run / "checkpoints" / f"step-{stopped:08d}").is_dir()       # the original kept
+    assert _events(run, "step")[-1]["step"] == 40 and (run / "metrics.json").is_file()
