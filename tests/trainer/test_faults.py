@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -262,3 +263,19 @@ def test_a_zero2_checkpoint_resumes_on_one_rank_through_a_universal_checkpoint(t
     assert f"step {stopped} -> {2 * stopped}" in notes
     assert (run / "checkpoints" / f"step-{stopped:08d}").is_dir()       # the original kept
     assert _events(run, "step")[-1]["step"] == 40 and (run / "metrics.json").is_file()
+
+
+def test_a_loss_not_finite_on_one_rank_skips_the_step_on_every_rank(tmp_path, tiny_shards):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "trainer.launch", "--config_file",
+                           str(REPO / "launch/accelerate/cpu_ddp.yaml"), "--num_processes", "2",
+                           str(REPO / "tests/trainer/nonfinite_worker.py"), str(tiny_shards),
+                           str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        for step in range(1, 7):
+            want = "False changed False" if step == 3 else "True changed True"
+            assert f"rank {rank} step {step} applied {want}" in proc.stdout, proc.stdout
+    assert [e["step"] for e in _events(tmp_path / "run", "skipped")] == [3]
