@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import logging
 import os
 import warnings
@@ -67,7 +68,11 @@ def build_accelerator(cfg, run_dir: str):
                   gradient_accumulation_steps=cfg.optim.grad_accum, project_dir=run_dir)
     if cfg.train.tensorboard:
         kwargs["log_with"] = "tensorboard"
-    acc = Accelerator(cpu=cpu and not deepspeed, **kwargs)
+    # on CPU DeepSpeed prints a line a rank when it compiles its shared-memory collectives
+    quiet = contextlib.redirect_stdout(io.StringIO()) if cpu and deepspeed else \
+        contextlib.nullcontext()
+    with quiet:
+        acc = Accelerator(cpu=cpu and not deepspeed, **kwargs)
     if acc.state.deepspeed_plugin is not None:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
