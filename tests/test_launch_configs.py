@@ -57,7 +57,7 @@ def test_experiment_config_loads(path):
     from trainer.config import load_config
 
     cfg = load_config(path)
-    if path.stem in ("irra_synth", "rde_synth"):    # the CPU recipes of the README
+    if path.stem in ("irra_synth", "rde_synth", "amns_synth", "aga_synth"):   # CPU recipes
         assert cfg.train.precision == "auto"        # fp32 on a CPU without native bf16
 
 
