@@ -5,8 +5,8 @@
 Each case is `accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m trainer.bench`
 on small synthetic shards it makes once under --data (96x32; 384x128 for the ViT-B/16 case):
 IRRA, RDE, AMNS (AWM), AMNS with every patch and with random dropping (AWM's cost and saving),
-AGA, and AMNS at CLIP ViT-B/16's sizes (random weights, 384x128, 2 samples a rank) for the cost
-of the momentum model's refresh at real scale. A finished case (its JSON exists) is skipped;
+AGA, and AMNS at CLIP ViT-B/16's sizes (random weights, 384x128, 2 samples a rank), with AWM and
+with every patch, for the momentum model's forward and refresh at real scale. A finished case (its JSON exists) is skipped;
 <out>/step_bench.md is rewritten after every case with the CPU model, versions and commands.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ CASES = {
     "amns-random-drop": (SYNTH, ["method=amns", "recipe.image_tokens.kind=random"]),
     "aga": (SYNTH, ["method=aga"]),
     "amns-vit-b16": (SYNTH, ["method=amns", *VIT_B16]),
+    "amns-vit-b16-all-patches": (SYNTH, ["method=amns", "recipe.image_tokens.kind=all", *VIT_B16]),
 }
 
 
