@@ -109,7 +109,9 @@ def run_summary(cfg, meta: dict, info: dict, run_dir: Path) -> list[str]:
     train = splits.get("train", {})
     others = ", ".join(f"{k} {v.get('num_samples', 0):,}" for k, v in splits.items()
                        if k != "train")
-    kind = run["distributed_type"] if not run.get("zero_stage") else f"ZeRO-{run['zero_stage']}"
+    kind = (f"DeepSpeed ZeRO-{run['zero_stage']}" if run.get("zero_stage") else
+            "DDP" if run["num_processes"] > 1 else "one process")
+    backend = f", {run['backend']}" if run.get("backend") else ""
     epochs = cfg.train.epochs
     steps = f"{info['steps_per_epoch']:,} steps an epoch x {epochs} epochs"
     if info["total_steps"] != info["steps_per_epoch"] * epochs:
@@ -124,8 +126,8 @@ def run_summary(cfg, meta: dict, info: dict, run_dir: Path) -> list[str]:
         f"{meta.get('num_classes', 0):,} identities ({others}); global batch "
         f"{info['global_batch']} = {cfg.data.batch_size} x {run['num_processes']} rank(s) x "
         f"{cfg.optim.grad_accum}",
-        f"ranks   {run['num_processes']} ({kind}, {run['device']}, {run['backend'] or 'single'})"
-        f"; precision {info['precision_reason']}",
+        f"ranks   {run['num_processes']} ({kind}, {run['device']}{backend}); precision "
+        f"{info['precision_reason']}",
         f"steps   {steps}",
         f"output  {run_dir}/ (config.yaml, log.jsonl, checkpoints/{select})",
     ]
