@@ -9,14 +9,16 @@
     python launch/noise_study.py --protocol scratch                # every method from random weights
     python launch/noise_study.py --study launch/configs/noise_study_gpu.yaml  # the larger setting
     python launch/noise_study.py --dry-run                         # the plan and its predicted time
+    python launch/noise_study.py optim.lr=1e-4 --only irra         # overrides for every run: first
 
 The study file (launch/configs/noise_study.yaml) names the benchmark population, the noise rates
 and seeds, the training seeds, the protocol (the backbone `python -m trainer.pretrain` makes, and
 the fine-tuning schedule every method shares) and the methods: a method is a training config plus
-overrides, a preset or a combination of parts (README: Recipes from parts). `--method NAME=CONFIG
-[override ...]` adds or replaces one (repeatable; it takes the words after it, so put the study's
-own overrides before it), `--methods-file FILE` adds those of a YAML mapping shaped like the
-study's `methods:`, `--ablation NAME=OTHER` pairs a method with its ablation in the report.
+overrides, a preset or a combination of parts (README: Recipes from parts). Overrides for every
+run (section.field=value) come before the options, which take the words after them. `--method
+NAME=CONFIG [override ...]` adds or replaces one method (repeatable), `--methods-file FILE` adds
+those of a YAML mapping shaped like the study's `methods:`, `--ablation NAME=OTHER` pairs a
+method with its ablation in the report (paired differences against it and against irra).
 
 Steps: synthesise the benchmark and shard it once per noise rate and noise seed (the RDE protocol,
 nested rates per noise seed, the shared vocabulary); make or reuse the backbone and evaluate it
@@ -26,7 +28,8 @@ under `accelerate launch`. A run whose folder holds metrics.json from the same c
 an interrupted one resumes, and one made with another command stops the study with the
 difference (remove that folder, or choose another --out). After every run its row goes into
 <out>/results.json and the report (launch/noise_report.py: tables, targets, plots) is rewritten
-into --results (default <out>/report).
+into --results (default <out>/<protocol>/report). `--backbone FOLDER` fine-tunes a given
+model.pretrained folder instead; `--benchmark train_ids=300` changes the benchmark's size.
 """
 from __future__ import annotations
 
@@ -333,11 +336,16 @@ def estimate(job: Job, rows: list[dict], stored: dict) -> tuple[float | None, st
 
 
 def predict(todo: list[Job], rows: list[dict], stored: dict) -> tuple[float, list[str]]:
-    """Seconds for the runs still to do, and the methods with no estimate (for those, the mean
-    of the others' is used until their first run is measured)."""
+    """Seconds for the runs still to do, and the methods with no estimate (for those: the mean
+    of the other methods' estimates, else of every measured run, until one of theirs is
+    measured)."""
+    if not todo:
+        return 0.0, []
     per = {j.method.name: estimate(j, rows, stored)[0] for j in todo}
     known = [v for v in per.values() if v is not None]
-    fallback = sum(known) / len(known) if known else None
+    walls = [r["wall_s"] for r in rows if r.get("wall_s")]
+    fallback = (sum(known) / len(known) if known else sum(walls) / len(walls) if walls
+                else None)
     unknown = sorted(m for m, v in per.items() if v is None)
     if fallback is None:
         return float("nan"), unknown

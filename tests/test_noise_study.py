@@ -203,6 +203,8 @@ def test_prediction_uses_measured_then_stored_then_the_others_mean():
     total, unknown = noise_study.predict(jobs, rows, {"rde": 200, "irra": 999})
     assert total == 110 + 200 + 155 and unknown == ["aga"]
     assert math.isnan(noise_study.predict(jobs, [], {})[0])
+    only_new = [j for j in jobs if j.method.name == "aga"]
+    assert noise_study.predict(only_new, rows, {}) == (110, ["aga"])     # every run's mean
 
 
 def test_main_skips_finished_runs_and_reports_after_each(tmp_path, monkeypatch, capsys):
