@@ -187,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--report-worst", type=int, default=8, metavar="N",
                    help="worst queries the report shows (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the report's query sample")
+    p.add_argument("--itm-rerank", type=int, metavar="K", help="re-rank each query's top K by "
+                   "the ITM head (a recipe with an itm term); default: the run's eval.itm_rerank")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from trainer import errors
@@ -205,6 +207,8 @@ def _main(args) -> int:
     if args.report is not None and min(args.report_queries, args.report_worst) < 1:
         raise ValueError("--report-queries and --report-worst must be at least 1")
     overrides = [f"data.shards={args.shards}"] if args.shards else []
+    if args.itm_rerank is not None:
+        overrides.append(f"eval.itm_rerank={args.itm_rerank}")
     cfg, tokenizer, model = load_weights_folder(Path(args.weights), overrides)
     if args.report is not None:
         check_output(args.report, {"shards": cfg.data.shards}, flag="--report")
