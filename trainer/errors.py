@@ -125,6 +125,7 @@ def guard(fn: Callable[[], int | None], *, on_stop: str = "run the command again
           timeout_field: str | None = None) -> int:
     """Run a command's body and turn how it ended into an exit code and one paragraph."""
     rank = _rank()
+    LAST["rank_specific"] = False
     try:
         return fn() or 0
     except Stopped as exc:

@@ -706,9 +706,10 @@ def main(argv=None) -> int:
     catch_stop_signals()
     code = errors.guard(lambda: _main(argv), timeout_field="train.collective_timeout_s",
                         on_stop="continue with the same command and train.resume=latest")
-    launch.ignore_stop_requests()            # the work is over: a late request must not kill
     return launch.exit_code(code, same_on_every_rank=not errors.LAST["rank_specific"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    launch.ignore_stop_requests()            # the work is over: a late request must not kill
+    sys.exit(code)

@@ -4,6 +4,7 @@ refuses to write into its own input."""
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -58,6 +59,8 @@ def test_train_refuses_bad_input(capsys, args, want):
     from trainer.train import main
 
     _check(capsys, main(args), want)
+    # called in-process, it leaves no signal ignored (children would inherit that)
+    assert signal.getsignal(signal.SIGUSR1) is not signal.SIG_IGN
 
 
 def test_train_refuses_a_damaged_config_file(capsys, tmp_path):
