@@ -46,8 +46,13 @@ def summarize(run_dir: Path) -> dict:
                              "recall": round(event["ccd/consensus_recall"], 4)})
     if division:
         row["division"] = division
-    wall = run_dir / "wall_seconds.txt"
-    row["wall_s"] = int(wall.read_text()) if wall.is_file() else None
+    timing = run_dir / "timing.json"       # wall seconds and the machine's load around the run
+    if timing.is_file():
+        t = json.loads(timing.read_text())
+        row.update(wall_s=t["wall_s"], load=[t.get("load_start"), t.get("load_end")])
+    else:                                  # runs made before timing.json
+        old = run_dir / "wall_seconds.txt"
+        row["wall_s"] = int(old.read_text()) if old.is_file() else None
     return row
 
 
@@ -328,13 +333,17 @@ def write_report(results: dict, out: Path) -> str:
     for ns in sorted({r["noise_seed"] for r in rows if r["rate"] > 0}) or [0]:
         parts += [f"## Noise seed {ns}", "",
                   tables(rows, methods, rates, ns, ablations=ablations), ""]
-    parts += ["## Runs", "", "| method | noise | noise seed | seed | R1 | mAP | mINP | best epoch "
-              "| val R1 by epoch | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    parts += ["## Runs", "", "Wall seconds of the whole run (start, training, evaluations, export) "
+              "and the machine's 1-minute load average at its start and end (2 cores: a load "
+              "above 2 means other work shared them).", "",
+              "| method | noise | noise seed | seed | R1 | mAP | mINP | best epoch "
+              "| val R1 by epoch | wall s | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (methods.index(r["method"]) if r["method"] in methods
                                          else 99, r["rate"], r["noise_seed"], r["seed"])):
         parts.append(f"| {r['method']} | {r['rate']:.0%} | {r['noise_seed']} | {r['seed']} | "
                      f"{r['R1']:.2f} | {r['mAP']:.2f} | {r['mINP']:.2f} | {r['best_epoch']} | "
-                     f"{' '.join(f'{v:.1f}' for v in r.get('val_R1', []))} | {r['wall_s']} |")
+                     f"{' '.join(f'{v:.1f}' for v in r.get('val_R1', []))} | {r['wall_s']} | "
+                     f"{' / '.join(f'{v:.1f}' for v in r.get('load') or [])} |")
     missing = results.get("missing", [])
     parts += ["", f"## Still to run: {len(missing)}", ""]
     parts += [f"- {m}" for m in missing[:50]] + (["- ..."] if len(missing) > 50 else [])

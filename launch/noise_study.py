@@ -301,14 +301,16 @@ def train(job: Job, cmd: list[str], run_dir: Path, spec: dict, state: str) -> No
               "job": {"method": job.method.name, "rate": job.rate, "noise_seed": job.noise_seed,
                       "seed": job.seed}}
     (run_dir / "study_run.json").write_text(json.dumps(record, indent=1) + "\n")
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()[0]
     _run([sys.executable, *cmd, *(["train.resume=latest"] if state == "resume" else [])],
          run_dir.parent / f"{run_dir.name}.log")
-    elapsed = time.time() - t0
-    previous = run_dir / "wall_seconds.txt"          # an interrupted run adds its parts
-    if state == "resume" and previous.is_file():
-        elapsed += int(previous.read_text())
-    previous.write_text(f"{elapsed:.0f}\n")
+    timing = run_dir / "timing.json"               # an interrupted run adds its parts
+    wall = time.time() - t0
+    if state == "resume" and timing.is_file():
+        wall += json.loads(timing.read_text())["wall_s"]
+    timing.write_text(json.dumps({"wall_s": round(wall), "load_start": round(load0, 2),
+                                  "load_end": round(os.getloadavg()[0], 2),
+                                  "cpus": os.cpu_count()}) + "\n")
 
 
 def finished_runs(out: Path) -> tuple[list[dict], dict[str, dict]]:

@@ -57,9 +57,11 @@ def test_methods_come_from_the_study_file_and_the_command_line(tmp_path):
             noise_study.load_study(args(*bad))
 
 
+@pytest.mark.parametrize("study_file", ["noise_study.yaml", "noise_study_gpu.yaml"])
 @pytest.mark.parametrize("protocol", ["pretrained", "scratch"])
-def test_every_default_method_loads_with_the_protocol(protocol):
-    study = noise_study.load_study(args("--protocol", protocol))
+def test_every_default_method_loads_with_the_protocol(protocol, study_file):
+    study = noise_study.load_study(args("--protocol", protocol, "--study",
+                                        str(REPO / "launch/configs" / study_file)))
     expect = {"irra": ("irra", "none"), "tal": ("rde", "none"), "rde": ("rde", "consensus"),
               "amns": ("amns", "none"), "aga": ("aga", "none"),
               "rde+awm": ("rde", "consensus")}
@@ -67,7 +69,7 @@ def test_every_default_method_loads_with_the_protocol(protocol):
         overrides = [o.replace("{backbone}", "runs/bb") for o in study.overrides]
         cfg = load_config(REPO / m.config, [*overrides, *m.overrides])
         assert (cfg.method, cfg.recipe.weighting.kind) == expect[name]
-        assert cfg.train.precision == "fp32"
+        assert cfg.train.precision == ("fp32" if study_file == "noise_study.yaml" else "bf16")
         assert cfg.model.pretrained == ("runs/bb" if protocol == "pretrained" else None)
     assert study.methods["rde+awm"].overrides == ("recipe.image_tokens.kind=attention",)
 
@@ -93,7 +95,8 @@ def fake_run(run_dir: Path, r1: float, *, division=(), spec=None, job=None, wall
         lines.append({"event": "epoch_start", "epoch": epoch, "kept": 0.5, "ccd_seconds": 1.0,
                       "ccd/consensus_precision": precision, "ccd/consensus_recall": 0.8})
     (run_dir / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    (run_dir / "wall_seconds.txt").write_text(f"{wall}\n")
+    (run_dir / "timing.json").write_text(json.dumps({"wall_s": wall, "load_start": 1.0,
+                                                     "load_end": 2.5}))
     if job is not None:
         (run_dir / "study_run.json").write_text(json.dumps(
             {"spec": spec or {"command": ["x"]}, "method": {"config": "c.yaml", "overrides": [],
@@ -105,7 +108,7 @@ def test_summary_reads_the_selected_similarity_and_the_division_by_epoch(tmp_pat
     row = noise_report.summarize(fake_run(tmp_path / "rde", 20.0, division=(0.6, 0.7, 0.85)))
     assert row["similarity"] == "BGE+TSE" and (row["R1"], row["mAP"], row["mINP"]) == (20, 10, 5)
     assert [d["precision"] for d in row["division"]] == [0.6, 0.7, 0.85]
-    assert row["val_R1"] == [10.0, 12.5] and row["wall_s"] == 100
+    assert row["val_R1"] == [10.0, 12.5] and row["wall_s"] == 100 and row["load"] == [1.0, 2.5]
     assert "division" not in noise_report.summarize(fake_run(tmp_path / "irra", 50.0))
 
 
