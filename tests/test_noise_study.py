@@ -231,7 +231,8 @@ def test_main_skips_finished_runs_and_reports_after_each(tmp_path, monkeypatch, 
     assert "train.seed=1" in results["example_command"] or "train.seed=0" in \
         results["example_command"]
     out = capsys.readouterr().out
-    assert "[8/8]" in out and "predicted ?" in out
+    stored = noise_study.load_study(args()).estimates_s          # the study file's estimates
+    assert "[8/8]" in out and f"predicted {(4 * stored['irra'] + 4 * stored['rde']) / 60:.0f} min" in out
     trained.clear()
     assert noise_study.main(argv + ["--seeds", "0", "1", "2"]) == 0       # only seed 2 is new
     assert sorted(trained) == ["irra/n00-s2", "irra/n50-ns0-s2", "rde/n00-s2", "rde/n50-ns0-s2"]
