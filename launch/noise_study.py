@@ -169,6 +169,8 @@ def load_study(args) -> Study:
         if not backbone:
             raise ValueError(f"--backbone: the {protocol} protocol fine-tunes no backbone")
         backbone = {"folder": args.backbone}
+        proto = {**proto, "description": f"Every method fine-tunes the given backbone "
+                 f"{args.backbone} with the same schedule."}
     return Study(benchmark=benchmark,
                  rates=sorted(args.rates if args.rates is not None else raw["noise"]["rates"]),
                  noise_seeds=args.noise_seeds or raw["noise"]["seeds"],
