@@ -1,13 +1,17 @@
 """Training entry point.
 
     # tiny CPU run on the synthetic data, 2 processes (what `python -m trainer.quickstart` does)
-    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m trainer.train \
+    python -m trainer.launch --config_file launch/accelerate/cpu_ddp.yaml -m trainer.train \
         --config launch/configs/irra_synth.yaml data.shards=data/synth-shards
     # a GPU node, DeepSpeed ZeRO-2, CLIP ViT-B/16 on CUHK-PEDES
-    accelerate launch --config_file launch/accelerate/gpu_zero2.yaml -m trainer.train \
+    python -m trainer.launch --config_file launch/accelerate/gpu_zero2.yaml -m trainer.train \
         --config launch/configs/irra.yaml data.shards=shards/cuhk train.output_dir=runs/irra-cuhk
-    # continue an interrupted run where it stopped (mid-epoch included)
-    accelerate launch ... -m trainer.train --config ... train.resume=latest
+    # continue an interrupted run where it stopped (mid-epoch included; on another number of
+    # ranks too)
+    python -m trainer.launch ... -m trainer.train --config ... train.resume=latest
+
+`python -m trainer.launch` is `accelerate launch` with SIGTERM / SIGUSR1 passed on to every
+rank and the exit code the ranks chose (trainer/launch.py); `accelerate launch` works too.
 
     # check a config, its shards, tokenizer, model and DeepSpeed settings without training;
     # print the plan and a memory estimate per GPU (trainer/plan.py)
