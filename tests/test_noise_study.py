@@ -169,6 +169,8 @@ def test_statistics_drop_paired_intervals_and_targets():
     assert met["rde - tal R1 at 50%"]["met"]
     assert met["rde consensus precision at the last division, 50%"]["value"] == \
         pytest.approx(0.95)
+    assert "(lowest seed 0.950)" in next(t["name"] for t in noise_report.targets(rows, 20.0)
+                                         if "precision" in t["name"])
     assert met["ranking at 50% for two noise seeds"]["met"] is None
 
 
