@@ -205,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="train")
     p.add_argument("--n", type=int, default=6, help="pairs to show (default 6)")
     p.add_argument("--shards", help="shard folder (default: the one the run trained on)")
+    p.add_argument("--score", choices=("text", "cls"),
+                   help="AWM's patch score (default: the recipe's recipe.image_tokens.score)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data_pipeline.transforms import normalize_images
@@ -226,12 +228,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     captions = [tokenizer.hf.decode([int(i) for i in ids if i != tokenizer.pad_id],
                                     skip_special_tokens=True) for ids in raw["input_ids"]]
-    awm = awm_view(model, batch, rc.image_tokens.ratio, rc.image_tokens.score)
+    score = args.score or rc.image_tokens.score
+    awm = awm_view(model, batch, rc.image_tokens.ratio, score)
     draw_awm(raw, awm, captions, out / "awm.png")
     agm = agm_view(model, batch, rc.caption_mask.ratio, rc.caption_mask.beta)
     rows = draw_agm(tokenizer, agm, out / "agm.png")
     info = {"weights": str(args.weights), "split": args.split,
-            "awm": {"ratio": rc.image_tokens.ratio, "score": rc.image_tokens.score,
+            "awm": {"ratio": rc.image_tokens.ratio, "score": score,
                     "kept": awm["keep"].tolist(), "scores": awm["scores"].tolist()},
             "agm": {"ratio": rc.caption_mask.ratio, "beta": rc.caption_mask.beta,
                     "captions": rows}}
