@@ -278,6 +278,18 @@ class EnrichConfig:
 
 
 @dataclass(kw_only=True)
+class CrossConfig:
+    """The cross-modal encoder (MLM, ITM and TEM read it; sized by model.cross_layers/heads)."""
+
+    residual: bool = False
+    """False: IRRA's, the words' cross-attention over the image tokens replaces the words (no
+    residual), so the text reaches the transformer only through where each word looks. True:
+    the words plus that cross-attention (a fusion encoder as ALBEF's), which AGA's ITM needs:
+    without it the ITM loss of aga_synth stayed at the label prior (0.636 = the entropy of one
+    positive in three) for every step of a 5-epoch run."""
+
+
+@dataclass(kw_only=True)
 class WeightingConfig:
     """Per-sample weights of the training pairs (RDE's consensus division, trainer/ccd.py)."""
 
@@ -330,6 +342,7 @@ class RecipeConfig:
     caption_mask: CaptionMaskConfig = field(default_factory=CaptionMaskConfig)
     tse: TSEConfig = field(default_factory=TSEConfig)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
+    cross: CrossConfig = field(default_factory=CrossConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
     def __post_init__(self):
@@ -350,6 +363,9 @@ class RecipeConfig:
             _check("mlm" in kinds or self.enrich.kind != "none", "recipe.caption_mask.kind",
                    f"{self.caption_mask.kind} masking has no use without an mlm term in "
                    "recipe.losses or recipe.enrich")
+        if self.cross.residual:
+            _check(bool(kinds & {"mlm", "itm"}), "recipe.cross.residual",
+                   "there is no cross-modal encoder without an mlm or itm term in recipe.losses")
         if self.weighting.kind != "none":
             _check(any(t.weighted for t in self.losses), "recipe.weighting.kind",
                    "no term in recipe.losses is weighted (weighted: true)")

@@ -52,14 +52,16 @@ class Block(nn.Module):
 
 
 class CrossModalEncoder(nn.Module):
-    """IRRA's: text tokens cross-attend all image tokens (no residual), then a transformer.
+    """IRRA's: text tokens cross-attend all image tokens (no residual), then a transformer;
+    with `residual` the words are kept and the cross-attention added (recipe.cross.residual).
 
     Used for masked language modelling (IRRA's IRR, AGA's MLM); `hidden` is what an ITM head
     reads (its first token).
     """
 
-    def __init__(self, width: int, heads: int, layers: int):
+    def __init__(self, width: int, heads: int, layers: int, residual: bool = False):
         super().__init__()
+        self.residual = residual
         self.ln_text, self.ln_image = nn.LayerNorm(width), nn.LayerNorm(width)
         self.cross = Attention(width, heads)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
@@ -69,6 +71,8 @@ class CrossModalEncoder(nn.Module):
     def forward(self, text_BLE, image_BTE, text_pad_BL=None):
         image = self.ln_image(image_BTE)
         x = self.cross(self.ln_text(text_BLE), image)
+        if self.residual:
+            x = text_BLE + x
         for block in self.blocks:
             x = block(x, text_pad_BL)
         return self.ln_post(x)

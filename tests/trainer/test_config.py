@@ -84,6 +84,7 @@ def test_presets_are_recipes_and_parts_override_them():
      ["ema.enabled", "recipe.image_tokens.kind=attention"]),
     (["recipe.losses=[{kind: itc}]", "ema.enabled=false"], ["ema.enabled", "recipe.losses[0]"]),
     (["recipe.branches=[tse]"], ["recipe.branches"]),
+    (["recipe.cross.residual=true", "recipe.losses=[{kind: sdm}]"], ["recipe.cross.residual"]),
     (["loss.mlm=0"], ["loss.mlm", "recipe.losses"]),
     (["rde.tse_dim=3"], ["'rde'", "recipe.tse"]),
     (["recipe.losses.5.weight=1"], ["recipe.losses.5.weight"]),

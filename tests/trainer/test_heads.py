@@ -38,3 +38,24 @@ def test_masked_batchnorm_equals_batchnorm_over_the_valid_rows():
         for name in ("running_mean", "running_var"):
             torch.testing.assert_close(getattr(head.mlp[1], name), getattr(ref.mlp[1], name))
     assert int(head.mlp[1].num_batches_tracked) == 1
+
+
+def test_cross_encoder_residual_carries_the_words():
+    """IRRA's cross encoder replaces the words by their cross-attention over the image: when the
+    image tokens are all alike, every caption gives the same first token (an ITM head there
+    cannot tell captions apart). With recipe.cross.residual the words stay and it can."""
+    from trainer.heads import CrossModalEncoder
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, 16).expand(2, 6, 16)        # one image token, repeated
+    text = torch.randn(2, 5, 16)                           # two different captions
+    for residual in (False, True):
+        enc = CrossModalEncoder(16, 4, 1, residual=residual).eval()
+        with torch.no_grad():
+            first = enc(text, image)[:, 0]
+        same = torch.allclose(first[0], first[1], atol=1e-5)
+        assert same is (not residual)
+        if residual:       # exactly the words plus the cross-attention, then the blocks
+            x = text + enc.cross(enc.ln_text(text), enc.ln_image(image))
+            for block in enc.blocks:
+                x = block(x, None)
+            torch.testing.assert_close(enc(text, image), enc.ln_post(x))
