@@ -2,7 +2,7 @@
 # The kernel checks that need a GPU (an H100 or H200), in one command, within a time budget:
 #
 #   OUT=/path/to/results bash kernels/gpu_check.sh            # about 8 minutes (BUDGET_S=480)
-#   OUT=/tmp/gpu-check BUDGET_S=300 bash kernels/gpu_check.sh # on a CPU machine: small sizes
+#   OUT=runs/gpu-check BUDGET_S=300 bash kernels/gpu_check.sh # on a CPU machine: small sizes
 #
 # Steps, each in its own log under $OUT, each cut at the smaller of its cap and the time left
 # (a cut step keeps what it wrote: the benchmark writes its files after every case):

@@ -2,7 +2,7 @@
 references, side by side. A measuring script: nothing in the package imports it.
 
     python -m kernels.step_timing --out runs/step                 # a GPU: ViT-B/16, IRRA and RDE
-    python -m kernels.step_timing --tiny --precision fp32 --out /tmp/step   # CPU: that it runs
+    python -m kernels.step_timing --tiny --precision fp32 --out runs/step   # CPU: that it runs
 
 The model is the project's own (trainer.build.build_model) from launch/configs/<preset>.yaml with
 model.pretrained unset and ViT-B/16's sizes (patch 16, vision 768 x 12 layers x 12 heads, text

@@ -37,6 +37,11 @@ CASES = {
 }
 
 
+def rel(path: Path) -> str:
+    """A path as the commands record it: relative to the repository (their cwd) when inside it."""
+    return os.path.relpath(path, REPO) if path.resolve().is_relative_to(REPO) else str(path)
+
+
 def run(cmd: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)
@@ -47,10 +52,10 @@ def run(cmd: list[str]) -> None:
 def shards(data: Path, size: str) -> Path:
     raw, out = data / f"synth-{size}", data / f"shards-{size}"
     if not (out / "manifest.parquet").exists():
-        run([sys.executable, "-m", "data_pipeline", "synth", "--out", str(raw), "--train-ids",
+        run([sys.executable, "-m", "data_pipeline", "synth", "--out", rel(raw), "--train-ids",
              "60", "--val-ids", "4", "--test-ids", "4", "--image-size", size, "--quiet"])
         run([sys.executable, "-m", "data_pipeline", "shard", "--format", "cuhk-pedes", "--root",
-             str(raw), "--out", str(out), "--quiet"])
+             rel(raw), "--out", rel(out), "--quiet"])
     return out
 
 
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
             steps = ["--steps", "3", "--warmup", "1"] if vit else ["--steps", str(args.steps)]
             run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                  "launch/accelerate/cpu_ddp.yaml", "--num_processes", "2", "-m", "trainer.bench",
-                 "--config", config, *steps, "--out", str(path), f"data.shards={where}",
+                 "--config", config, *steps, "--out", rel(path), f"data.shards={rel(where)}",
                  *COMMON, *overrides])
         results[name] = json.loads(path.read_text())
         (out / "step_bench.md").write_text(table(results))

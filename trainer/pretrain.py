@@ -3,7 +3,7 @@
     python -m trainer.pretrain --out runs/backbone --benchmark data/study/synth
     python -m trainer.pretrain --out runs/backbone --benchmark data/study/synth \\
         --zero-shot data/study/shards-n00                     # + its test metrics there, untuned
-    # tiny (seconds): python -m trainer.pretrain --out /tmp/bb --benchmark DIR --train-ids 20 \\
+    # tiny (seconds): python -m trainer.pretrain --out runs/bb --benchmark DIR --train-ids 20 \\
     #     --val-ids 4 train.max_steps=2
 
 The person-retrieval papers fine-tune a CLIP pretrained on web pairs; this makes the stand-in:
