@@ -34,15 +34,15 @@ def test_methods_come_from_the_study_file_and_the_command_line(tmp_path):
     extra.write_text("mine: {config: launch/configs/irra_synth.yaml, overrides: [method=aga], "
                      "ablation: aga}\n")
     study = noise_study.load_study(args(
-        "train.epochs=2", "--methods-file", str(extra), "--ablation", "rde+awm=tal",
+        "train.epochs=2", "--methods-file", str(extra), "--ablation", "amns+division=tal",
         "--method", "rde-cls=launch/configs/rde_synth.yaml", "recipe.image_tokens.kind=attention",
         "recipe.image_tokens.score=cls", "--method", "irra=launch/configs/irra_synth.yaml",
         "optim.lr=1e-4"))
-    assert list(study.methods)[:6] == ["irra", "tal", "rde", "amns", "aga", "rde+awm"]
+    assert list(study.methods)[:6] == ["irra", "tal", "rde", "amns", "aga", "amns+division"]
     assert study.methods["rde-cls"].overrides == ("recipe.image_tokens.kind=attention",
                                                   "recipe.image_tokens.score=cls")
     assert study.methods["irra"].overrides == ("optim.lr=1e-4",)        # replaced
-    assert study.methods["rde"].ablation == "tal" and study.methods["rde+awm"].ablation == "tal"
+    assert study.methods["rde"].ablation == "tal" and study.methods["amns+division"].ablation == "tal"
     assert study.methods["mine"].ablation == "aga"
     assert study.overrides[-1] == "train.epochs=2" and "model.pretrained={backbone}" in \
         study.overrides
@@ -64,14 +64,15 @@ def test_every_default_method_loads_with_the_protocol(protocol, study_file):
                                         str(REPO / "launch/configs" / study_file)))
     expect = {"irra": ("irra", "none"), "tal": ("rde", "none"), "rde": ("rde", "consensus"),
               "amns": ("amns", "none"), "aga": ("aga", "none"),
-              "rde+awm": ("rde", "consensus")}
+              "amns+division": ("amns", "consensus")}
     for name, m in study.methods.items():
         overrides = [o.replace("{backbone}", "runs/bb") for o in study.overrides]
         cfg = load_config(REPO / m.config, [*overrides, *m.overrides])
         assert (cfg.method, cfg.recipe.weighting.kind) == expect[name]
         assert cfg.train.precision == ("fp32" if study_file == "noise_study.yaml" else "bf16")
         assert cfg.model.pretrained == ("runs/bb" if protocol == "pretrained" else None)
-    assert study.methods["rde+awm"].overrides == ("recipe.image_tokens.kind=attention",)
+    assert study.methods["amns+division"].overrides == ("recipe.weighting.kind=consensus",
+                                                        "recipe.weighting.use=probability")
 
 
 def test_jobs_cover_methods_rates_seeds_with_one_clean_run_each():
