@@ -5,6 +5,11 @@ the functions also work on a results.json alone:
 
     python launch/noise_report.py launch/results/noise_study/results.json    # tables and plots again
 
+A study run in pieces (other --out folders, --only, --rates) is reported as one by merging the
+pieces' results.json files (same protocol, benchmark, backbone and overrides, or it stops):
+
+    python launch/noise_report.py A/results.json B/results.json --only irra tal rde --out DIR
+
 Statistics (over training seeds, at one noise seed): mean and sample standard deviation; the
 drop from 0 % is the difference of the means; a paired difference compares two methods seed by
 seed (same seed, same noisy shards) with a two-sided 95 % t-interval of its mean (with three
@@ -353,7 +358,10 @@ def write_report(results: dict, out: Path) -> str:
     parts += [f"- {m}" for m in missing[:50]] + (["- ..."] if len(missing) > 50 else [])
     env = results.get("environment", {})
     parts += ["", "## Environment and commands", ""]
-    parts += [f"- {k}: {v}" for k, v in env.items()]
+    parts += [f"- {k}: {v}" for k, v in env.items() if k != "pieces"]
+    if env.get("pieces"):
+        parts += ["- merged from these studies (each piece's commit and command):"]
+        parts += [f"  - {p.get('commit', '?')}: `{p.get('command', '?')}`" for p in env["pieces"]]
     parts += ["", "Methods (config and overrides on top of the protocol's):", ""]
     parts += [f"- {m}: `{s['config']}` {' '.join(s.get('overrides', []))}"
               + (f" (ablation: {s['ablation']})" if s.get("ablation") else "")
@@ -368,13 +376,100 @@ def write_report(results: dict, out: Path) -> str:
     return text
 
 
+# -- merging pieces -------------------------------------------------------------------------------
+
+SAME = ("protocol", "benchmark", "overrides")
+
+
+def merge(pieces: list[dict], only: list[str] | None = None) -> dict:
+    """Several results.json contents of one protocol as one: the runs united (a run tag met twice
+    is a ValueError: the pieces overlap), the methods united in order of first appearance (or
+    `only`, in its order), rates and noise seeds the union, each piece's environment kept.
+    Pieces of another protocol, benchmark or protocol overrides are a ValueError naming the
+    field; so is another backbone: the backbone settings differ (one piece made it, another
+    was given the folder with --backbone) and so do the zero-shot figures (all five metrics of
+    the untuned backbone on the test split, which the same weights reproduce exactly)."""
+    if not pieces:
+        raise ValueError("nothing to merge")
+    first = pieces[0]["study"]
+    for i, piece in enumerate(pieces[1:], 2):
+        for key in SAME:
+            if piece["study"].get(key) != first.get(key):
+                raise ValueError(f"piece {i} differs from piece 1 in study.{key}: "
+                                 f"{piece['study'].get(key)!r} against {first.get(key)!r}")
+        same_zs = piece.get("zero_shot") and piece.get("zero_shot") == pieces[0].get("zero_shot")
+        if piece["study"].get("backbone") != first.get("backbone") and not same_zs:
+            raise ValueError(f"piece {i} has another backbone than piece 1 (settings "
+                             f"{piece['study'].get('backbone')!r} against "
+                             f"{first.get('backbone')!r}, zero-shot figures "
+                             f"{piece.get('zero_shot')} against {pieces[0].get('zero_shot')})")
+    methods: dict[str, dict] = {}
+    for piece in pieces:
+        for name, spec in piece["study"]["methods"].items():
+            if name in methods and methods[name] != spec:
+                raise ValueError(f"method {name} differs between pieces: {methods[name]} "
+                                 f"against {spec}")
+            methods.setdefault(name, spec)
+    if only:
+        unknown = [m for m in only if m not in methods]
+        if unknown:
+            raise ValueError(f"--only names methods no piece has: {unknown} "
+                             f"(the pieces have {sorted(methods)})")
+        methods = {m: methods[m] for m in only}
+    runs, seen = [], {}
+    for i, piece in enumerate(pieces, 1):
+        for row in piece["runs"]:
+            if row["method"] not in methods:
+                continue
+            if row["tag"] in seen:
+                raise ValueError(f"run {row['tag']} is in piece {seen[row['tag']]} and in "
+                                 f"piece {i}: the pieces overlap")
+            seen[row["tag"]] = i
+            runs.append(row)
+    study = {**first, "methods": methods,
+             "rates": sorted({r for p in pieces for r in p["study"]["rates"]}),
+             "noise_seeds": sorted({s for p in pieces for s in p["study"]["noise_seeds"]}),
+             "seeds": sorted({s for p in pieces for s in p["study"].get("seeds", [])})}
+    env = {k: v for k, v in pieces[-1].get("environment", {}).items()
+           if k not in ("commit", "command")}
+    env["pieces"] = [{"commit": p.get("environment", {}).get("commit"),
+                      "command": p.get("environment", {}).get("command")} for p in pieces]
+    missing = [m for p in pieces for m in p.get("missing", [])
+               if m.split("/")[0] in methods]
+    return {"study": study, "environment": env, "zero_shot": pieces[0].get("zero_shot"),
+            "runs": runs, "missing": missing,
+            "example_command": pieces[-1].get("example_command", "")}
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="results.json of a study (several: merged)")
+    p.add_argument("--only", nargs="+", metavar="METHOD", help="report these methods only")
+    p.add_argument("--out", help="where results.md, the plots and (when merging) results.json "
+                   "go (default: the folder of the one results.json)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    paths = [Path(x) for x in args.results]
+    for path in paths:
+        if not path.is_file():
+            print(f"error: {path} does not exist", file=sys.stderr)
+            return 2
+    if len(paths) > 1 and not args.out:
+        print("error: merging several results.json needs --out", file=sys.stderr)
         return 2
-    path = Path(argv[0])
-    print(write_report(json.loads(path.read_text()), path.parent))
+    pieces = [json.loads(path.read_text()) for path in paths]
+    try:
+        results = merge(pieces, args.only) if len(paths) > 1 or args.only else pieces[0]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else paths[0].parent
+    if results is not pieces[0] or out != paths[0].parent:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(write_report(results, out))
     return 0
 
 

@@ -201,6 +201,49 @@ def test_report_tables_and_plots(tmp_path):
     assert (tmp_path / "division.png").stat().st_size > 1000
 
 
+def _piece(methods, rows, backbone, zs=20.0, rates=(0.0, 0.5), command="python x"):
+    return {"study": {"protocol": "pretrained", "benchmark": {"train_ids": 300},
+                      "backbone": backbone, "overrides": ["train.epochs=5"],
+                      "rates": list(rates), "noise_seeds": [0], "seeds": [0, 1, 2],
+                      "methods": {m: {"config": f"{m}.yaml", "overrides": []} for m in methods}},
+            "runs": rows, "zero_shot": {"t2i": {"R1": zs, "mAP": 15.0, "mINP": 5.0}},
+            "missing": [], "environment": {"cpu": "x", "commit": "abc", "command": command},
+            "example_command": "cmd"}
+
+
+def test_pieces_of_one_study_merge_into_one_report(tmp_path):
+    rows = _rows()
+    a = _piece(["irra", "tal"], [r for r in rows if r["method"] != "rde"], {"train_ids": 2000},
+               command="python launch/noise_study.py --only irra tal")
+    b = _piece(["rde"], [r for r in rows if r["method"] == "rde"], {"folder": "runs/bb"},
+               rates=(0.0, 0.2, 0.5), command="python launch/noise_study.py --only rde")
+    merged = noise_report.merge([a, b])
+    assert list(merged["study"]["methods"]) == ["irra", "tal", "rde"]
+    assert merged["study"]["rates"] == [0.0, 0.2, 0.5] and len(merged["runs"]) == len(rows)
+    assert [p["command"] for p in merged["environment"]["pieces"]] == [
+        "python launch/noise_study.py --only irra tal", "python launch/noise_study.py --only rde"]
+    only = noise_report.merge([a, b], only=["rde", "irra"])
+    assert list(only["study"]["methods"]) == ["rde", "irra"]
+    assert {r["method"] for r in only["runs"]} == {"rde", "irra"}
+    with pytest.raises(ValueError, match="another backbone"):          # settings and figures
+        noise_report.merge([a, _piece(["rde"], [], {"folder": "x"}, zs=21.0)])
+    with pytest.raises(ValueError, match="overlap"):
+        noise_report.merge([a, a])
+    other = _piece(["rde"], [], {"train_ids": 2000})
+    other["study"]["overrides"] = ["train.epochs=8"]
+    with pytest.raises(ValueError, match="study.overrides"):
+        noise_report.merge([a, other])
+    with pytest.raises(ValueError, match="no piece has"):
+        noise_report.merge([a, b], only=["aga"])
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a)), pb.write_text(json.dumps(b))
+    assert noise_report.main([str(pa), str(pb)]) == 2                   # --out is needed
+    assert noise_report.main([str(pa), str(pb), "--out", str(tmp_path / "m")]) == 0
+    text = (tmp_path / "m" / "results.md").read_text()
+    assert "| rde - irra |" in text and "python launch/noise_study.py --only rde" in text
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["runs"] == merged["runs"]
+
+
 def test_prediction_uses_measured_then_stored_then_the_others_mean():
     study = noise_study.load_study(args("--only", "irra", "rde", "aga", "--seeds", "0",
                                         "--rates", "0"))
