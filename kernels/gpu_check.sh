@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The kernel checks that need a GPU (an H100 or H200), in one command, within a time budget:
 #
-#   OUT=/path/to/results bash kernels/gpu_check.sh            # about 8 minutes (BUDGET_S=480)
+#   OUT=/path/to/results bash kernels/gpu_check.sh            # about 9 minutes (BUDGET_S=540)
 #   OUT=runs/gpu-check BUDGET_S=300 bash kernels/gpu_check.sh # on a CPU machine: small sizes
 #
 # Steps, each in its own log under $OUT, each cut at the smaller of its cap and the time left
@@ -15,15 +15,18 @@
 #                  the goal and training sizes; no torch.compile, so it always finishes)
 #   step           python -m kernels.step_timing (ViT-B/16 at 384x128, batch 64, IRRA and RDE in
 #                  bf16, with the kernels and with impl=reference)
+#   awm            python launch/step_bench.py --gpu: AMNS's step with AWM against every patch at
+#                  ViT-B/16 384x128, batch 64, bf16, phase by phase (the momentum forward AWM adds,
+#                  the image-encoder time it saves); the AMNS target is a ratio of at most 1
 #   bench          python -m kernels.bench: the same cases with torch.compile as well (compiling
 #                  the references takes most of its time)
 # Results: $OUT/summary.txt (exit status and seconds of each step), $OUT/*.log, $OUT/compile.json,
 # $OUT/pytest-gpu.xml, $OUT/bench-quick/ and $OUT/bench/ (bench.csv, bench.json, bench.png),
-# $OUT/step/step.json. Without a GPU the same steps run at CPU sizes (the GPU tests skip).
+# $OUT/step/step.json, $OUT/awm/step_bench.md. Without a GPU the same steps run at CPU sizes (the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-540}
 mkdir -p "$OUT"
 : > "$OUT/summary.txt"
 start=$(date +%s)
@@ -51,12 +54,14 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
   bench_quick=(--providers eager,triton)
   bench_full=()
   step_args=()
+  awm_args=(--gpu --cases amns-vit-b16 amns-vit-b16-all-patches)
   jobs=$(nproc)
 else
   gpu=0
   bench_quick=(--providers eager)
   bench_full=(--providers eager --kinds sdm,tal)
   step_args=(--tiny --precision fp32 --steps 2 --warmup 1)
+  awm_args=(--cases amns amns-all-patches --steps 2)
   jobs=2
 fi
 
@@ -86,5 +91,6 @@ step pytest 150 python -m pytest -m gpu tests/kernels -q -rs --durations=15 -p n
   --junitxml="$OUT/pytest-gpu.xml"
 step bench-quick 90 python -m kernels.bench "${bench_quick[@]}" --out "$OUT/bench-quick"
 step step 120 python -m kernels.step_timing "${step_args[@]}" --out "$OUT/step"
+step awm 150 python launch/step_bench.py "${awm_args[@]}" --out "$OUT/awm" --data "$OUT/awm-data"
 step bench 240 python -m kernels.bench "${bench_full[@]}" --out "$OUT/bench"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"

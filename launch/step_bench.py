@@ -8,6 +8,12 @@ IRRA, RDE, AMNS (AWM), AMNS with every patch and with random dropping (AWM's cos
 AGA, and AMNS at CLIP ViT-B/16's sizes (random weights, 384x128, 2 samples a rank), with AWM and
 with every patch, for the momentum model's forward and refresh at real scale. A finished case (its JSON exists) is skipped;
 <out>/step_bench.md is rewritten after every case with the CPU model, versions and commands.
+
+On a GPU (`--gpu`, what kernels/gpu_check.sh runs): one process on the device, bf16, and the
+ViT-B/16 cases at batch 64 with 10 timed steps, for the AMNS target (the AWM step no slower than
+the full-token step at ViT-B/16 384x128):
+
+    python launch/step_bench.py --gpu --cases amns-vit-b16 amns-vit-b16-all-patches --out runs/awm
 """
 from __future__ import annotations
 
@@ -59,10 +65,31 @@ def shards(data: Path, size: str) -> Path:
     return out
 
 
+def awm_ratios(results: dict) -> list[str]:
+    """AWM's step time over the full-token step's, for each case measured both ways."""
+    lines = []
+    for name, r in results.items():
+        full = results.get(name.replace("amns", "amns-all-patches", 1)
+                           if "vit" not in name else name + "-all-patches")
+        if name.startswith("amns") and "all-patches" not in name and "random" not in name \
+                and full is not None:
+            lines.append(f"- {name}: AWM step / full-token step = "
+                         f"{r['step_ms'] / full['step_ms']:.2f} ({r['step_ms']:.0f} / "
+                         f"{full['step_ms']:.0f} ms; the momentum forward it adds "
+                         f"{r['inside_forward_ms'].get('momentum_forward', 0):.0f} ms, the online "
+                         f"image encoder {r['inside_forward_ms'].get('image_encoder_forward', 0):.0f}"
+                         f" against {full['inside_forward_ms'].get('image_encoder_forward', 0):.0f}"
+                         " ms)")
+    return lines
+
+
 def table(results: dict) -> str:
     head = next(iter(results.values()))
-    lines = [f"CPU: {head['cpu']}; torch {head['torch']}; {head['world_size']} processes, "
-             f"fp32, one thread each; commit {head['commit']}", "",
+    where = (f"CPU: {head['cpu']}" if str(head.get("device", "cpu")).startswith("cpu")
+             else f"device: {head.get('device_name', head.get('device'))}; CPU: {head['cpu']}")
+    lines = [f"{where}; torch {head['torch']}; {head['world_size']} process(es), "
+             f"{head.get('precision', 'fp32')}, {head.get('threads', 1)} thread(s) each; "
+             f"commit {head['commit']}", "",
              "| case | samples/s | step ms | data | forward (momentum fwd / image enc.) | "
              "backward | optimizer | EMA | EMA refresh: ms, MiB a rank |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -74,6 +101,10 @@ def table(results: dict) -> str:
         lines.append(f"| {name} | {r['samples_per_s']:.1f} | {r['step_ms']:.0f} | "
                      f"{ph['data']:.1f} | {fwd} | {ph['backward']:.0f} | {ph['optimizer']:.0f} | "
                      f"{ph['ema']:.1f} | {refresh} |")
+    ratios = awm_ratios(results)
+    if ratios:
+        lines += ["", "AWM against every patch (the AMNS target, on a GPU at ViT-B/16 384x128: "
+                  "a ratio of at most 1):", "", *ratios]
     lines += ["", "Commands:"] + [f"    {r['command']}" for r in results.values()]
     return "\n".join(lines) + "\n"
 
@@ -85,7 +116,17 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="runs/step-bench-data")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cases", nargs="*", default=list(CASES))
+    p.add_argument("--gpu", action="store_true", help="one process on the GPU, bf16, the "
+                   "ViT-B/16 cases at batch 64 with 10 timed steps")
     args = p.parse_args(argv)
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown cases {unknown}; the cases are {list(CASES)}")
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--gpu: no CUDA device is visible here")
     out, data = REPO / args.out, REPO / args.data
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -96,10 +137,18 @@ def main(argv=None) -> int:
             vit = "model.vision_width=768" in overrides
             where = shards(data, "384x128" if vit else "96x32")
             steps = ["--steps", "3", "--warmup", "1"] if vit else ["--steps", str(args.steps)]
-            run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                 "launch/accelerate/cpu_ddp.yaml", "--num_processes", "2", "-m", "trainer.bench",
-                 "--config", config, *steps, "--out", rel(path), f"data.shards={rel(where)}",
-                 *COMMON, *overrides])
+            if args.gpu:
+                launcher = [sys.executable, "-m", "trainer.bench"]
+                steps = ["--steps", "10", "--warmup", "3"] if vit else steps
+                settings = ["train.precision=bf16", "data.num_workers=2", *overrides,
+                            *(["data.batch_size=64"] if vit else [])]
+            else:
+                launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                            "launch/accelerate/cpu_ddp.yaml", "--num_processes", "2", "-m",
+                            "trainer.bench"]
+                settings = [*COMMON, *overrides]
+            run([*launcher, "--config", config, *steps, "--out", rel(path),
+                 f"data.shards={rel(where)}", *settings])
         results[name] = json.loads(path.read_text())
         (out / "step_bench.md").write_text(table(results))
     print(table(results))

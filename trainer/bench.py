@@ -134,6 +134,8 @@ def bench(cfg, steps: int, warmup: int) -> dict:
                       sum(v) for v in timer.times.values()),
                   "global_batch": cfg.data.batch_size * acc.num_processes * cfg.optim.grad_accum,
                   "world_size": acc.num_processes, "device": str(acc.device),
+                  "device_name": (torch.cuda.get_device_name(acc.device)
+                                  if acc.device.type == "cuda" else None),
                   "precision": cfg.train.precision, "loss": float(out["loss"].detach()),
                   "inside_forward_ms": {p: 1e3 * sum(v) / steps for p, v in timer.inside.items()
                                         if v},
