@@ -288,6 +288,14 @@ class CrossConfig:
     without it the ITM loss of aga_synth stayed at the label prior (0.636 = the entropy of one
     positive in three) for every step of a 5-epoch run."""
 
+    attention_init: str = "clip"
+    """How the cross-attention (the words' queries over the image tokens) starts. "clip": random,
+    as every other layer. "identity": its query, key, value and output maps start as the
+    identity (zero biases), so from the first step each word gathers the image tokens nearest
+    to it in the joint space the contrastive loss aligns, and the blocks above compare the two.
+    A fusion encoder trained from scratch learns ITM slowly (launch/itm_probe.py measures it on
+    a run's frozen tokens)."""
+
 
 @dataclass(kw_only=True)
 class WeightingConfig:
@@ -363,9 +371,14 @@ class RecipeConfig:
             _check("mlm" in kinds or self.enrich.kind != "none", "recipe.caption_mask.kind",
                    f"{self.caption_mask.kind} masking has no use without an mlm term in "
                    "recipe.losses or recipe.enrich")
-        if self.cross.residual:
-            _check(bool(kinds & {"mlm", "itm"}), "recipe.cross.residual",
-                   "there is no cross-modal encoder without an mlm or itm term in recipe.losses")
+        _check(self.cross.attention_init in ("clip", "identity"), "recipe.cross.attention_init",
+               f"{self.cross.attention_init!r}: use clip or identity")
+        for name, on in (("residual", self.cross.residual),
+                         ("attention_init", self.cross.attention_init != "clip")):
+            if on:
+                _check(bool(kinds & {"mlm", "itm"}), f"recipe.cross.{name}",
+                       "there is no cross-modal encoder without an mlm or itm term in "
+                       "recipe.losses")
         if self.weighting.kind != "none":
             _check(any(t.weighted for t in self.losses), "recipe.weighting.kind",
                    "no term in recipe.losses is weighted (weighted: true)")

@@ -59,7 +59,8 @@ class CrossModalEncoder(nn.Module):
     reads (its first token).
     """
 
-    def __init__(self, width: int, heads: int, layers: int, residual: bool = False):
+    def __init__(self, width: int, heads: int, layers: int, residual: bool = False,
+                 attention_init: str = "clip"):
         super().__init__()
         self.residual = residual
         self.ln_text, self.ln_image = nn.LayerNorm(width), nn.LayerNorm(width)
@@ -67,6 +68,13 @@ class CrossModalEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
         self.ln_post = nn.LayerNorm(width)
         _init_like_clip(self, width, layers)
+        if attention_init == "identity":       # after the random draws: the rest is unchanged
+            with torch.no_grad():
+                for lin in (self.cross.q, self.cross.k, self.cross.v, self.cross.out):
+                    lin.weight.copy_(torch.eye(width))
+                    lin.bias.zero_()
+        elif attention_init != "clip":
+            raise ValueError(f"attention_init {attention_init!r}: use clip or identity")
 
     def forward(self, text_BLE, image_BTE, text_pad_BL=None):
         image = self.ln_image(image_BTE)

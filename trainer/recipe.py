@@ -101,7 +101,8 @@ class Recipe(nn.Module):
         # creation order fixes the random initialisation: classifier, cross, mlm_head, ...
         self.classifier = identity_classifier(embed_dim, num_classes) if "id" in kinds else None
         self.cross = (CrossModalEncoder(embed_dim, cfg.model.cross_heads, cfg.model.cross_layers,
-                                        residual=rc.cross.residual)
+                                        residual=rc.cross.residual,
+                                        attention_init=rc.cross.attention_init)
                       if kinds & {"mlm", "itm"} else None)
         self.mlm_head = MLMHead(embed_dim, tokenizer.vocab_size) if "mlm" in kinds else None
         self.itm_head = nn.Linear(embed_dim, 2) if "itm" in kinds else None

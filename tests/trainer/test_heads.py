@@ -1,4 +1,5 @@
 """The masked BatchNorm of the TSE head is BatchNorm over the valid rows (float64, exact maths)."""
+import pytest
 import torch
 
 from trainer.heads import TokenSelectionEmbedding
@@ -59,3 +60,26 @@ def test_cross_encoder_residual_carries_the_words():
             for block in enc.blocks:
                 x = block(x, None)
             torch.testing.assert_close(enc(text, image), enc.ln_post(x))
+
+
+def test_cross_attention_identity_start():
+    """recipe.cross.attention_init=identity: q, k, v and the output map start as the identity, so
+    each word's cross-attention is the softmax-weighted mean of the (normalised) image tokens,
+    weighted by their dot product with the (normalised) word; nothing else changes."""
+    from trainer.heads import CrossModalEncoder
+    torch.manual_seed(0)
+    clip = CrossModalEncoder(16, 4, 1, residual=True)
+    torch.manual_seed(0)
+    ident = CrossModalEncoder(16, 4, 1, residual=True, attention_init="identity")
+    for (name, a), (_, b) in zip(clip.named_parameters(), ident.named_parameters()):
+        if name.startswith("cross."):
+            continue
+        torch.testing.assert_close(a, b)                    # the same random draws elsewhere
+    text, image = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    t, v = ident.ln_text(text), ident.ln_image(image)
+    q, k = t.view(2, 5, 4, 4).transpose(1, 2), v.view(2, 7, 4, 4).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)      # head width 4
+    want = (weights @ v.view(2, 7, 4, 4).transpose(1, 2)).transpose(1, 2).reshape(2, 5, 16)
+    torch.testing.assert_close(ident.cross(t, v), want)
+    with pytest.raises(ValueError, match="attention_init"):
+        CrossModalEncoder(16, 4, 1, attention_init="zeros")
