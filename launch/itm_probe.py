@@ -11,7 +11,7 @@ finished run learned from what the fusion encoder can learn on the same features
    identity, as the training step draws them; uniform: any other identity), a fresh cross-modal
    encoder of the run's size (its residual setting) and ITM head are trained for `--steps` steps
    on the frozen projected tokens of the training split (batch 64: each caption with an image of
-   its identity, one negative image and one negative caption, AdamW at `--lr`) and scored on the
+   its identity, one negative image and one negative caption, AdamW at `--lr` and `--eps`) and scored on the
    test split every `--steps / 4` steps.
 
 Scores on the test split (each caption against an image of its identity and one negative image
@@ -130,7 +130,7 @@ def train_fresh(cfg, feats, test: TestSet, init: str, kind: str, args) -> dict:
                               residual=cfg.recipe.cross.residual, attention_init=init)
     head = torch.nn.Linear(width, 2)
     opt = torch.optim.AdamW([*cross.parameters(), *head.parameters()], lr=args.lr,
-                            weight_decay=0.02)
+                            weight_decay=0.02, eps=args.eps)
     d, g, B = feats["train"], torch.Generator().manual_seed(args.seed), 64
     curve, t0 = [], time.time()
     labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()
@@ -196,7 +196,8 @@ def markdown(results: dict) -> str:
         for c in fresh["curve"]:
             lines.append(row(f"fresh, {name}", c["step"], f"{c['loss']:.3f}", c))
     env = r["environment"]
-    lines += ["", f"Fresh heads: {r['steps']} steps of batch 64 (x3 pairs), AdamW lr {r['lr']}, "
+    lines += ["", f"Fresh heads: {r['steps']} steps of batch 64 (x3 pairs), AdamW lr {r['lr']} eps "
+              f"{r.get('eps', 1e-8)}, "
               f"tau {r['tau']}, seed {r['seed']}; seconds per head: "
               + ", ".join(f"{n} {f['seconds']}" for n, f in r["fresh"].items()) + ".", "",
               f"CPU: {env['cpu']} ({env['threads']} thread(s)); python {env['python']}, torch "
@@ -213,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for results.json and results.md")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eps", type=float, default=1e-8, help="AdamW's eps (the trainer's "
+                   "optim.eps is 1e-3, IRRA's)")
     p.add_argument("--tau", type=float, default=None, help="default: the run's loss.tau")
     p.add_argument("--k", type=int, default=32, help="re-ranked candidates a query")
     p.add_argument("--inits", default="clip,identity")
@@ -233,7 +236,8 @@ def main(argv=None) -> int:
     args.tau = args.tau or cfg.loss.tau
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    settings = {"weights": str(weights), "steps": args.steps, "lr": args.lr, "tau": args.tau,
+    settings = {"weights": str(weights), "steps": args.steps, "lr": args.lr, "eps": args.eps,
+                "tau": args.tau,
                 "k": args.k, "seed": args.seed}
     results = json.loads(path.read_text()) if path.is_file() else {}
     if any(results.get(k) != v for k, v in settings.items()):
