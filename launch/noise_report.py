@@ -432,8 +432,11 @@ def merge(pieces: list[dict], only: list[str] | None = None) -> dict:
              "seeds": sorted({s for p in pieces for s in p["study"].get("seeds", [])})}
     env = {k: v for k, v in pieces[-1].get("environment", {}).items()
            if k not in ("commit", "command")}
-    env["pieces"] = [{"commit": p.get("environment", {}).get("commit"),
-                      "command": p.get("environment", {}).get("command")} for p in pieces]
+    env["pieces"] = []
+    for piece in pieces:                        # a merged piece brings its own pieces
+        e = piece.get("environment", {})
+        env["pieces"] += e.get("pieces") or [{"commit": e.get("commit"),
+                                              "command": e.get("command")}]
     missing = [m for p in pieces for m in p.get("missing", [])
                if m.split("/")[0] in methods]
     return {"study": study, "environment": env, "zero_shot": pieces[0].get("zero_shot"),

@@ -222,6 +222,10 @@ def test_pieces_of_one_study_merge_into_one_report(tmp_path):
     assert merged["study"]["rates"] == [0.0, 0.2, 0.5] and len(merged["runs"]) == len(rows)
     assert [p["command"] for p in merged["environment"]["pieces"]] == [
         "python launch/noise_study.py --only irra tal", "python launch/noise_study.py --only rde"]
+    c = _piece(["aga"], [], {"train_ids": 2000}, command="python launch/noise_study.py --only aga")
+    again = noise_report.merge([merged, c])                    # a merged piece keeps its pieces
+    assert [p["command"] for p in again["environment"]["pieces"]][1:] == [
+        "python launch/noise_study.py --only rde", "python launch/noise_study.py --only aga"]
     only = noise_report.merge([a, b], only=["rde", "irra"])
     assert list(only["study"]["methods"]) == ["rde", "irra"]
     assert {r["method"] for r in only["runs"]} == {"rde", "irra"}
