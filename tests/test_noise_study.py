@@ -287,5 +287,9 @@ def test_main_skips_finished_runs_and_reports_after_each(tmp_path, monkeypatch, 
     assert noise_study.main(argv + ["--seeds", "0", "1", "2"]) == 0       # only seed 2 is new
     assert sorted(trained) == ["irra/n00-s2", "irra/n50-ns0-s2", "rde/n00-s2", "rde/n50-ns0-s2"]
     assert "8 finished, 4 to do; predicted 4 min" in capsys.readouterr().out
+    pieces = json.loads((tmp_path / "out" / "pretrained" / "results.json").read_text())[
+        "environment"]["pieces"]
+    assert len(pieces) == 2 and pieces[1]["command"].endswith("--seeds 0 1 2")  # both kept
+    assert pieces[0]["command"].endswith(str(tmp_path / "report"))
     assert noise_study.main(argv + ["optim.lr=1"]) == 2                 # another command
     assert "holds a run of another command" in capsys.readouterr().err
