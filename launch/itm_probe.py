@@ -62,9 +62,14 @@ def load(weights: Path, shards: str | None):
     return cfg, model, feats
 
 
-def score(cross, head, d, ti, ii):
+def first_token(cross, d, ti, ii):
+    """The cross-modal encoder's first token for captions ti with images ii (what ITM reads)."""
     pad = torch.arange(d["txt"].shape[1])[None] > d["eos"][ti][:, None]
-    logits = head(cross(d["txt"][ti], d["img"][ii], pad)[:, 0]).float()
+    return cross(d["txt"][ti], d["img"][ii], pad)[:, 0]
+
+
+def score(cross, head, d, ti, ii):
+    logits = head(first_token(cross, d, ti, ii)).float()
     return logits[:, 1] - logits[:, 0]
 
 
@@ -141,10 +146,8 @@ def train_fresh(cfg, feats, test: TestSet, init: str, kind: str, args) -> dict:
                        args.tau, g)
         nt = negatives(d["ie"][pi] @ d["te"].T, d["ipid"][pi, None] == d["tpid"][None], kind,
                        args.tau, g)
-        pad = lambda t: torch.arange(d["txt"].shape[1])[None] > d["eos"][t][:, None]  # noqa
-        first = torch.cat([cross(d["txt"][ti], d["img"][pi], pad(ti))[:, 0],
-                           cross(d["txt"][ti], d["img"][ni], pad(ti))[:, 0],
-                           cross(d["txt"][nt], d["img"][pi], pad(nt))[:, 0]])
+        first = torch.cat([first_token(cross, d, ti, pi), first_token(cross, d, ti, ni),
+                           first_token(cross, d, nt, pi)])
         loss = F.cross_entropy(head(first).float(), labels)
         opt.zero_grad()
         loss.backward()

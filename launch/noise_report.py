@@ -381,6 +381,13 @@ def write_report(results: dict, out: Path) -> str:
 SAME = ("protocol", "benchmark", "overrides")
 
 
+def invocations(env: dict) -> list[dict]:
+    """The study invocations ({commit, command}) behind a results.json's environment: its list of
+    pieces where it has one (a merge, or a folder several invocations added runs to), else its
+    own commit and command."""
+    return env.get("pieces") or [{"commit": env.get("commit"), "command": env.get("command")}]
+
+
 def merge(pieces: list[dict], only: list[str] | None = None) -> dict:
     """Several results.json contents of one protocol as one: the runs united (a run tag met twice
     is a ValueError: the pieces overlap), the methods united in order of first appearance (or
@@ -432,11 +439,7 @@ def merge(pieces: list[dict], only: list[str] | None = None) -> dict:
              "seeds": sorted({s for p in pieces for s in p["study"].get("seeds", [])})}
     env = {k: v for k, v in pieces[-1].get("environment", {}).items()
            if k not in ("commit", "command")}
-    env["pieces"] = []
-    for piece in pieces:                        # a merged piece brings its own pieces
-        e = piece.get("environment", {})
-        env["pieces"] += e.get("pieces") or [{"commit": e.get("commit"),
-                                              "command": e.get("command")}]
+    env["pieces"] = [x for piece in pieces for x in invocations(piece.get("environment", {}))]
     missing = [m for p in pieces for m in p.get("missing", [])
                if m.split("/")[0] in methods]
     return {"study": study, "environment": env, "zero_shot": pieces[0].get("zero_shot"),

@@ -462,10 +462,8 @@ def save(out: Path, results_dir: Path, study: Study, jobs: list[Job], zs: dict |
     """<out>/results.json (every finished run in the folder) and the report beside a copy."""
     rows, recorded = finished_runs(out)
     previous = out / "results.json"            # every invocation that added runs to this folder
-    pieces = []
-    if previous.is_file():
-        old = json.loads(previous.read_text()).get("environment", {})
-        pieces = old.get("pieces") or [{"commit": old.get("commit"), "command": old.get("command")}]
+    pieces = (noise_report.invocations(json.loads(previous.read_text()).get("environment", {}))
+              if previous.is_file() else [])
     here = {"commit": env.get("commit"), "command": env.get("command")}
     env = {**env, "pieces": [p for p in pieces if p != here and p.get("command")] + [here]}
     methods = {**recorded, **{m.name: m.as_dict() for m in study.methods.values()}}

@@ -69,10 +69,8 @@ def awm_ratios(results: dict) -> list[str]:
     """AWM's step time over the full-token step's, for each case measured both ways."""
     lines = []
     for name, r in results.items():
-        full = results.get(name.replace("amns", "amns-all-patches", 1)
-                           if "vit" not in name else name + "-all-patches")
-        if name.startswith("amns") and "all-patches" not in name and "random" not in name \
-                and full is not None:
+        full = results.get(f"{name}-all-patches")      # amns / amns-vit-b16 have one
+        if full is not None:
             lines.append(f"- {name}: AWM step / full-token step = "
                          f"{r['step_ms'] / full['step_ms']:.2f} ({r['step_ms']:.0f} / "
                          f"{full['step_ms']:.0f} ms; the momentum forward it adds "
