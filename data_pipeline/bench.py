@@ -1,6 +1,6 @@
 """Loader throughput on one CPU core, against the rate of decoding the JPEGs alone.
 
-    python -m data_pipeline bench shards/synth384 --samples 2000 --repeats 3
+    tbps bench data shards/synth384 --samples 2000 --repeats 3
 
 Runs everything in this process on one core (torch limited to one thread, the tokenizer's
 thread pool off, no loader workers):
@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline import loader as L
-from data_pipeline.manifest import read_meta, split_info
-from data_pipeline.transforms import TrainAugment, normalize_images
+from tbps.data_pipeline import loader as L
+from tbps.data_pipeline.manifest import read_meta, split_info
+from tbps.data_pipeline.transforms import TrainAugment, normalize_images
 
 TARGET_RATIO = 0.40
 

@@ -1,12 +1,12 @@
-"""Command line of the data pipeline: `python -m data_pipeline <command>` (or `tbps-data`).
+"""The data pipeline's verbs of `tbps`: synth, shard, verify, stats and `bench data`.
 
-    python -m data_pipeline synth  --out data/synth --seed 0               # CUHK-PEDES format
-    python -m data_pipeline synth  --out data/pretrain --population pretrain --disjoint-from data/synth
-    python -m data_pipeline shard  ... --tokenizer synthetic-vocab         # one vocabulary for both
-    python -m data_pipeline shard  --format cuhk-pedes --root data/synth --out shards/synth
-    python -m data_pipeline verify shards/synth
-    python -m data_pipeline stats  shards/synth
-    python -m data_pipeline bench  shards/synth384                         # samples/s per core
+    tbps synth  --out data/synth --seed 0               # CUHK-PEDES format
+    tbps synth  --out data/pretrain --population pretrain --disjoint-from data/synth
+    tbps shard  ... --tokenizer synthetic-vocab         # one vocabulary for both
+    tbps shard  --format cuhk-pedes --root data/synth --out shards/synth
+    tbps verify shards/synth
+    tbps stats  shards/synth
+    tbps bench data shards/synth384                         # samples/s per core
 
 Real data:  --format cuhk-pedes --root data/CUHK-PEDES (reid_raw.json + imgs/),
             --format icfg-pedes --root data/ICFG-PEDES (ICFG-PEDES.json + imgs/),
@@ -27,8 +27,8 @@ import re
 import sys
 from concurrent.futures.process import BrokenProcessPool
 
-from data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS
-from data_pipeline.workers import stop_on_signals
+from tbps.data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS
+from tbps.data_pipeline.workers import stop_on_signals
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -61,7 +61,7 @@ _FLAGS = {"SynthConfig.num_train_ids": "--train-ids", "SynthConfig.num_val_ids":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("shards")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("bench", help="loader samples/s per CPU core")
+    s = sub.add_parser("bench", prog="tbps bench data", help="loader samples/s per CPU core")
     s.add_argument("shards")
     s.add_argument("--samples", type=_positive, default=2000)
     s.add_argument("--batch-size", type=_positive, default=64)
@@ -168,7 +168,7 @@ def _how_to_continue(args) -> str:
 
 
 def _synth(args) -> int:
-    from data_pipeline.synthetic import SynthConfig, generate, pretrain_config, preview
+    from tbps.data_pipeline.synthetic import SynthConfig, generate, pretrain_config, preview
 
     fields = dict(num_train_ids=args.train_ids, num_val_ids=args.val_ids,
                   num_test_ids=args.test_ids, images_per_id=args.images_per_id,
@@ -193,12 +193,12 @@ def _synth(args) -> int:
 def _synth_config_of(folder: str):
     from pathlib import Path
 
-    from data_pipeline.synthetic import META_FILE, SynthConfig
+    from tbps.data_pipeline.synthetic import META_FILE, SynthConfig
 
     path = Path(folder) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"--disjoint-from {folder}: no {META_FILE} there; give a folder "
-                                "written by `python -m data_pipeline synth`")
+                                "written by `tbps synth`")
     try:
         return SynthConfig.from_json(json.loads(path.read_text())[0]["config"])
     except (ValueError, KeyError, TypeError, IndexError) as exc:
@@ -207,7 +207,7 @@ def _synth_config_of(folder: str):
 
 
 def _shard(args) -> int:
-    from data_pipeline.sharding import ShardOptions, shard_dataset
+    from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
 
     opts = ShardOptions(shard_size=args.shard_size, resize=args.resize,
                         shuffle_seed=args.shuffle_seed, noise_rate=args.noise_rate,
@@ -220,7 +220,7 @@ def _shard(args) -> int:
 
 
 def _verify(args) -> int:
-    from data_pipeline.verify import verify
+    from tbps.data_pipeline.verify import verify
 
     problems = verify(args.shards, workers=args.workers, progress=not args.quiet)
     for line in problems:
@@ -230,7 +230,7 @@ def _verify(args) -> int:
 
 
 def _stats(args) -> int:
-    from data_pipeline.verify import stats
+    from tbps.data_pipeline.verify import stats
 
     result = stats(args.shards)
     if args.json:
@@ -253,9 +253,9 @@ def _stats(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from data_pipeline.bench import print_report, run_bench
-    from data_pipeline.manifest import read_meta
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from tbps.data_pipeline.bench import print_report, run_bench
+    from tbps.data_pipeline.manifest import read_meta
+    from tbps.data_pipeline.tokenizer import CaptionTokenizer
 
     name = args.tokenizer or read_meta(args.shards).get("tokenizer")
     if name is None:
@@ -269,3 +269,7 @@ def _bench(args) -> int:
 
 COMMANDS = {"synth": _synth, "shard": _shard, "verify": _verify, "stats": _stats,
             "bench": _bench}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """The streaming loader: webdataset stages from shards to batches, exact per-epoch counts.
 
-    from data_pipeline.loader import LoaderConfig, TrainLoader, EvalLoader
+    from tbps.data_pipeline.loader import LoaderConfig, TrainLoader, EvalLoader
     loader = TrainLoader("shards/synth", tokenizer, LoaderConfig(batch_size=64, image_size=(96, 32)),
                          rank=rank, world_size=world)
     for batch in loader.epoch(epoch):          # exactly loader.num_batches batches on every rank
@@ -71,9 +71,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.manifest import ShardInfo, SplitInfo, read_manifest, read_meta, split_info
-from data_pipeline.schema import IMAGE_EXTS, REQUIRED_SAMPLE_FIELDS
-from data_pipeline.transforms import IDENTITY, TrainAugment, place_image
+from tbps.data_pipeline.manifest import ShardInfo, SplitInfo, read_manifest, read_meta, split_info
+from tbps.data_pipeline.schema import IMAGE_EXTS, REQUIRED_SAMPLE_FIELDS
+from tbps.data_pipeline.transforms import IDENTITY, TrainAugment, place_image
 
 try:                                   # libjpeg-turbo straight to numpy: about 2x PIL's speed
     import simplejpeg
@@ -357,7 +357,7 @@ def fill_to_quota(samples, quota: int, stats: LoaderStats, reservoir: int = 256)
     if n < quota:
         if not recent:
             raise RuntimeError("a loader worker found no readable sample in its shards; "
-                               "run `python -m data_pipeline verify` on the shards")
+                               "run `tbps verify` on the shards")
         stats.add("padded", quota - n)
         log.warning("data: padding %d sample(s) by repetition after skipped ones", quota - n)
         for i in range(quota - n):

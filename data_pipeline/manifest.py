@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.schema import MANIFEST_COLUMNS
+from tbps.data_pipeline.schema import MANIFEST_COLUMNS
 
 MANIFEST = "manifest.parquet"
 META_KEY = b"tbps"
@@ -67,13 +67,13 @@ def manifest_path(shard_dir: str | os.PathLike) -> Path:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {shard_dir} the output of "
-                                "`python -m data_pipeline shard`?")
+                                "`tbps shard`?")
     return path
 
 
 def _damaged(path: Path, exc: Exception) -> ValueError:
     return ValueError(f"{path} is not a readable manifest ({exc}); shard the dataset again "
-                      "(`python -m data_pipeline shard ... --overwrite`) or restore the file")
+                      "(`tbps shard ... --overwrite`) or restore the file")
 
 
 def read_meta(shard_dir: str | os.PathLike) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipeline.schema import Record
+from tbps.data_pipeline.schema import Record
 
 
 def noise_source(n: int, rate: float, seed: int) -> np.ndarray:

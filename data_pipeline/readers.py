@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.schema import Record
+from tbps.data_pipeline.schema import Record
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Annotations -> webdataset tar shards + manifest, in parallel, resumable and byte-reproducible.
 
-    python -m data_pipeline shard --format cuhk-pedes --root data/CUHK-PEDES --out shards/cuhk
-    python -m data_pipeline shard --format rstpreid --root data/RSTPReid --out shards/rstp \
+    tbps shard --format cuhk-pedes --root data/CUHK-PEDES --out shards/cuhk
+    tbps shard --format rstpreid --root data/RSTPReid --out shards/rstp \
         --resize 384x128 --noise-rate 0.5 --noise-seed 0 --workers 8
 
 Output:
@@ -22,7 +22,7 @@ input or options refuses to mix the two (use a new --out, or --overwrite).
 Safety: an OUT that is the input folder, lies inside it or holds it is refused; --overwrite
 deletes only what this tool writes, and refuses before deleting anything when OUT holds other
 files. A dataset without any usable record is refused before OUT is touched. Worker processes end
-with the command (`data_pipeline.workers`); a stop (SIGTERM, Ctrl-C) leaves done shards in place.
+with the command (`tbps.data_pipeline.workers`); a stop (SIGTERM, Ctrl-C) leaves done shards in place.
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline import readers
-from data_pipeline.manifest import MANIFEST, write_manifest
-from data_pipeline.noise import apply_noise
-from data_pipeline.progress import progress_bar
-from data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS, Record, sample_key, shard_name
-from data_pipeline.workers import init_worker, stop_pool
+from tbps.data_pipeline import readers
+from tbps.data_pipeline.manifest import MANIFEST, write_manifest
+from tbps.data_pipeline.noise import apply_noise
+from tbps.data_pipeline.progress import progress_bar
+from tbps.data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS, Record, sample_key, shard_name
+from tbps.data_pipeline.workers import init_worker, stop_pool
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +136,12 @@ def shard_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike,
 
     rows, meta = _collect(plan, done, fmt, options)
     if options.tokenizer == "word-level" and "train" in records:
-        from data_pipeline.tokenizer import train_word_level
+        from tbps.data_pipeline.tokenizer import train_word_level
 
         train_word_level(sorted(r.caption for r in records["train"]), out / TOKENIZER_DIR)
         meta["tokenizer"] = TOKENIZER_DIR
     elif options.tokenizer == "synthetic-vocab":
-        from data_pipeline.synthetic import train_shared_tokenizer
+        from tbps.data_pipeline.synthetic import train_shared_tokenizer
 
         train_shared_tokenizer(out / TOKENIZER_DIR)
         meta["tokenizer"] = TOKENIZER_DIR

@@ -19,11 +19,11 @@ the number of worker processes.
 
 Commands (the default is 1300 ids x 4 images at 96 x 32, a few seconds on 2 cores):
 
-    python -m data_pipeline synth --out data/synth --seed 0     # the CLI calls generate()
+    tbps synth --out data/synth --seed 0     # the CLI calls generate()
 
 From Python (a tiny run, well under a second):
 
-    from data_pipeline.synthetic import SynthConfig, generate, preview
+    from tbps.data_pipeline.synthetic import SynthConfig, generate, preview
     cfg = SynthConfig(seed=0, num_train_ids=20, num_val_ids=4, num_test_ids=4)
     generate("data/synth-tiny", cfg, workers=2)
     preview("data/synth-tiny", "data/synth-tiny.png")   # contact sheet to look at
@@ -42,7 +42,7 @@ scratch on 2 CPU cores, reached Rank-1 54 in 6 epochs on the default sizes and d
 Population knobs: a second population for pretraining, shifted from the benchmark as web photos
 are from pedestrian-camera crops (`pretrain_config()`, CLI `synth --population pretrain`):
 - caption_style: "pedestrian" (the benchmark's five templates) or "web" (four others, other
-  synonyms; data_pipeline.synth_captions).
+  synonyms; tbps.data_pipeline.synth_captions).
 - background: "street" (random colour, floor band, clutter) or "studio" (a light gradient
   backdrop and a floor shadow, no clutter).
 - attribute_profile: "pedestrian" (uniform colours and upper garments, the benchmark's rates of
@@ -74,9 +74,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data_pipeline.synth_captions import STYLES, make_captions, style_words, tokenize
-from data_pipeline.synth_captions import pick as _pick
-from data_pipeline.workers import init_worker, stop_pool
+from tbps.data_pipeline.synth_captions import STYLES, make_captions, style_words, tokenize
+from tbps.data_pipeline.synth_captions import pick as _pick
+from tbps.data_pipeline.workers import init_worker, stop_pool
 
 ANNOTATION_FILE = "reid_raw.json"
 META_FILE = "synth_meta.json"
@@ -582,7 +582,7 @@ def vocabulary(styles=tuple(STYLES)) -> list[str]:
 def train_shared_tokenizer(out_dir: str | os.PathLike):
     """A word-level tokenizer over `vocabulary()` (every style), saved in out_dir: the same ids
     for every synthetic population. Judged by a few captions of each style."""
-    from data_pipeline.tokenizer import train_word_level
+    from tbps.data_pipeline.tokenizer import train_word_level
 
     probe = []
     for name in STYLES:

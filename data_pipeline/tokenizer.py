@@ -4,7 +4,7 @@ Two sources:
 - CLIP's BPE from a pretrained model folder or hub id (`CaptionTokenizer.from_pretrained(
   "openai/clip-vit-base-patch16")`), as the pretrained recipes use;
 - a word-level tokenizer trained with `tokenizers` on the training captions
-  (`train_word_level(captions, out_dir)`), which `python -m data_pipeline shard` saves beside the
+  (`train_word_level(captions, out_dir)`), which `tbps shard` saves beside the
   shards (`OUT/tokenizer/`) for models trained from scratch on the synthetic data.
 
 Every caption becomes [SOT] + tokens + [EOT] + padding, truncated to `context_length` (77) with

@@ -1,7 +1,7 @@
 """Check shards against their manifest (`verify`) and summarise them (`stats`).
 
-    python -m data_pipeline verify shards/synth          # exit 1 with the list of problems
-    python -m data_pipeline stats shards/synth [--json]
+    tbps verify shards/synth          # exit 1 with the list of problems
+    tbps stats shards/synth [--json]
 
 `verify` re-reads every shard: the file exists with the recorded size and sha256, its samples
 are exactly the manifest's rows for that shard, in order, each json matches its row, each image
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline.manifest import read_manifest, read_meta
-from data_pipeline.progress import progress_bar
-from data_pipeline.schema import IMAGE_EXTS
-from data_pipeline.workers import init_worker, stop_pool
+from tbps.data_pipeline.manifest import read_manifest, read_meta
+from tbps.data_pipeline.progress import progress_bar
+from tbps.data_pipeline.schema import IMAGE_EXTS
+from tbps.data_pipeline.workers import init_worker, stop_pool
 
 _CHECKED_FIELDS = ("caption", "pid", "index", "image_id", "noisy", "caption_src")
 

@@ -1,10 +1,10 @@
 """Benchmark the fused ops against eager PyTorch and torch.compile, on the same inputs.
 
 Commands:
-  python -m kernels.bench                          # CPU: the reference paths at small sizes
-  python -m kernels.bench --out runs/bench/h200    # a GPU: every case below, eager, compile, Triton
-  python -m kernels.bench --sizes goal --kinds sdm,tal --providers eager,triton
-  TRITON_INTERPRET=1 python -m kernels.bench --providers eager,triton --kinds sdm   # CPU, interpreter
+  tbps bench kernels                          # CPU: the reference paths at small sizes
+  tbps bench kernels --out runs/bench/h200    # a GPU: every case below, eager, compile, Triton
+  tbps bench kernels --sizes goal --kinds sdm,tal --providers eager,triton
+  TRITON_INTERPRET=1 tbps bench kernels --providers eager,triton --kinds sdm   # CPU, interpreter
 
 Cases: similarity_loss of every kind (sdm, bsdm, tal, itc, waf) and topk_select (top-k and sampled),
 at the goal size (similarity n = N = 16384, D = 512; selection B = 1024, L = 576, k = 0.3 L,
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import torch
 
-from kernels import _dispatch
-from kernels._dispatch import HAS_TRITON, interpreting
-from kernels.similarity_loss import KINDS, similarity_loss
-from kernels.topk_select import topk_select
+from tbps.kernels import _dispatch
+from tbps.kernels._dispatch import HAS_TRITON, interpreting
+from tbps.kernels.similarity_loss import KINDS, similarity_loss
+from tbps.kernels.topk_select import topk_select
 
 SIZES = {  # similarity: (n, N, D); selection: (B, L, D), k = 0.3 L
     "goal": {"similarity": [(16384, 16384, 512)], "topk": [(1024, 576, 768)]},
@@ -177,7 +177,7 @@ def compiled_kernels() -> list:
     import importlib
 
     out = []
-    for module in ("kernels.similarity_loss", "kernels.topk_select"):
+    for module in ("tbps.kernels.similarity_loss", "tbps.kernels.topk_select"):
         for name, fn in vars(importlib.import_module(module)).items():
             caches = getattr(fn, "device_caches", None)
             if not name.startswith("_") or not isinstance(caches, dict):
@@ -362,7 +362,7 @@ def environment(device, dtype, argv):
             "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
             "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "commit": commit,
-            "command": " ".join(["python -m kernels.bench", *argv]),
+            "command": " ".join(["tbps bench kernels", *argv]),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -387,7 +387,7 @@ def print_table(rows, profiles, env, note):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"kernels.bench on {env['device']} ({env['dtype']}; peaks: {env['spec']})",
+    table = Table(title=f"tbps.kernels.bench on {env['device']} ({env['dtype']}; peaks: {env['spec']})",
                   caption=note)
     cols = ("op", "kind", "size", "provider", "mode", "p50 ms", "p20-p80", "x eager", "x compile",
             "TFLOP/s", "% tensor", "GB/s", "% HBM", "extra MiB", "check", "status")
@@ -438,7 +438,7 @@ def plot(rows, env, path):
 
 # --------------------------------------------------------------------------- entry point
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="tbps bench kernels", description=__doc__.split("\n")[0])
     p.add_argument("--op", choices=("similarity", "topk", "all"), default="all")
     p.add_argument("--sizes", default=None, help=f"comma-separated from {tuple(SIZES)}; default "
                    "goal,train on CUDA, cpu otherwise")

@@ -11,14 +11,14 @@
 #                  spills of each launched variant, and Triton's cache filled for the steps below
 #   pytest         python -m pytest -m gpu tests/kernels (numerics against eager, large shapes,
 #                  memory linear in n + N)
-#   bench-quick    python -m kernels.bench --providers eager,triton (every kind and selection at
+#   bench-quick    tbps bench kernels --providers eager,triton (every kind and selection at
 #                  the goal and training sizes; no torch.compile, so it always finishes)
-#   step           python -m kernels.step_timing (ViT-B/16 at 384x128, batch 64, IRRA and RDE in
+#   step           tbps bench step-kernels (ViT-B/16 at 384x128, batch 64, IRRA and RDE in
 #                  bf16, with the kernels and with impl=reference)
 #   awm            python launch/step_bench.py --gpu: AMNS's step with AWM against every patch at
 #                  ViT-B/16 384x128, batch 64, bf16, phase by phase (the momentum forward AWM adds,
 #                  the image-encoder time it saves); the AMNS target is a ratio of at most 1
-#   bench          python -m kernels.bench: the same cases with torch.compile as well (compiling
+#   bench          tbps bench kernels: the same cases with torch.compile as well (compiling
 #                  the references takes most of its time)
 # Results: $OUT/summary.txt (exit status and seconds of each step), $OUT/*.log, $OUT/compile.json,
 # $OUT/pytest-gpu.xml, $OUT/bench-quick/ and $OUT/bench/ (bench.csv, bench.json, bench.png),
@@ -89,8 +89,8 @@ step compile 90 env -u TRITON_INTERPRET python -m tests.kernels.compile_sm90 --a
   --jobs "$jobs" --json "$OUT/compile.json"
 step pytest 150 python -m pytest -m gpu tests/kernels -q -rs --durations=15 -p no:cacheprovider \
   --junitxml="$OUT/pytest-gpu.xml"
-step bench-quick 90 python -m kernels.bench "${bench_quick[@]}" --out "$OUT/bench-quick"
-step step 120 python -m kernels.step_timing "${step_args[@]}" --out "$OUT/step"
+step bench-quick 90 tbps bench kernels "${bench_quick[@]}" --out "$OUT/bench-quick"
+step step 120 tbps bench step-kernels "${step_args[@]}" --out "$OUT/step"
 step awm 150 python launch/step_bench.py "${awm_args[@]}" --out "$OUT/awm" --data "$OUT/awm-data"
-step bench 240 python -m kernels.bench "${bench_full[@]}" --out "$OUT/bench"
+step bench 240 tbps bench kernels "${bench_full[@]}" --out "$OUT/bench"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"

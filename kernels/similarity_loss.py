@@ -75,8 +75,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import _dispatch
-from kernels._dispatch import next_pow2, resolve_impl, tl, triton
+from tbps.kernels import _dispatch
+from tbps.kernels._dispatch import next_pow2, resolve_impl, tl, triton
 
 KINDS = ("sdm", "bsdm", "tal", "itc", "waf")
 # forward statistics per key split and row, base 2 (z2 = z log2 e): m_neg l_neg a_neg m_mom l_mom a_mom

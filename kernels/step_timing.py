@@ -1,10 +1,10 @@
 """Time the real training step on synthetic tensors, the fused kernels against their eager
 references, side by side. A measuring script: nothing in the package imports it.
 
-    python -m kernels.step_timing --out runs/step                 # a GPU: ViT-B/16, IRRA and RDE
-    python -m kernels.step_timing --tiny --precision fp32 --out runs/step   # CPU: that it runs
+    tbps bench step-kernels --out runs/step                 # a GPU: ViT-B/16, IRRA and RDE
+    tbps bench step-kernels --tiny --precision fp32 --out runs/step   # CPU: that it runs
 
-The model is the project's own (trainer.build.build_model) from launch/configs/<preset>.yaml with
+The model is the project's own (tbps.trainer.build.build_model) from launch/configs/<preset>.yaml with
 model.pretrained unset and ViT-B/16's sizes (patch 16, vision 768 x 12 layers x 12 heads, text
 512 x 12 x 8, embeddings 512, 384x128 images, 77 tokens; a 49,408-token vocabulary), random
 weights of the real shapes, nothing downloaded. Per preset and impl ("kernels": the Triton
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from kernels._dispatch import interpreting
-from kernels.bench import environment
+from tbps.kernels import similarity_loss as similarity_module
+from tbps.kernels import topk_select as topk_module
+from tbps.kernels._dispatch import interpreting
+from tbps.kernels.bench import environment
 
 VIT_B16 = ["model.pretrained=null", "model.image_size=[384,128]", "model.patch_size=16",
            "model.vision_width=768", "model.vision_layers=12", "model.vision_heads=12",
@@ -142,9 +143,9 @@ def patch_kernels(stamps: Stamps, impl: str) -> list:
     undo = []
     for region, names in OPS.items():
         for name in names:
-            original = getattr(kernels, name)
+            original = getattr(similarity_module, name, None) or getattr(topk_module, name)
             wrapped = timed(original, region, stamps, impl)
-            for module in [m for k, m in sys.modules.items() if k.split(".")[0] == "trainer"]:
+            for module in [m for k, m in sys.modules.items() if k.startswith("tbps.trainer.")]:
                 if getattr(module, name, None) is original:
                     setattr(module, name, wrapped)
                     undo.append((module, name, original))
@@ -169,10 +170,10 @@ def synthetic_batch(cfg, vocab: Vocabulary, batch: int, num_classes: int, device
 
 
 def time_steps(preset: str, impl: str, args, device) -> dict:
-    from trainer.build import build_model
-    from trainer.config import load_config
-    from trainer.optim import build_optimizer
-    from trainer.recipe import StepInfo
+    from tbps.trainer.build import build_model
+    from tbps.trainer.config import load_config
+    from tbps.trainer.optim import build_optimizer
+    from tbps.trainer.recipe import StepInfo
 
     overrides = (TINY if args.tiny else VIT_B16) + list(args.override)
     cfg = load_config(Path(args.configs) / f"{preset}.yaml", overrides)
@@ -246,7 +247,7 @@ def print_table(rows, env):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m kernels.step_timing", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="tbps bench step-kernels", description=__doc__.split("\n")[0])
     p.add_argument("--presets", default="irra,rde")
     p.add_argument("--impls", default="kernels,reference")
     p.add_argument("--batch", type=int, default=None, help="default 64 (8 with --tiny)")
@@ -264,7 +265,7 @@ def main(argv=None):
     args.batch = args.batch or (8 if args.tiny else 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device, torch.bfloat16 if args.precision == "bf16" else torch.float32, [])
-    env["command"] = " ".join(["python -m kernels.step_timing", *argv])
+    env["command"] = " ".join(["tbps bench step-kernels", *argv])
     rows = []
     for preset in args.presets.split(","):
         for impl in args.impls.split(","):

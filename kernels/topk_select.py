@@ -38,8 +38,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kernels import _dispatch
-from kernels._dispatch import next_pow2, resolve_impl, tl, triton
+from tbps.kernels import _dispatch
+from tbps.kernels._dispatch import next_pow2, resolve_impl, tl, triton
 
 _INT32_MIN = -(2**31)
 _BITS_DTYPE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

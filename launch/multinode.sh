@@ -7,7 +7,7 @@
 #       train.output_dir=/shared/runs/irra-cuhk
 #   # on the second, the same command with NODE_RANK=1
 #
-# Every argument goes to `trainer.train`. Environment:
+# Every argument goes to `tbps.trainer.train`. Environment:
 #   NNODES, NODE_RANK    machines in all, this one's index (0 = the first; it hosts the
 #                        rendezvous on MASTER_ADDR:MASTER_PORT, which every machine must reach)
 #   MASTER_ADDR          the first machine's address; MASTER_PORT (default 29500)
@@ -23,7 +23,7 @@ set -euo pipefail
 : "${NNODES:?set NNODES (machines in all)}" "${NODE_RANK:?set NODE_RANK (0 on the first machine)}"
 : "${MASTER_ADDR:?set MASTER_ADDR (the first machine address)}"
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-exec python -m trainer.launch --config_file "${ACCELERATE_CONFIG:-launch/accelerate/multinode_zero2.yaml}" \
+exec python -m tbps.trainer.launch --config_file "${ACCELERATE_CONFIG:-launch/accelerate/multinode_zero2.yaml}" \
     --num_machines "$NNODES" --num_processes "$(( NNODES * GPUS_PER_NODE ))" \
     --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" \
-    --main_process_port "${MASTER_PORT:-29500}" -m trainer.train "$@"
+    --main_process_port "${MASTER_PORT:-29500}" -m tbps.trainer.train "$@"

@@ -4,7 +4,7 @@
         --k 128 --results launch/results/aga_ablations
 
 For every finished run of the methods (<runs>/<method>/<noise>-s<seed>/best), the test split is
-evaluated once more with `python -m trainer.evaluate --itm-rerank K` (skipped when its
+evaluated once more with `tbps evaluate --itm-rerank K` (skipped when its
 rerank-K.json exists). The table gives, per method and noise rate, R1 / mAP / mINP without and
 with re-ranking (mean and standard deviation over training seeds), the paired per-seed
 difference (on - off) with a t-interval, and the cost (seconds and queries/s on this machine).
@@ -33,7 +33,7 @@ def rerank(run: Path, k: int) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env.pop("TRITON_INTERPRET", None)
         tmp = run / f"rerank-{k}"
-        subprocess.run([sys.executable, "-m", "trainer.evaluate", str(run / "best"), "--split",
+        subprocess.run([sys.executable, "-m", "tbps.trainer.evaluate", str(run / "best"), "--split",
                         "test", "--itm-rerank", str(k), "--out", str(tmp)], check=True, cwd=REPO,
                        env=env, stdout=subprocess.DEVNULL)
         (tmp / "metrics.json").replace(out)

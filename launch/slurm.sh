@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# SLURM batch script: N nodes x G GPUs, one `python -m trainer.launch` (accelerate launch) per
+# SLURM batch script: N nodes x G GPUs, one `tbps launch` (accelerate launch) per
 # node, each starting that node's G ranks; the first node hosts the rendezvous.
 #
 #   sbatch --nodes 2 --gpus-per-node 8 launch/slurm.sh \
 #       --config launch/configs/irra.yaml data.shards=shards/cuhk train.output_dir=runs/irra-cuhk
 #
-# Every argument goes to `trainer.train`; train.resume=auto is added, so the same command starts
+# Every argument goes to `tbps.trainer.train`; train.resume=auto is added, so the same command starts
 # the run or continues it from its newest complete checkpoint (train.output_dir and the shards
 # must be on a file system all nodes share). Environment (optional):
 #   ACCELERATE_CONFIG  accelerate config (default launch/accelerate/multinode_zero2.yaml); its
@@ -16,7 +16,7 @@
 #   REQUEUE=0          do not requeue the job after a stop at the time limit
 #
 # Time limit: --signal=USR1@600 makes SLURM send SIGUSR1 to every process of the job step ten
-# minutes before the limit. trainer.launch (and every rank, which may get it directly) turns it
+# minutes before the limit. tbps.trainer.launch (and every rank, which may get it directly) turns it
 # into a stop request: the ranks agree on a step within two steps, write a checkpoint and exit 3
 # (leave enough time for an epoch's evaluation plus a checkpoint write). The job then requeues
 # itself (exit code 3 from srun) and continues where it stopped. A rank that dies or hangs ends
@@ -55,10 +55,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_ON_NODE:-$GPUS_PER_NO
 echo "slurm.sh: job ${SLURM_JOB_ID} on ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s), head ${HEAD}:${MASTER_PORT}, ${ACCELERATE_CONFIG}"
 # one task a node; SLURM_NODEID (0..N-1) is read inside the task, on its own node
 srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c '
-    exec python -m trainer.launch --config_file "$0" \
+    exec python -m tbps.trainer.launch --config_file "$0" \
         --num_machines "$SLURM_NNODES" --num_processes "$(( SLURM_NNODES * $1 ))" \
         --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" \
-        --main_process_port "$MASTER_PORT" -m trainer.train "${@:2}" train.resume=auto' \
+        --main_process_port "$MASTER_PORT" -m tbps.trainer.train "${@:2}" train.resume=auto' \
     "$ACCELERATE_CONFIG" "$GPUS_PER_NODE" "$@" &
 STEP=$!
 # SLURM signals the step itself; a signal to this script (scancel --batch, a manual kill) is

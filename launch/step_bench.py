@@ -1,8 +1,8 @@
-"""The training step of each preset, timed phase by phase (trainer.bench) on 2 CPU processes.
+"""The training step of each preset, timed phase by phase (tbps.trainer.bench) on 2 CPU processes.
 
     python launch/step_bench.py --out launch/results/step_bench          # about 10 min on 2 cores
 
-Each case is `accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m trainer.bench`
+Each case is `accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.bench`
 on small synthetic shards it makes once under --data (96x32; 384x128 for the ViT-B/16 case):
 IRRA, RDE, AMNS (AWM), AMNS with every patch and with random dropping (AWM's cost and saving),
 AGA, and AMNS at CLIP ViT-B/16's sizes (random weights, 384x128, 2 samples a rank), with AWM and
@@ -58,9 +58,9 @@ def run(cmd: list[str]) -> None:
 def shards(data: Path, size: str) -> Path:
     raw, out = data / f"synth-{size}", data / f"shards-{size}"
     if not (out / "manifest.parquet").exists():
-        run([sys.executable, "-m", "data_pipeline", "synth", "--out", rel(raw), "--train-ids",
+        run([sys.executable, "-m", "tbps.data_pipeline.cli", "synth", "--out", rel(raw), "--train-ids",
              "60", "--val-ids", "4", "--test-ids", "4", "--image-size", size, "--quiet"])
-        run([sys.executable, "-m", "data_pipeline", "shard", "--format", "cuhk-pedes", "--root",
+        run([sys.executable, "-m", "tbps.data_pipeline.cli", "shard", "--format", "cuhk-pedes", "--root",
              rel(raw), "--out", rel(out), "--quiet"])
     return out
 
@@ -136,14 +136,14 @@ def main(argv=None) -> int:
             where = shards(data, "384x128" if vit else "96x32")
             steps = ["--steps", "3", "--warmup", "1"] if vit else ["--steps", str(args.steps)]
             if args.gpu:
-                launcher = [sys.executable, "-m", "trainer.bench"]
+                launcher = [sys.executable, "-m", "tbps.trainer.bench"]
                 steps = ["--steps", "10", "--warmup", "3"] if vit else steps
                 settings = ["train.precision=bf16", "data.num_workers=2", *overrides,
                             *(["data.batch_size=64"] if vit else [])]
             else:
                 launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                             "launch/accelerate/cpu_ddp.yaml", "--num_processes", "2", "-m",
-                            "trainer.bench"]
+                            "tbps.trainer.bench"]
                 settings = [*COMMON, *overrides]
             run([*launcher, "--config", config, *steps, "--out", rel(path),
                  f"data.shards={rel(where)}", *settings])

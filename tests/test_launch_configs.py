@@ -42,7 +42,7 @@ def test_every_launch_the_readme_names_exists():
 
 @pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
 def test_deepspeed_json_has_only_autos_that_are_filled(path):
-    from trainer.plan import AUTO_FIELDS, _auto_keys
+    from tbps.trainer.plan import AUTO_FIELDS, _auto_keys
 
     ds = json.loads(path.read_text())
     assert set(_auto_keys(ds)) <= AUTO_FIELDS
@@ -54,7 +54,7 @@ def test_deepspeed_json_has_only_autos_that_are_filled(path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_config_loads(path):
-    from trainer.config import load_config
+    from tbps.trainer.config import load_config
 
     cfg = load_config(path)
     if path.stem in ("irra_synth", "rde_synth", "amns_synth", "aga_synth"):   # CPU recipes
@@ -91,10 +91,10 @@ def test_slurm_starts_one_launcher_a_node(tmp_path):
     lines = [x for x in out.splitlines() if x.startswith("node ")]
     assert len(lines) == 2
     for n, line in enumerate(lines):
-        assert f"node {n}: python -m trainer.launch --config_file " \
+        assert f"node {n}: python -m tbps.trainer.launch --config_file " \
                "launch/accelerate/multinode_zero2.yaml --num_machines 2 --num_processes 8 " \
                f"--machine_rank {n} --main_process_ip gpu-a --main_process_port 29734 " \
-               "-m trainer.train --config launch/configs/irra.yaml data.shards=shards/cuhk " \
+               "-m tbps.trainer.train --config launch/configs/irra.yaml data.shards=shards/cuhk " \
                "train.resume=auto" == line
     stopped = subprocess.run(cmd, env={**env, "FAKE_RC": "3"}, capture_output=True, text=True,
                              cwd=LAUNCH.parent)

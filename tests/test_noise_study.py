@@ -1,28 +1,16 @@
-"""launch/noise_study.py and launch/noise_report.py: methods from the command line, the plan, the
+"""The study (tbps.trainer.study) and its report (tbps.trainer.study_report): methods from the command line, the plan, the
 skipping of finished runs, the statistics and the report (no training: runs are faked)."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from trainer.config import load_config
+from tbps.trainer import study as noise_study
+from tbps.trainer import study_report as noise_report
+from tbps.trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-noise_report = _load("noise_report")
-noise_study = _load("noise_study")
 
 
 def args(*argv):
@@ -214,18 +202,18 @@ def _piece(methods, rows, backbone, zs=20.0, rates=(0.0, 0.5), command="python x
 def test_pieces_of_one_study_merge_into_one_report(tmp_path):
     rows = _rows()
     a = _piece(["irra", "tal"], [r for r in rows if r["method"] != "rde"], {"train_ids": 2000},
-               command="python launch/noise_study.py --only irra tal")
+               command="tbps study run --only irra tal")
     b = _piece(["rde"], [r for r in rows if r["method"] == "rde"], {"folder": "runs/bb"},
-               rates=(0.0, 0.2, 0.5), command="python launch/noise_study.py --only rde")
+               rates=(0.0, 0.2, 0.5), command="tbps study run --only rde")
     merged = noise_report.merge([a, b])
     assert list(merged["study"]["methods"]) == ["irra", "tal", "rde"]
     assert merged["study"]["rates"] == [0.0, 0.2, 0.5] and len(merged["runs"]) == len(rows)
     assert [p["command"] for p in merged["environment"]["pieces"]] == [
-        "python launch/noise_study.py --only irra tal", "python launch/noise_study.py --only rde"]
-    c = _piece(["aga"], [], {"train_ids": 2000}, command="python launch/noise_study.py --only aga")
+        "tbps study run --only irra tal", "tbps study run --only rde"]
+    c = _piece(["aga"], [], {"train_ids": 2000}, command="tbps study run --only aga")
     again = noise_report.merge([merged, c])                    # a merged piece keeps its pieces
     assert [p["command"] for p in again["environment"]["pieces"]][1:] == [
-        "python launch/noise_study.py --only rde", "python launch/noise_study.py --only aga"]
+        "tbps study run --only rde", "tbps study run --only aga"]
     only = noise_report.merge([a, b], only=["rde", "irra"])
     assert list(only["study"]["methods"]) == ["rde", "irra"]
     assert {r["method"] for r in only["runs"]} == {"rde", "irra"}
@@ -244,7 +232,7 @@ def test_pieces_of_one_study_merge_into_one_report(tmp_path):
     assert noise_report.main([str(pa), str(pb)]) == 2                   # --out is needed
     assert noise_report.main([str(pa), str(pb), "--out", str(tmp_path / "m")]) == 0
     text = (tmp_path / "m" / "results.md").read_text()
-    assert "| rde - irra |" in text and "python launch/noise_study.py --only rde" in text
+    assert "| rde - irra |" in text and "tbps study run --only rde" in text
     assert json.loads((tmp_path / "m" / "results.json").read_text())["runs"] == merged["runs"]
 
 

@@ -19,7 +19,7 @@ def _result(step_ms, momentum=0.0, image=100.0, device="cpu:0"):
             "step_ms": step_ms, "phases_ms": {"data": 1.0, "forward": 2.0, "backward": 3.0,
                                               "optimizer": 4.0, "ema": 0.0},
             "inside_forward_ms": {"momentum_forward": momentum, "image_encoder_forward": image},
-            "command": "python -m trainer.bench ..."}
+            "command": "tbps bench step ..."}
 
 
 def test_table_reports_awm_against_every_patch():

@@ -1,15 +1,15 @@
 """Time the training step of any recipe, phase by phase, through the trainer's own code.
 
-    # one process, the quickstart's shards (python -m trainer.quickstart makes them)
-    python -m trainer.bench --config launch/configs/irra_synth.yaml data.shards=data/synth-shards
+    # one process, the quickstart's shards (tbps quickstart makes them)
+    tbps bench step --config launch/configs/irra_synth.yaml data.shards=data/synth-shards
     # 2 CPU processes, AMNS's AWM against the full-token step
-    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m trainer.bench \\
+    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.bench \\
         --config launch/configs/irra_synth.yaml data.shards=data/synth-shards method=amns
     # a GPU: ViT-B/16 at 384x128, random weights of the real shapes (no download)
-    accelerate launch --num_processes 1 -m trainer.bench --config launch/configs/irra.yaml \\
+    accelerate launch --num_processes 1 -m tbps.trainer.bench --config launch/configs/irra.yaml \\
         data.shards=shards/cuhk model.pretrained=null model.vision_width=768 ...
 
-It builds the run the trainer would (`trainer.train.Run`, in a temporary output folder), warms
+It builds the run the trainer would (`tbps.trainer.train.Run`, in a temporary output folder), warms
 up, then times `--steps` optimizer steps of `Run.train_step` with the device synchronised at the
 end of each phase: data (the loader's next batch and its copy to the device), forward, backward,
 optimizer, EMA (the momentum model's update, and its refresh: an all-gather under DDP and
@@ -84,8 +84,8 @@ def cpu_model() -> str:
 
 
 def bench(cfg, steps: int, warmup: int) -> dict:
-    from trainer import dist
-    from trainer.train import Run
+    from tbps.trainer import dist
+    from tbps.trainer.train import Run
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg.train.output_dir = str(Path(tmp) / "run")
@@ -185,15 +185,15 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps bench step", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="experiment YAML (launch/configs/...)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", help="write the result as JSON here")
     args, rest = p.parse_known_args(argv)
-    from trainer import dist, errors
-    from trainer.config import load_config, parse_overrides
+    from tbps.trainer import dist, errors
+    from tbps.trainer.config import load_config, parse_overrides
 
     result = {}
 
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=Path(__file__).parents[1]).stdout.strip()
         result.update(cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(),
-                      commit=commit, command=" ".join(["python -m trainer.bench", *(argv or
+                      commit=commit, command=" ".join(["tbps bench step", *(argv or
                                                                                  sys.argv[1:])]),
                       config=args.config, overrides=rest)
         print_table(result)

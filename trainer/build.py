@@ -1,6 +1,6 @@
 """Build the tokenizer and the model from a config; save and load consolidated weights.
 
-A weights folder (`best/`, `final/` of a run) holds everything `python -m trainer.evaluate`
+A weights folder (`best/`, `final/` of a run) holds everything `tbps evaluate`
 needs: model.safetensors (the whole RetrievalModel), config.yaml (the run's resolved config,
 recipe parts included), clip_config.json (the encoder's architecture), tokenizer/, and
 model.json, which says what rebuilding the model takes (format, number of training identities
@@ -18,11 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig
 
-from data_pipeline.manifest import read_meta
-from data_pipeline.tokenizer import CaptionTokenizer
-from trainer.config import Config, load_config, save_config
-from trainer.model import DualEncoder
-from trainer.recipe import Recipe, RetrievalModel
+from tbps.data_pipeline.manifest import read_meta
+from tbps.data_pipeline.tokenizer import CaptionTokenizer
+from tbps.trainer.config import Config, load_config, save_config
+from tbps.trainer.model import DualEncoder
+from tbps.trainer.recipe import Recipe, RetrievalModel
 
 log = logging.getLogger(__name__)
 

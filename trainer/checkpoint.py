@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import dist
-from trainer.errors import RankError, is_collective_failure
+from tbps.trainer import dist
+from tbps.trainer.errors import RankError, is_collective_failure
 
 log = logging.getLogger(__name__)
 

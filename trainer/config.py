@@ -75,7 +75,7 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     shards: str = "data/synth-shards"
-    """Folder written by `python -m data_pipeline shard` (manifest.parquet inside)."""
+    """Folder written by `tbps shard` (manifest.parquet inside)."""
     tokenizer: str = "auto"
     """"auto": the shards' own tokenizer folder for a random model, the model's own tokenizer
     for a pretrained one; else a tokenizer folder or hub id."""

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer import dist
+from tbps.trainer import dist
 
 log = logging.getLogger(__name__)
 

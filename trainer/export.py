@@ -1,6 +1,6 @@
 """Export the trained encoders and tokenizer as a transformers CLIP folder (safetensors).
 
-    python -m trainer.export runs/irra-synth/best runs/irra-synth/hf
+    tbps export runs/irra-synth/best runs/irra-synth/hf
 
 The folder loads with transformers alone:
 
@@ -19,7 +19,7 @@ reports the error of the approximate grid.
 
 Beside the weights it writes README.md, the model card: what the model is, the recipe and its
 parts, the data it was trained on, the test metrics (from a metrics.json of
-`python -m trainer.evaluate` in the weights folder, or the run's metrics.json above it), and how
+`tbps evaluate` in the weights folder, or the run's metrics.json above it), and how
 to load and query it.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from trainer.build import load_weights_folder
+from tbps.trainer.build import load_weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def export_hf(weights_dir: Path, out_dir: Path) -> dict:
 
 def find_metrics(weights_dir: Path) -> dict | None:
     """{"split", "metrics": {similarity: {R1, ...}}, "source"} of the weights, or None: the
-    folder's own metrics.json (`python -m trainer.evaluate`), else the run's (`best`/`final`)."""
+    folder's own metrics.json (`tbps evaluate`), else the run's (`best`/`final`)."""
     own, run = weights_dir / "metrics.json", weights_dir.parent / "metrics.json"
     try:
         if own.is_file():
@@ -116,8 +116,8 @@ def find_metrics(weights_dir: Path) -> dict | None:
 
 def _branches(cfg, tokenizer, model) -> tuple[list[str], list[str]]:
     """Branch names and similarity names of the trained model, from one dummy pass."""
-    from data_pipeline.transforms import prepare_batch
-    from trainer.search import loader_batch
+    from tbps.data_pipeline.transforms import prepare_batch
+    from tbps.trainer.search import loader_batch
 
     ids = tokenizer.encode_batch(["a person"])
     image = torch.zeros(1, *cfg.model.image_size, 3, dtype=torch.uint8)
@@ -140,7 +140,7 @@ def _config_yaml(weights_dir: Path, sections: tuple[str, ...]) -> str:
 
 
 def _data_lines(cfg) -> list[str]:
-    from data_pipeline.manifest import read_meta
+    from tbps.data_pipeline.manifest import read_meta
 
     lines = [f"- shards: `{Path(cfg.data.shards).name}` (as `data.shards` named them)"]
     try:
@@ -213,7 +213,7 @@ def model_card(weights_dir: Path, cfg, tokenizer, model, info: dict, metrics: di
             lines += ["Only the global branch's row (BGE, or t2i) applies to this export; the "
                       "others need the trained model's own weights folder.", ""]
     else:
-        lines += ["No metrics were found beside the weights: run `python -m trainer.evaluate "
+        lines += ["No metrics were found beside the weights: run `tbps evaluate "
                   "WEIGHTS --split test` and export again.", ""]
     lines += ["## How to use", "", "With transformers alone:", "", "```python",
               "import torch", "from transformers import AutoTokenizer, CLIPModel", "",
@@ -229,20 +229,20 @@ def model_card(weights_dir: Path, cfg, tokenizer, model, info: dict, metrics: di
               "scores = torch.nn.functional.normalize(txt, dim=-1) @ "
               "torch.nn.functional.normalize(img, dim=-1).T", "```", "",
               "With tbps-trainer, index a folder of images and query it:", "", "```bash",
-              "python -m trainer.search index THIS_FOLDER photos/ --out photos.idx",
-              'python -m trainer.search query photos.idx "a woman in a red coat" --top-k 10',
+              "tbps search index THIS_FOLDER photos/ --out photos.idx",
+              'tbps search query photos.idx "a woman in a red coat" --top-k 10',
               "```", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", help="a weights folder of a run (best/ or final/)")
     p.add_argument("out", help="folder to write the transformers model into")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    from trainer import dist, errors
+    from tbps.trainer import dist, errors
 
     dist.quiet_third_party()
 

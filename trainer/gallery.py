@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline.loader import decode_image
-from data_pipeline.manifest import MANIFEST, read_manifest, read_meta, split_info
-from data_pipeline.schema import IMAGE_EXTS
+from tbps.data_pipeline.loader import decode_image
+from tbps.data_pipeline.manifest import MANIFEST, read_manifest, read_meta, split_info
+from tbps.data_pipeline.schema import IMAGE_EXTS
 
 IMAGE_SUFFIXES = frozenset("." + e for e in IMAGE_EXTS)
 
@@ -50,11 +50,11 @@ class Problem:
 
 
 def gallery_kind(root: Path) -> str:
-    """"shards" (a folder written by `python -m data_pipeline shard`) or "folder"."""
+    """"shards" (a folder written by `tbps shard`) or "folder"."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"gallery {root} is not a folder: pass a folder of images (searched "
-                                "recursively) or a shard folder written by `python -m data_pipeline "
+                                "recursively) or a shard folder written by `tbps "
                                 "shard`")
     return "shards" if (root / MANIFEST).is_file() else "folder"
 

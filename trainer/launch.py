@@ -1,8 +1,8 @@
 """`accelerate launch` whose ranks hear the scheduler's signals and whose exit code says why.
 
-    python -m trainer.launch --config_file launch/accelerate/gpu_zero2.yaml \\
-        -m trainer.train --config launch/configs/irra.yaml data.shards=shards/cuhk
-    kill -USR1 <pid of python -m trainer.launch>      # checkpoint and stop; exit code 3
+    tbps launch --config_file launch/accelerate/gpu_zero2.yaml \\
+        -m tbps.trainer.train --config launch/configs/irra.yaml data.shards=shards/cuhk
+    kill -USR1 <pid of tbps launch>      # checkpoint and stop; exit code 3
 
 Every argument goes to `accelerate launch` unchanged. Why a wrapper: `accelerate launch` (torch
 elastic underneath) starts each rank in a session of its own and handles only SIGTERM, SIGINT,
@@ -168,14 +168,14 @@ def _handler(proc, state: dict):
         if signum == signal.SIGINT:
             state["interrupts"] += 1
             if state["interrupts"] > 1:
-                print("trainer.launch: second Ctrl-C: terminating the launcher (no checkpoint)",
+                print("tbps.trainer.launch: second Ctrl-C: terminating the launcher (no checkpoint)",
                       file=sys.stderr, flush=True)
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
                 return
         state["requested"] = signum
         n = _ask_ranks(proc.pid)
-        print(f"trainer.launch: {signal.Signals(signum).name}: asking {n} rank(s) to "
+        print(f"tbps.trainer.launch: {signal.Signals(signum).name}: asking {n} rank(s) to "
               "checkpoint and stop", file=sys.stderr, flush=True)
 
     return forward

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import bidirectional_similarity_loss
-from trainer import dist
+from tbps.kernels.similarity_loss import bidirectional_similarity_loss
+from tbps.trainer import dist
 
 gather_with_grad, gather_nograd = dist.gather_with_grad, dist.gather_nograd
 

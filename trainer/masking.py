@@ -5,7 +5,7 @@ ones are hidden:
 - `random_mlm_mask` (IRRA): each word independently with probability `prob`, at least one;
 - `sampled_mlm_mask`: k = ceil(ratio x words) words drawn without replacement with probability
   proportional to a score (AGA's AGM: the layer-aggregated EOS attention), or uniformly (its
-  ablation), through `kernels.topk_select`'s sampled variant.
+  ablation), through `tbps.kernels.topk_select`'s sampled variant.
 A chosen position becomes the mask token (80 %), a random word token (10 %) or stays (10 %); its
 label is the original id, every other label is -100 (ignored). Draws come from the generators
 passed in (seeded per step by the trainer), so a resumed run masks the same tokens. No step here
@@ -18,9 +18,7 @@ import math
 
 import torch
 
-from kernels import topk_select
-
-
+from tbps.kernels.topk_select import topk_select
 def word_positions(ids_BL: torch.Tensor, eos_B: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(ids_BL.shape[1], device=ids_BL.device)[None]
     return (pos >= 1) & (pos < eos_B[:, None])
@@ -50,7 +48,7 @@ def sampled_mlm_mask(ids_BL, eos_B, score_BL, *, ratio: float, mask_id: int, voc
     (drawn from `uniforms`, else from `generator`; see apply_mask).
 
     The draw is the exponential race: the top k_max of weight / E with noise_BL the E ~ Exp(1),
-    through `kernels.topk_select`, for the longest possible caption (k_max from the batch's
+    through `tbps.kernels.topk_select`, for the longest possible caption (k_max from the batch's
     length, known without a sync); each caption keeps its first k of those, in race order,
     which is a draw of k without replacement."""
     words = word_positions(ids_BL, eos_B)

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
-from trainer.config import ModelConfig
+from tbps.trainer.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Pictures a person checks: what AMNS's AWM drops and what AGA's AGM masks and TEM rewrites.
 
-    python -m trainer.pictures runs/amns-synth/best --out runs/amns-synth/pictures
-    python -m trainer.pictures runs/aga-synth/final --split val --n 8 --out DIR [--shards DIR]
+    tbps pictures runs/amns-synth/best --out runs/amns-synth/pictures
+    tbps pictures runs/aga-synth/final --split val --n 8 --out DIR [--shards DIR]
 
 For the first N training pairs (the loader's order at epoch 0, no augmentation) it writes:
 - awm.png: each image, its patch score map (the cosine of each projected patch token with the
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer import draws
-from trainer.masking import sampled_mlm_mask, word_positions
-from trainer.recipe import aggregate_layers, awm_weights, drop_patches
+from tbps.trainer import draws
+from tbps.trainer.masking import sampled_mlm_mask, word_positions
+from tbps.trainer.recipe import aggregate_layers, awm_weights, drop_patches
 
 log = logging.getLogger(__name__)
 DRAWS = 2000
@@ -186,7 +186,7 @@ def _wrap(text: str, width: int) -> str:
 
 
 def first_pairs(cfg, tokenizer, split: str, n: int) -> dict:
-    from data_pipeline.loader import EvalLoader, LoaderConfig, TrainLoader
+    from tbps.data_pipeline.loader import EvalLoader, LoaderConfig, TrainLoader
 
     lc = LoaderConfig(batch_size=n, image_size=tuple(cfg.model.image_size), num_workers=0,
                       augment=None)
@@ -198,7 +198,7 @@ def first_pairs(cfg, tokenizer, split: str, n: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.pictures", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps pictures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", help="a weights folder (best/ or final/)")
     p.add_argument("--out", required=True, help="folder for awm.png, agm.png, pictures.json")
@@ -209,8 +209,8 @@ def main(argv=None) -> int:
                    help="AWM's patch score (default: the recipe's recipe.image_tokens.score)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from data_pipeline.transforms import normalize_images
-    from trainer.build import load_weights_folder
+    from tbps.data_pipeline.transforms import normalize_images
+    from tbps.trainer.build import load_weights_folder
 
     try:
         if args.n < 1:

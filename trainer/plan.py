@@ -1,8 +1,8 @@
 """The dry run: check a run's inputs and print its plan, without a GPU and without training.
 
-    python -m trainer.train --dry-run --config launch/configs/irra.yaml \\
+    tbps train --dry-run --config launch/configs/irra.yaml \\
         --launch launch/accelerate/gpu_zero2.yaml data.shards=shards/cuhk [--gpu-memory 80]
-    python -m trainer.train --dry-run --config launch/configs/irra_synth.yaml   # this machine
+    tbps train --dry-run --config launch/configs/irra_synth.yaml   # this machine
 
 Checks, each answered ok or with what to do (any failure: exit code 2):
   config      the experiment YAML and overrides (every field, every combination of parts);
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import precision as precision_mod
-from trainer.config import Config, load_config
+from tbps.trainer import precision as precision_mod
+from tbps.trainer.config import Config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _auto_keys(tree: dict, prefix: str = "") -> list[str]:
 
 def check_shards(cfg: Config, lay: Layout) -> tuple[list[str], dict]:
     """Problems with the shards for this layout, and the manifest's metadata."""
-    from data_pipeline.manifest import read_meta, split_info
+    from tbps.data_pipeline.manifest import read_meta, split_info
 
     root = Path(cfg.data.shards)
     meta = read_meta(root)
@@ -186,7 +186,7 @@ def check_shards(cfg: Config, lay: Layout) -> tuple[list[str], dict]:
                 problems.append(f"shard {f} is missing")
             elif f.stat().st_size != sh.bytes:
                 problems.append(f"shard {f} has {f.stat().st_size} bytes, the manifest "
-                                f"says {sh.bytes} (run `python -m data_pipeline verify {root}`)")
+                                f"says {sh.bytes} (run `tbps verify {root}`)")
     if "train" not in meta.get("splits", {}):
         problems.append(f"{root} has no train split")
         return problems, meta
@@ -206,8 +206,8 @@ def check_shards(cfg: Config, lay: Layout) -> tuple[list[str], dict]:
 
 def check_tokenizer(cfg: Config):
     """The tokenizer, checked on the shards' own captions (an end token in every one)."""
-    from data_pipeline.manifest import read_manifest
-    from trainer.build import load_tokenizer
+    from tbps.data_pipeline.manifest import read_manifest
+    from tbps.trainer.build import load_tokenizer
 
     tok = load_tokenizer(cfg)
     captions = read_manifest(cfg.data.shards, columns=["caption"], split="train")
@@ -223,9 +223,9 @@ def check_tokenizer(cfg: Config):
 def build_for_plan(cfg: Config, tok, meta: dict):
     """The run's model with random weights (a pretrained model's shapes from its config, no
     download of weights)."""
-    from trainer.build import build_model
-    from trainer.model import DualEncoder
-    from trainer.recipe import Recipe, RetrievalModel
+    from tbps.trainer.build import build_model
+    from tbps.trainer.model import DualEncoder
+    from tbps.trainer.recipe import Recipe, RetrievalModel
 
     num_classes = meta["num_classes"]
     num_samples = meta["splits"]["train"]["num_samples"]
@@ -251,7 +251,7 @@ def pretrained_config(name: str):
         if name not in KNOWN_CLIPS:
             raise ValueError(f"model.pretrained={name}: its config.json is neither a local folder "
                              "nor in the Hugging Face cache (offline); download it first") from None
-    from trainer.ema import CLIP_SIZES
+    from tbps.trainer.ema import CLIP_SIZES
 
     size = CLIP_SIZES[KNOWN_CLIPS[name]]
     return CLIPConfig(vision_config=size["vision"], projection_dim=size["projection_dim"],
@@ -280,7 +280,7 @@ def synthetic_batch(cfg: Config, tok, batch: int) -> dict:
 def saved_bytes(model, cfg: Config, tok, batch: int, dtype: torch.dtype, ema=None) -> int:
     """Bytes of the tensors autograd keeps for the backward of one training forward (each
     storage once; the parameters themselves excluded)."""
-    from trainer.recipe import StepInfo
+    from tbps.trainer.recipe import StepInfo
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -458,8 +458,8 @@ def _ema(cfg: Config, model, prec: dict):
         return None, 0
     from accelerate import Accelerator
 
-    from trainer.ema import ShardedEMA
-    from trainer.recipe import momentum_modules
+    from tbps.trainer.ema import ShardedEMA
+    from tbps.trainer.recipe import momentum_modules
 
     modules = tuple(dict.fromkeys(momentum_modules(cfg) + tuple(cfg.ema.modules)))
     acc = Accelerator(cpu=True)

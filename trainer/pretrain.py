@@ -1,21 +1,21 @@
 """The pretrained backbone of the noise study: the small CLIP trained clean on a shifted population.
 
-    python -m trainer.pretrain --out runs/backbone --benchmark data/study/synth
-    python -m trainer.pretrain --out runs/backbone --benchmark data/study/synth \\
+    tbps pretrain --out runs/backbone --benchmark data/study/synth
+    tbps pretrain --out runs/backbone --benchmark data/study/synth \\
         --zero-shot data/study/shards-n00                     # + its test metrics there, untuned
-    # tiny (seconds): python -m trainer.pretrain --out runs/bb --benchmark DIR --train-ids 20 \\
+    # tiny (seconds): tbps pretrain --out runs/bb --benchmark DIR --train-ids 20 \\
     #     --val-ids 4 train.max_steps=2
 
 The person-retrieval papers fine-tune a CLIP pretrained on web pairs; this makes the stand-in:
-  1. `python -m data_pipeline synth --population pretrain --disjoint-from BENCHMARK`: web-style
+  1. `tbps synth --population pretrain --disjoint-from BENCHMARK`: web-style
      captions and synonyms, studio backgrounds, web attribute frequencies, other framing and
      poses, its own seed, no identity of the benchmark (data_pipeline/synthetic.py
      pretrain_config);
-  2. `python -m data_pipeline shard --tokenizer synthetic-vocab`: the one word-level vocabulary
+  2. `tbps shard --tokenizer synthetic-vocab`: the one word-level vocabulary
      of every synthetic population, so the backbone reads the benchmark's captions;
-  3. `accelerate launch -m trainer.train --config launch/configs/pretrain_synth.yaml` (ITC with
+  3. `accelerate launch -m tbps.trainer.train --config launch/configs/pretrain_synth.yaml` (ITC with
      identity targets, the file says why), weights selected on the population's val split;
-  4. `python -m trainer.export`: OUT/backbone/, a transformers CLIP folder with its tokenizer, the
+  4. `tbps export`: OUT/backbone/, a transformers CLIP folder with its tokenizer, the
      folder `model.pretrained` (and `data.tokenizer=auto`) loads.
 OUT/pretrain.json records the settings (the benchmark's generator config, the population's size
 and seed, the training config's bytes and overrides, the process count). A second call with the
@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.synthetic import META_FILE, PRETRAIN_SEED
+from tbps.data_pipeline.synthetic import META_FILE, PRETRAIN_SEED
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = "pretrain.json"
@@ -67,7 +67,7 @@ class PretrainSettings:
         bench = Path(self.benchmark) / META_FILE
         if not bench.is_file():
             raise FileNotFoundError(f"--benchmark {self.benchmark}: no {META_FILE} there; give "
-                                    "the folder `python -m data_pipeline synth` wrote")
+                                    "the folder `tbps synth` wrote")
         config = _path(self.config)
         return {"benchmark_config": json.loads(bench.read_text())[0]["config"],
                 "train_ids": self.train_ids, "val_ids": self.val_ids,
@@ -129,26 +129,26 @@ def ensure_backbone(out: str | Path, settings: PretrainSettings, *, overwrite: b
     py = sys.executable
     data, shards, run = out / "data", out / "shards", out / "run"
     if not (data / "reid_raw.json").is_file():
-        _run([py, "-m", "data_pipeline", "synth", "--out", data, "--population", "pretrain",
+        _run([py, "-m", "tbps.data_pipeline.cli", "synth", "--out", data, "--population", "pretrain",
               "--disjoint-from", settings.benchmark, "--seed", settings.seed,
               "--train-ids", settings.train_ids, "--val-ids", settings.val_ids,
               "--test-ids", 1, "--images-per-id", settings.images_per_id, "--workers", 2,
               "--quiet", "--overwrite"])
     if not (shards / "manifest.parquet").is_file():
-        _run([py, "-m", "data_pipeline", "shard", "--format", "cuhk-pedes", "--root", data,
+        _run([py, "-m", "tbps.data_pipeline.cli", "shard", "--format", "cuhk-pedes", "--root", data,
               "--out", shards, "--tokenizer", "synthetic-vocab", "--shard-size", settings.shard_size,
               "--workers", 2, "--quiet"])
     if not (run / "metrics.json").is_file():
         resume = ["train.resume=latest"] if (run / "checkpoints").exists() else []
         _run([py, "-m", "accelerate.commands.launch", "--config_file",
               _path(settings.accelerate_config), "--num_processes", settings.processes,
-              "-m", "trainer.train", "--config", _path(settings.config), f"data.shards={shards}",
+              "-m", "tbps.trainer.train", "--config", _path(settings.config), f"data.shards={shards}",
               f"train.output_dir={run}", *settings.overrides, *resume], log=out / "train.log")
     metrics = json.loads((run / "metrics.json").read_text())
     weights = run / ("best" if metrics.get("best_epoch") is not None else "final")
     partial = out / "backbone.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    _run([py, "-m", "trainer.export", weights, partial], log=out / "export.log")
+    _run([py, "-m", "tbps.trainer.export", weights, partial], log=out / "export.log")
     summary = {"settings": want, "weights": str(weights.relative_to(out)),
                "pretrain_metrics": metrics.get("best") or metrics.get("final"),
                "pretrain_split": metrics.get("split"), "seconds": round(time.time() - t0, 1)}
@@ -176,9 +176,9 @@ def zero_shot(backbone: str | Path, shards: str | Path, split: str = "test") -> 
 def _evaluate_untuned(backbone: Path, shards: Path, split: str) -> dict:
     import torch
 
-    from trainer.build import build_model, load_tokenizer
-    from trainer.config import load_config
-    from trainer.evaluate import evaluate
+    from tbps.trainer.build import build_model, load_tokenizer
+    from tbps.trainer.config import load_config
+    from tbps.trainer.evaluate import evaluate
 
     info = backbone / "tbps_export.json"
     size = json.loads(info.read_text())["image_size"] if info.is_file() else [96, 32]
@@ -192,7 +192,7 @@ def _evaluate_untuned(backbone: Path, shards: Path, split: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.pretrain", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/backbone")
     p.add_argument("--benchmark", required=True, help="the benchmark's synthetic dataset folder")

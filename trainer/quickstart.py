@@ -1,16 +1,16 @@
 """The built-in default job: synthetic data -> shards -> 2-process CPU training -> metrics.
 
-    python -m trainer.quickstart                       # everything under data/ and runs/
-    python -m trainer.quickstart --epochs 2 --out runs/try
-    python -m trainer.quickstart --train-ids 300 --epochs 3 train.precision=fp32   # smaller
+    tbps quickstart                       # everything under data/ and runs/
+    tbps quickstart --epochs 2 --out runs/try
+    tbps quickstart --train-ids 300 --epochs 3 train.precision=fp32   # smaller
 
 Steps (each skipped when its output already exists, so running the same command again after a
 stop continues where it stopped):
-  1. `python -m data_pipeline synth` : 1,000 train / 100 val / 200 test synthetic identities
+  1. `tbps synth` : 1,000 train / 100 val / 200 test synthetic identities
      (--train-ids changes the first; the data then goes to <data>/synth-t<N>)
-  2. `python -m data_pipeline shard` : webdataset shards + manifest + word-level tokenizer
-  3. `python -m trainer.launch` (accelerate launch with launch/accelerate/cpu_ddp.yaml, 2
-     processes over gloo) of `trainer.train` with launch/configs/irra_synth.yaml; its precision
+  2. `tbps shard` : webdataset shards + manifest + word-level tokenizer
+  3. `tbps launch` (accelerate launch with launch/accelerate/cpu_ddp.yaml, 2
+     processes over gloo) of `tbps.trainer.train` with launch/configs/irra_synth.yaml; its precision
      is auto: bf16 on a CPU with bf16 instructions, fp32 elsewhere
   4. the test metrics of the best (val-selected) and final weights, as a table
 
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.launch import die_with_parent
+from tbps.trainer.launch import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN_IDS = 1000
@@ -66,7 +66,7 @@ def _run(step: str, cmd: list[str], env: dict | None = None) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.quickstart", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data", help="folder for the dataset and its shards")
     p.add_argument("--out", default="runs/quickstart", help="run folder")
@@ -106,10 +106,10 @@ def _quickstart(args) -> int:
     if not (data / "reid_raw.json").exists():
         # a folder without the annotation file is this command's own interrupted output
         extra = ["--overwrite"] if (data / "imgs").exists() else []
-        _run("synth", [py, "-m", "data_pipeline", "synth", "--out", str(data), "--seed", "0",
+        _run("synth", [py, "-m", "tbps.data_pipeline.cli", "synth", "--out", str(data), "--seed", "0",
                        "--train-ids", str(args.train_ids), "--workers", "2", "--quiet", *extra])
     if not (shards / "manifest.parquet").exists():
-        _run("shard", [py, "-m", "data_pipeline", "shard", "--format", "cuhk-pedes", "--root",
+        _run("shard", [py, "-m", "tbps.data_pipeline.cli", "shard", "--format", "cuhk-pedes", "--root",
                        str(data), "--out", str(shards), "--workers", "2", "--quiet"])
     overrides = [f"data.shards={shards}", f"train.output_dir={run}", *args.overrides]
     if args.epochs:
@@ -118,9 +118,9 @@ def _quickstart(args) -> int:
         overrides.append("train.resume=latest")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TOKENIZERS_PARALLELISM="false")
-    _run("training", [py, "-m", "trainer.launch", "--config_file",
+    _run("training", [py, "-m", "tbps.trainer.launch", "--config_file",
                       str(REPO / "launch/accelerate/cpu_ddp.yaml"), "--num_processes",
-                      str(args.processes), "-m", "trainer.train", "--config", args.config,
+                      str(args.processes), "-m", "tbps.trainer.train", "--config", args.config,
                       *overrides], env=env)
     report = json.loads((run / "metrics.json").read_text())
     print(json.dumps({"quickstart_seconds": round(time.time() - t0, 1), "run": str(run),

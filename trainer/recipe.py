@@ -19,7 +19,7 @@ The training step is straight-line code in one fixed order (`train_losses`):
                tokens and AWM's patch scores, the enriched captions (TEM), momentum embeddings
                for itc's distillation;
   4. patches   image-token selection: all | random | attention (AWM), sampled through
-               kernels.topk_select;
+               tbps.kernels.topk_select;
   5. image     the online image encoder on the kept patches (CLS row of the last layer for TSE);
   6. enrich    the online text encoder again on the enriched captions (TEM only);
   7. branches  the embeddings of each branch: bge (image CLS, text EOS) and tse (RDE's heads);
@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import topk_select
-from trainer import draws, losses
-from trainer.config import SIMILARITY_KINDS, Config
-from trainer.heads import CrossModalEncoder, MLMHead, TokenSelectionEmbedding, identity_classifier
-from trainer.masking import apply_mask, random_mlm_mask, sampled_mlm_mask, word_positions
+from tbps.kernels.topk_select import topk_select
+from tbps.trainer import draws, losses
+from tbps.trainer.config import SIMILARITY_KINDS, Config
+from tbps.trainer.heads import CrossModalEncoder, MLMHead, TokenSelectionEmbedding, identity_classifier
+from tbps.trainer.masking import apply_mask, random_mlm_mask, sampled_mlm_mask, word_positions
 
 IMAGE_ENCODER = ("encoder.clip.vision_model", "encoder.clip.visual_projection")
 
@@ -57,8 +57,8 @@ class StepInfo:
     step: int                      # optimizer step
     tau: float
     generator: torch.Generator     # CPU generator seeded by (seed, rank, epoch, batch): IRRA's
-    #                                random masking; the other sampled parts use trainer.draws
-    momentum: object = None        # the momentum model (trainer.ema.ShardedEMA), when built
+    #                                random masking; the other sampled parts use tbps.trainer.draws
+    momentum: object = None        # the momentum model (tbps.trainer.ema.ShardedEMA), when built
 
 
 @dataclass
@@ -287,7 +287,7 @@ class Recipe(nn.Module):
         proportional to a weight: 1 (random) or 1 - the min-max normalised momentum score (AWM;
         the best-scored patch is never dropped). The draw is the exponential race: the top
         n_drop of weight / E, E ~ Exp(1) keyed by sample (trainer/draws.py), through
-        kernels.topk_select."""
+        tbps.kernels.topk_select."""
         it = self.rc.image_tokens
         if it.kind == "all" or not self.training:
             return None
@@ -489,7 +489,7 @@ def drop_patches(weights_BN: torch.Tensor, n_drop: int, seed: int, index_B: torc
                  ) -> torch.Tensor:
     """Kept patch indices (B x (N - n_drop), ascending) after dropping n_drop patches drawn
     without replacement with probability proportional to weights_BN (an exponential race keyed
-    by sample, through kernels.topk_select)."""
+    by sample, through tbps.kernels.topk_select)."""
     N = weights_BN.shape[1]
     noise = draws.exponential(seed, index_B, N, stream=draws.AWM)
     drop = topk_select(weights_BN / noise, weights_BN > 0, n_drop)

@@ -1,9 +1,9 @@
 """The evaluation report a person reads, and the pictures of search results.
 
-    python -m trainer.evaluate runs/irra-synth/best --split test --report runs/irra-synth/report
+    tbps evaluate runs/irra-synth/best --split test --report runs/irra-synth/report
 
 writes into the report folder:
-  metrics.json     the metrics per similarity (as `trainer.evaluate` prints them) and the CMC curves
+  metrics.json     the metrics per similarity (as `tbps.trainer.evaluate` prints them) and the CMC curves
   cmc.png          the CMC curve, rank 1 to 50, one line per similarity the recipe scores with
   retrieval.png    sampled queries (seeded) with their top 10: correct images framed green, wrong red
   worst.png        the queries whose first correct image ranks lowest, with that image at the end
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from trainer import dist
-from trainer.metrics import retrieval_metrics
+from tbps.trainer import dist
+from tbps.trainer.metrics import retrieval_metrics
 
 CMC_RANKS = 50
 GREEN, RED, GREY = (34, 139, 34), (214, 39, 40), (150, 150, 150)
@@ -108,7 +108,7 @@ def draw_rows(rows: list[tuple[str, list[Tile]]], out: Path, *, title: str = "",
 
 def draw_search_grid(gallery: Path, index, queries: list[str], results, out: Path) -> Path:
     """Each query with its hits (rank, score), from the index's own gallery."""
-    from trainer.gallery import Item, load_images
+    from tbps.trainer.gallery import Item, load_images
 
     wanted = sorted({h.position for hits in results for h in hits})
     items = [Item(**{c: index.rows[c][p] for c in ("key", "path", "id", "source")})
@@ -171,7 +171,7 @@ def write_report(model, cfg, tokenizer, split: str, device, out_dir: Path, *,
                  title: str = "", queries: int = 8, worst: int = 8, top_k: int = 10,
                  seed: int = 0) -> dict[str, dict[str, float]]:
     """Evaluate on `split` and write the report folder; {similarity: metrics} on every rank."""
-    from trainer.evaluate import embed
+    from tbps.trainer.evaluate import embed
 
     was_training = model.training
     model.eval()
@@ -190,8 +190,8 @@ def write_report(model, cfg, tokenizer, split: str, device, out_dir: Path, *,
 
 def _split_rows(shards: Path, split: str, n_queries: int, n_gallery: int):
     """Query captions and gallery items of a split, in the order `embed` returns them."""
-    from data_pipeline.manifest import read_manifest
-    from trainer.gallery import list_gallery
+    from tbps.data_pipeline.manifest import read_manifest
+    from tbps.trainer.gallery import list_gallery
 
     table = read_manifest(shards, columns=["index", "caption", "pid"], split=split).to_pylist()
     captions = [r["caption"] for r in sorted(table, key=lambda r: r["index"])]
@@ -199,13 +199,13 @@ def _split_rows(shards: Path, split: str, n_queries: int, n_gallery: int):
     if len(captions) != n_queries or len(items) != n_gallery:
         raise ValueError(f"{shards} ({split}) lists {len(captions)} captions and {len(items)} "
                          f"images but {n_queries} and {n_gallery} were embedded: some samples are "
-                         f"unreadable; run `python -m data_pipeline verify {shards}`")
+                         f"unreadable; run `tbps verify {shards}`")
     return captions, items
 
 
 def _write_folder(out: Path, cfg, split, title, sims, metrics, first, q_pids, g_pids,
                   n_queries, n_worst, top_k, seed) -> None:
-    from trainer.gallery import load_images
+    from tbps.trainer.gallery import load_images
 
     shards = Path(cfg.data.shards)
     captions, items = _split_rows(shards, split, len(q_pids), len(g_pids))

@@ -1,12 +1,12 @@
 """Text-to-image search with a trained model: embed a gallery once, then query it with sentences.
 
-    python -m trainer.search index runs/irra-synth/best photos/ --out photos.idx
-    python -m trainer.search index runs/irra-synth/best shards/synth --split test --out test.idx
-    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m trainer.search index \
+    tbps search index runs/irra-synth/best photos/ --out photos.idx
+    tbps search index runs/irra-synth/best shards/synth --split test --out test.idx
+    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.search index \
         runs/irra-synth/best photos/ --out photos.idx                      # every rank embeds a share
-    python -m trainer.search query photos.idx "a woman in a red coat" "a man with a black bag"
-    python -m trainer.search query photos.idx --file queries.txt --top-k 5 --json
-    python -m trainer.search query photos.idx "a man in blue jeans" --grid hits.png
+    tbps search query photos.idx "a woman in a red coat" "a man with a black bag"
+    tbps search query photos.idx --file queries.txt --top-k 5 --json
+    tbps search query photos.idx "a man in blue jeans" --grid hits.png
 
 WEIGHTS is a weights folder of a run (best/, final/) or its transformers export (hf/; it holds the
 global branch only). GALLERY is a folder of images, searched recursively (an image's sub-folder is
@@ -21,10 +21,10 @@ size and modification time, a shard sample's sha1) and drops the removed ones; t
 be the same. A missing, unreadable or non-image file is reported and skipped.
 
 `query` ranks the whole gallery exactly by default: the recipe's similarity over gallery chunks
-(a matrix product), the top k through `kernels.topk_select` on the device, ties to the lower key.
+(a matrix product), the top k through `tbps.kernels.topk_select` on the device, ties to the lower key.
 `index --approximate` also writes an HNSW graph (faiss, `pip install faiss-cpu`) over the
 branches side by side; `query --approximate` searches it (any similarity that is a weighted sum
-of per-branch dot products, which the query side applies). `python -m trainer.search_bench`
+of per-branch dot products, which the query side applies). `tbps bench search`
 measures its recall@10 against exact search.
 """
 from __future__ import annotations
@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from data_pipeline.transforms import prepare_batch
-from kernels import topk_select
-from trainer import dist
-from trainer.gallery import Item, Problem, decode, gallery_kind, list_gallery, read_items
+from tbps.data_pipeline.transforms import prepare_batch
+from tbps.kernels.topk_select import topk_select
+from tbps.trainer import dist
+from tbps.trainer.gallery import Item, Problem, decode, gallery_kind, list_gallery, read_items
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def loader_batch(ids: np.ndarray, images: torch.Tensor | None = None) -> dict:
 def load_embedder(path: Path, device=None) -> Embedder:
     """A weights folder or an exported transformers folder; ValueError / FileNotFoundError
     naming the folder when it is neither or cannot be read."""
-    from trainer.build import WEIGHTS
+    from tbps.trainer.build import WEIGHTS
 
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -169,7 +169,7 @@ def load_embedder(path: Path, device=None) -> Embedder:
 
 
 def _load_weights(path: Path):
-    from trainer.build import load_weights_folder
+    from tbps.trainer.build import load_weights_folder
 
     cfg, tokenizer, model = load_weights_folder(path)
     return model, tokenizer, tuple(cfg.model.image_size)
@@ -179,7 +179,7 @@ def _load_transformers(path: Path):
     from transformers import CLIPModel
     from transformers.utils import logging as hf_logging
 
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from tbps.data_pipeline.tokenizer import CaptionTokenizer
 
     hf_logging.disable_progress_bar()
 
@@ -237,7 +237,7 @@ def load_index(folder: Path) -> Index:
     folder = Path(folder)
     if not (folder / HEADER).is_file() or not (folder / TABLE).is_file():
         raise FileNotFoundError(f"{folder} is no search index (no {HEADER} / {TABLE}): build one "
-                                "with `python -m trainer.search index WEIGHTS GALLERY --out "
+                                "with `tbps search index WEIGHTS GALLERY --out "
                                 f"{folder}`")
     try:
         header = json.loads((folder / HEADER).read_text())
@@ -249,7 +249,7 @@ def load_index(folder: Path) -> Index:
             emb[b] = torch.from_numpy(flat.reshape(len(table), d).copy())
     except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as any library's error
         raise ValueError(f"the index in {folder} is damaged ({type(exc).__name__}: {exc}); build "
-                         "it again with `python -m trainer.search index`") from None
+                         "it again with `tbps search index`") from None
     if header.get("format") != FORMAT or header.get("count") != len(table):
         raise ValueError(f"the index in {folder} is of another format or incomplete (format "
                          f"{header.get('format')!r}, {header.get('count')} rows announced, "
@@ -356,7 +356,7 @@ def _balanced(total: int, parts: int) -> list[int]:
 def _embed_items(embedder: Embedder, gallery: Path, items: list[Item], batch_size: int,
                  workers: int, progress: bool):
     """(positions of the embedded items, {branch: n x D} on the device, [Problem])."""
-    from data_pipeline.progress import progress_bar
+    from tbps.data_pipeline.progress import progress_bar
 
     done, feats, bad = [], {b: [] for b in embedder.dims}, []
     size = embedder.image_size
@@ -444,7 +444,7 @@ def approximate_topk(folder: Path, text: dict[str, torch.Tensor], weights: dict[
 def topk_rows(scores_QN: torch.Tensor, k: int, block: int = 1024, impl: str = "auto"
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of each row (values, column indices), ties to the lower index, through
-    `kernels.topk_select` on blocks of `block` columns and then on the blocks' winners (the
+    `tbps.kernels.topk_select` on blocks of `block` columns and then on the blocks' winners (the
     kernel keeps a row in registers, so rows are cut to a size it holds)."""
     Q, N = scores_QN.shape
     k = min(k, N)
@@ -589,7 +589,7 @@ def _cmd_query(args) -> int:
     name, results = search(index, embedder, queries, top_k=args.top_k, similarity=args.similarity,
                            approximate=args.approximate, folder=Path(args.index))
     if args.grid:
-        from trainer.report import draw_search_grid
+        from tbps.trainer.report import draw_search_grid
 
         draw_search_grid(Path(index.header["gallery"]["path"]), index, queries, results,
                          Path(args.grid))
@@ -615,7 +615,7 @@ def _cmd_query(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.search", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     ix = sub.add_parser("index", help="embed a gallery (only what is new since the last run)")
@@ -640,7 +640,7 @@ def main(argv=None) -> int:
     q.add_argument("--grid", help="also draw each query with its top-k images into this PNG")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from trainer import dist, errors
+    from tbps.trainer import dist, errors
 
     dist.quiet_third_party()
     if args.command == "index":

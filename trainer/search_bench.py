@@ -1,9 +1,9 @@
 """Search throughput: images embedded per second, and queries per second over galleries of 1k to
 100k images, exact and approximate (with the approximate index's recall@10 against exact).
 
-    python -m trainer.search_bench                                   # the full run (CPU: minutes)
-    python -m trainer.search_bench --models synth --sizes 1000 --queries 100 --images 64   # quick
-    python -m trainer.search_bench --out launch/results/search_bench.json
+    tbps bench search                                   # the full run (CPU: minutes)
+    tbps bench search --models synth --sizes 1000 --queries 100 --images 64   # quick
+    tbps bench search --out launch/results/search_bench.json
 
 1. Embedding: `build_index` over a folder of synthetic JPEGs (read, decode, resize, forward), for
    untrained models of two sizes: `synth` (the CPU default recipe, 96 x 32) and `vit-b16` (CLIP
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import search
+from tbps.trainer import search
 
 CAPTIONS = ["a woman in a red coat carrying a black backpack", "a man in blue jeans and white shoes",
             "a girl with long black hair wearing a yellow dress", "an old man with a grey hat"]
@@ -66,9 +66,9 @@ def _commit() -> str:
 
 
 def _weights(name: str, root: Path) -> Path:
-    from data_pipeline.tokenizer import train_word_level
-    from trainer.build import build_model, save_weights
-    from trainer.config import load_config
+    from tbps.data_pipeline.tokenizer import train_word_level
+    from tbps.trainer.build import build_model, save_weights
+    from tbps.trainer.config import load_config
 
     tok = train_word_level(CAPTIONS * 4, root / "tok")
     cfg = load_config(Path(__file__).parents[1] / "launch/configs/irra_synth.yaml",
@@ -182,7 +182,7 @@ def bench_search(size: int, dim: int, n_queries: int, approximate: bool, kind: s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.search_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps bench search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="synth,vit-b16", help=f"of {sorted(MODELS)}")
     p.add_argument("--images", type=int, default=256, help="images embedded (vit-b16: a quarter)")
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"command": "python -m trainer.search_bench " + " ".join(argv or sys.argv[1:]),
+    result = {"command": "tbps bench search " + " ".join(argv or sys.argv[1:]),
               "commit": _commit(), "load_average": list(os.getloadavg()),
               "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -1,21 +1,21 @@
 """Training entry point.
 
-    # tiny CPU run on the synthetic data, 2 processes (what `python -m trainer.quickstart` does)
-    python -m trainer.launch --config_file launch/accelerate/cpu_ddp.yaml -m trainer.train \
+    # tiny CPU run on the synthetic data, 2 processes (what `tbps quickstart` does)
+    tbps launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.train \
         --config launch/configs/irra_synth.yaml data.shards=data/synth-shards
     # a GPU node, DeepSpeed ZeRO-2, CLIP ViT-B/16 on CUHK-PEDES
-    python -m trainer.launch --config_file launch/accelerate/gpu_zero2.yaml -m trainer.train \
+    tbps launch --config_file launch/accelerate/gpu_zero2.yaml -m tbps.trainer.train \
         --config launch/configs/irra.yaml data.shards=shards/cuhk train.output_dir=runs/irra-cuhk
     # continue an interrupted run where it stopped (mid-epoch included; on another number of
     # ranks too)
-    python -m trainer.launch ... -m trainer.train --config ... train.resume=latest
+    tbps launch ... -m tbps.trainer.train --config ... train.resume=latest
 
-`python -m trainer.launch` is `accelerate launch` with SIGTERM / SIGUSR1 passed on to every
+`tbps launch` is `accelerate launch` with SIGTERM / SIGUSR1 passed on to every
 rank and the exit code the ranks chose (trainer/launch.py); `accelerate launch` works too.
 
     # check a config, its shards, tokenizer, model and DeepSpeed settings without training;
     # print the plan and a memory estimate per GPU (trainer/plan.py)
-    python -m trainer.train --dry-run --config launch/configs/irra.yaml \
+    tbps train --dry-run --config launch/configs/irra.yaml \
         --launch launch/accelerate/gpu_zero2.yaml data.shards=shards/cuhk
 
 Overrides are `section.field=value` (or `--section.field value`). A short summary opens the run
@@ -29,7 +29,7 @@ that holds it. At the end: the final weights, the test metrics of best and final
 is built when a part of the recipe needs one (trainer/recipe.py momentum_modules) or
 `ema.modules` names some, and handed to the recipe with each step.
 
-Faults: SIGTERM / SIGUSR1 to any rank (or to `python -m trainer.launch`, which forwards them)
+Faults: SIGTERM / SIGUSR1 to any rank (or to `tbps launch`, which forwards them)
 stop every rank at the same step within two steps, after a checkpoint (exit code 3); a step
 whose loss is not finite on some rank is skipped, train.max_nonfinite_steps in a row stop the
 run; a collective that waits longer than train.collective_timeout_s (a rank died or hangs) ends
@@ -49,19 +49,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.loader import LoaderConfig, TrainLoader
-from data_pipeline.manifest import read_meta
-from data_pipeline.transforms import TrainAugment, prepare_batch
-from trainer import checkpoint, dist, errors, launch, precision
-from trainer.build import build_model, load_tokenizer, save_weights
-from trainer.ccd import ConsensusWeighting
-from trainer.checkpoint import TrainState
-from trainer.config import Config, load_config, parse_overrides, save_config
-from trainer.errors import Stopped
-from trainer.evaluate import evaluate, format_table
-from trainer.monitor import Monitor, run_summary
-from trainer.optim import build_optimizer, lr_factor, set_lr
-from trainer.recipe import StepInfo, momentum_modules
+from tbps.data_pipeline.loader import LoaderConfig, TrainLoader
+from tbps.data_pipeline.manifest import read_meta
+from tbps.data_pipeline.transforms import TrainAugment, prepare_batch
+from tbps.trainer import checkpoint, dist, errors, launch, precision
+from tbps.trainer.build import build_model, load_tokenizer, save_weights
+from tbps.trainer.ccd import ConsensusWeighting
+from tbps.trainer.checkpoint import TrainState
+from tbps.trainer.config import Config, load_config, parse_overrides, save_config
+from tbps.trainer.errors import Stopped
+from tbps.trainer.evaluate import evaluate, format_table
+from tbps.trainer.monitor import Monitor, run_summary
+from tbps.trainer.optim import build_optimizer, lr_factor, set_lr
+from tbps.trainer.recipe import StepInfo, momentum_modules
 
 log = logging.getLogger("trainer")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -80,7 +80,7 @@ def catch_stop_signals() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="recipe YAML (launch/configs/...)")
     p.add_argument("--dry-run", action="store_true",
@@ -174,7 +174,7 @@ class Run:
             return build_optimizer(model, self.cfg)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        from trainer.optim import param_groups
+        from tbps.trainer.optim import param_groups
 
         o = self.cfg.optim
         return DeepSpeedCPUAdam(param_groups(model, self.cfg), lr=o.lr, betas=o.betas, eps=o.eps,
@@ -184,7 +184,7 @@ class Run:
         e = self.cfg.ema
         if not self.cfg.needs_momentum():
             return None
-        from trainer.ema import ShardedEMA
+        from tbps.trainer.ema import ShardedEMA
 
         modules = tuple(dict.fromkeys(momentum_modules(self.cfg) + tuple(e.modules)))
         return ShardedEMA(self.acc, self.model, factory=self._build_model, modules=modules,
@@ -618,7 +618,7 @@ class Run:
     def _evaluate_folder(self, name: str, split: str) -> dict:
         """Metrics of a saved weights folder: every rank loads it into a plain (unwrapped,
         unsharded) model and evaluates its share."""
-        from trainer.build import load_weights_folder
+        from tbps.trainer.build import load_weights_folder
 
         with dist.plain_init(self.acc):
             cfg, tok, model = load_weights_folder(self.run_dir / name,
@@ -628,7 +628,7 @@ class Run:
     def _export(self) -> None:
         from transformers.utils import logging as hf_logging
 
-        from trainer.export import export_hf
+        from tbps.trainer.export import export_hf
 
         hf_logging.disable_progress_bar()           # "Writing model shards" under our own bar
         source = "best" if self.state.best_epoch is not None else "final"
@@ -695,7 +695,7 @@ def _setup_logging(acc) -> None:
 def _main(argv) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.dry_run:
-        from trainer import plan
+        from tbps.trainer import plan
 
         return plan.dry_run(args.config, parse_overrides(rest), launch_file=args.launch,
                             gpu_memory_gib=args.gpu_memory)
@@ -713,7 +713,12 @@ def main(argv=None) -> int:
     return launch.exit_code(code, same_on_every_rank=not errors.LAST["rank_specific"])
 
 
-if __name__ == "__main__":
-    code = main()
+def command(argv=None) -> int:
+    """`tbps train` and `python -m tbps.trainer.train`: main, then deaf to stop requests."""
+    code = main(argv)
     launch.ignore_stop_requests()            # the work is over: a late request must not kill
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(command())

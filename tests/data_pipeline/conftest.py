@@ -2,8 +2,8 @@ import shutil
 
 import pytest
 
-from data_pipeline.sharding import ShardOptions, shard_dataset
-from data_pipeline.synthetic import SynthConfig, generate
+from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
+from tbps.data_pipeline.synthetic import SynthConfig, generate
 
 SMALL = dict(num_train_ids=30, num_val_ids=6, num_test_ids=8, images_per_id=4)
 
@@ -34,6 +34,6 @@ def shard_copy(tmp_path, shard_root):
 
 @pytest.fixture(scope="session")
 def tokenizer(shard_root):
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from tbps.data_pipeline.tokenizer import CaptionTokenizer
 
     return CaptionTokenizer.from_pretrained(shard_root / "tokenizer")

@@ -5,7 +5,7 @@
 Bad input (a missing or damaged file, a wrong value, an impossible combination) gives one
 paragraph naming the thing and what to do, exit code 2 and no traceback; SIGTERM or Ctrl-C during
 `shard` stops it with exit code 3 and says how to continue; worker processes end with their parent
-however it ends. The signal tests start `python -m data_pipeline shard --workers 2` in a child
+however it ends. The signal tests start `tbps shard --workers 2` in a child
 process whose workers block after the first shards (Linux: they read /proc).
 """
 import json
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.cli import main
-from data_pipeline.manifest import read_meta
-from data_pipeline.verify import verify
+from tbps.data_pipeline.cli import main
+from tbps.data_pipeline.manifest import read_meta
+from tbps.data_pipeline.verify import verify
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,7 +136,7 @@ def test_damaged_image_names_the_file_and_the_way_out(capsys, tmp_path, dataset_
 
 
 def test_the_module_entry_point_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "tbps.data_pipeline.cli", "verify", str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "manifest.parquet does not exist" in proc.stderr
@@ -147,7 +147,7 @@ def test_the_module_entry_point_prints_no_traceback(tmp_path):
 # shards 0 and 1 of each split are written; the workers then block in the next ones
 SLOW_SHARD = textwrap.dedent("""
     import sys, time
-    import data_pipeline.sharding as sharding
+    import tbps.data_pipeline.sharding as sharding
     real = sharding.write_shard
     def write_shard(*args, **kwargs):
         if args[1] >= 2:
@@ -155,7 +155,7 @@ SLOW_SHARD = textwrap.dedent("""
         return real(*args, **kwargs)
     write_shard.__module__, write_shard.__qualname__ = real.__module__, real.__qualname__
     sharding.write_shard = write_shard
-    from data_pipeline.cli import main
+    from tbps.data_pipeline.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -221,7 +221,7 @@ def test_a_stop_signal_ends_shard_cleanly_and_it_resumes(tmp_path, synth_root, s
     assert "run the same command again to continue" in err
     assert _wait_gone(workers) == []
     assert not (out / "manifest.parquet").exists()
-    with caplog.at_level(logging.INFO, logger="data_pipeline.sharding"):
+    with caplog.at_level(logging.INFO, logger="tbps.data_pipeline.sharding"):
         assert main([*map(str, _shard(synth_root, out)), "--quiet"]) == 0
     assert "resuming: 32 of 352 samples already sharded" in caplog.text   # train shards 0, 1
     assert read_meta(out) == read_meta(shard_root)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.bench import run_bench
-from data_pipeline.loader import (
+from tbps.data_pipeline.bench import run_bench
+from tbps.data_pipeline.loader import (
     EvalLoader,
     LoaderConfig,
     LoaderStats,
@@ -20,9 +20,9 @@ from data_pipeline.loader import (
     ranges_of,
     read_pieces,
 )
-from data_pipeline.manifest import ShardInfo, read_manifest, read_meta
-from data_pipeline.sharding import ShardOptions, shard_dataset
-from data_pipeline.transforms import TrainAugment
+from tbps.data_pipeline.manifest import ShardInfo, read_manifest, read_meta
+from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
+from tbps.data_pipeline.transforms import TrainAugment
 
 CFG = dict(image_size=(96, 32), shuffle_buffer=32)
 

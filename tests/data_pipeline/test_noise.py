@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from data_pipeline.noise import apply_noise, noise_source
-from data_pipeline.schema import Record
+from tbps.data_pipeline.noise import apply_noise, noise_source
+from tbps.data_pipeline.schema import Record
 
 
 @pytest.mark.parametrize("n", [1000, 68126, 37])

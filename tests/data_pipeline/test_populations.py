@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.cli import main
-from data_pipeline.synth_captions import STYLES, style_words
-from data_pipeline.synthetic import (
+from tbps.data_pipeline.cli import main
+from tbps.data_pipeline.synth_captions import STYLES, style_words
+from tbps.data_pipeline.synthetic import (
     ANNOTATION_FILE,
     COLOURS,
     LOWER_TYPES,
@@ -142,8 +142,8 @@ def test_one_vocabulary_covers_both_populations(tmp_path):
 
 
 def test_shards_of_both_populations_share_the_tokenizer(tmp_path):
-    from data_pipeline.sharding import ShardOptions, shard_dataset
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
+    from tbps.data_pipeline.tokenizer import CaptionTokenizer
 
     vocabs = []
     for name, cfg in (("b", SynthConfig(**TINY)), ("p", pretrain_config(**TINY))):

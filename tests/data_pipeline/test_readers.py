@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from data_pipeline.readers import AnnotationError, read_annotations
+from tbps.data_pipeline.readers import AnnotationError, read_annotations
 
 
 def _write(root, name, entries, images=()):

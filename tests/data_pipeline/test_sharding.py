@@ -6,11 +6,11 @@ import tarfile
 import pytest
 from PIL import Image
 
-from data_pipeline import sharding
-from data_pipeline.cli import main
-from data_pipeline.manifest import read_manifest, read_meta
-from data_pipeline.sharding import ShardError, ShardOptions, shard_dataset
-from data_pipeline.verify import stats, verify
+from tbps.data_pipeline import sharding
+from tbps.data_pipeline.cli import main
+from tbps.data_pipeline.manifest import read_manifest, read_meta
+from tbps.data_pipeline.sharding import ShardError, ShardOptions, shard_dataset
+from tbps.data_pipeline.verify import stats, verify
 
 
 def _tree_bytes(root):
@@ -155,7 +155,7 @@ def test_a_small_non_english_dataset_shards(tmp_path):
     out = tmp_path / "out"
     assert main(["shard", "--format", "cuhk-pedes", "--root", str(root), "--out", str(out),
                  "--quiet"]) == 0
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from tbps.data_pipeline.tokenizer import CaptionTokenizer
 
     tok = CaptionTokenizer.from_pretrained(out / "tokenizer")
     assert tok.unk_id not in tok.encode_batch(captions[1] + captions[2])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_pipeline.synthetic import (
+from tbps.data_pipeline.synthetic import (
     ANNOTATION_FILE,
     META_FILE,
     PROBE_CAPTION,

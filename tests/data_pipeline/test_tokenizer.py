@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.tokenizer import (
+from tbps.data_pipeline.tokenizer import (
     PROBE,
     PROBE_FILE,
     CaptionTokenizer,

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from data_pipeline.transforms import (
+from tbps.data_pipeline.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     Geometry,

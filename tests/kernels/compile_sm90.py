@@ -39,9 +39,9 @@ from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  
 from triton.compiler.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-dispatch = importlib.import_module("kernels._dispatch")
-sl = importlib.import_module("kernels.similarity_loss")
-tk = importlib.import_module("kernels.topk_select")
+dispatch = importlib.import_module("tbps.kernels._dispatch")
+sl = importlib.import_module("tbps.kernels.similarity_loss")
+tk = importlib.import_module("tbps.kernels.topk_select")
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
 H100_SHARED = 232448  # bytes of shared memory one program may use

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-import kernels.bench as bench
-from kernels._dispatch import interpreting
+import tbps.kernels.bench as bench
+from tbps.kernels._dispatch import interpreting
 
 
 def test_cpu_benchmark_writes_results(tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_cpu_benchmark_writes_results(tmp_path, capsys):
     meta = json.loads((tmp_path / "bench.json").read_text())
     for key in ("device", "spec", "torch", "triton", "commit", "command", "rows"):
         assert meta[key], key
-    assert meta["command"] == f"python -m kernels.bench --out {tmp_path}"
+    assert meta["command"] == f"tbps bench kernels --out {tmp_path}"
     with open(tmp_path / "bench.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows)

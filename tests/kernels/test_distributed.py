@@ -10,7 +10,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from kernels import bidirectional_similarity_loss
+from tbps.kernels.similarity_loss import bidirectional_similarity_loss
 from tests.distributed import free_port, init_gloo
 from tests.kernels.utils import DEVICE
 

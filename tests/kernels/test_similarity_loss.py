@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import bidirectional_similarity_loss, similarity_loss, similarity_loss_reference
+from tbps.kernels.similarity_loss import bidirectional_similarity_loss, similarity_loss, similarity_loss_reference
 from tests.kernels.utils import DEVICE, assert_close_verbose, gpu, requires_cuda
 
 # the package exports functions with the modules' names, so fetch the modules themselves
-sl = importlib.import_module("kernels.similarity_loss")
-dispatch = importlib.import_module("kernels._dispatch")
+sl = importlib.import_module("tbps.kernels.similarity_loss")
+dispatch = importlib.import_module("tbps.kernels._dispatch")
 
 torch.manual_seed(0)
 KINDS = ("sdm", "bsdm", "tal", "itc", "waf")

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from kernels._dispatch import interpreting
-from kernels.step_timing import main
+from tbps.kernels._dispatch import interpreting
+from tbps.kernels.step_timing import main
 
 
 @pytest.mark.skipif(not interpreting(), reason="the CPU run drives the kernels in the interpreter")

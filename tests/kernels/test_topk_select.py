@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels import topk_select
+from tbps.kernels.topk_select import topk_select
 from tests.kernels.utils import DEVICE, gpu, requires_cuda
 
 torch.manual_seed(0)

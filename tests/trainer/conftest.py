@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.sharding import ShardOptions, shard_dataset
-from data_pipeline.synthetic import SynthConfig, generate
+from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
+from tbps.data_pipeline.synthetic import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = ["model.vision_width=64", "model.text_width=64", "model.embed_dim=64",
@@ -39,17 +39,17 @@ def tiny_shards_noisy(tiny_shards):
 
 def launch(accelerate_config: str | None, run_dir: Path, shards: Path, *overrides,
            processes: int = 2, wait: bool = True, timeout: int = 600, wrapper: bool = False):
-    """Run trainer.train under `accelerate launch` (or alone when accelerate_config is None);
-    wrapper: through `python -m trainer.launch` (signals forwarded, exit codes kept)."""
+    """Run tbps.trainer.train under `accelerate launch` (or alone when accelerate_config is None);
+    wrapper: through `tbps launch` (signals forwarded, exit codes kept)."""
     args = ["--config", str(REPO / "launch/configs/irra_synth.yaml"), f"data.shards={shards}",
             f"train.output_dir={run_dir}", *TINY_MODEL, *overrides]
     if accelerate_config is None:
-        cmd = [sys.executable, "-m", "trainer.train", *args]
+        cmd = [sys.executable, "-m", "tbps.trainer.train", *args]
     else:
-        launcher = "trainer.launch" if wrapper else "accelerate.commands.launch"
+        launcher = "tbps.trainer.launch" if wrapper else "accelerate.commands.launch"
         cmd = [sys.executable, "-m", launcher, "--config_file",
                str(REPO / "launch/accelerate" / accelerate_config), "--num_processes",
-               str(processes), "-m", "trainer.train", *args]
+               str(processes), "-m", "tbps.trainer.train", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.tokenizer import PROBE, CaptionTokenizer
-from trainer import dist
-from trainer.build import build_model
-from trainer.config import load_config
-from trainer.ema import ShardedEMA
-from trainer.recipe import StepInfo
+from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer
+from tbps.trainer import dist
+from tbps.trainer.build import build_model
+from tbps.trainer.config import load_config
+from tbps.trainer.ema import ShardedEMA
+from tbps.trainer.recipe import StepInfo
 
 STEPS, RESUME_AT, B = 6, 3, 4
 OVERRIDES = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",

@@ -59,8 +59,8 @@ NOT_LOSSES = {"lr", "tau", "epoch", "samples_per_s", "step", "event", "time", "e
 
 
 def make_shards(root: Path) -> Path:
-    from data_pipeline.sharding import ShardOptions, shard_dataset
-    from data_pipeline.synthetic import SynthConfig, generate
+    from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
+    from tbps.data_pipeline.synthetic import SynthConfig, generate
 
     generate(root / "data", SynthConfig(seed=5, num_train_ids=40, num_val_ids=8,
                                         num_test_ids=10), progress=False)

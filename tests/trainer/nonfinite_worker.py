@@ -10,8 +10,8 @@ import sys
 import torch
 
 from tests.trainer.conftest import REPO, TINY_MODEL
-from trainer.config import load_config
-from trainer.train import Run
+from tbps.trainer.config import load_config
+from tbps.trainer.train import Run
 
 
 def main(shards: str, out: str) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.tokenizer import CaptionTokenizer
-from trainer import dist, losses
-from trainer.build import build_model
-from trainer.config import load_config
-from trainer.recipe import StepInfo, momentum_modules
+from tbps.data_pipeline.tokenizer import CaptionTokenizer
+from tbps.trainer import dist, losses
+from tbps.trainer.build import build_model
+from tbps.trainer.config import load_config
+from tbps.trainer.recipe import StepInfo, momentum_modules
 
 B = 4            # per rank
 SMALL = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",
@@ -96,7 +96,7 @@ def full_grad(param) -> torch.Tensor | None:
 
 
 def main(out_dir: str, tok_dir: str, *overrides: str) -> None:
-    from trainer.ema import ShardedEMA
+    from tbps.trainer.ema import ShardedEMA
 
     out = Path(out_dir)
     cfg, tok = setup(tok_dir, overrides, out_dir)

@@ -56,7 +56,7 @@ def weights(tmp_path):
      "--launch nope.yaml: no such accelerate config file"),
 ])
 def test_train_refuses_bad_input(capsys, args, want):
-    from trainer.train import main
+    from tbps.trainer.train import main
 
     _check(capsys, main(args), want)
     # called in-process, it leaves no signal ignored (children would inherit that)
@@ -64,14 +64,14 @@ def test_train_refuses_bad_input(capsys, args, want):
 
 
 def test_train_refuses_a_damaged_config_file(capsys, tmp_path):
-    from trainer.train import main
+    from tbps.trainer.train import main
 
     (tmp_path / "c.yaml").write_text("model: [1, 2\n")
     _check(capsys, main(["--config", str(tmp_path / "c.yaml")]), "is not valid YAML")
 
 
 def test_train_never_writes_into_its_shards(capsys, tiny_shards):
-    from trainer.train import main
+    from tbps.trainer.train import main
 
     code = main(["--config", CONFIG, f"data.shards={tiny_shards}", *TINY_MODEL,
                  f"train.output_dir={tiny_shards / 'run'}"])
@@ -80,7 +80,7 @@ def test_train_never_writes_into_its_shards(capsys, tiny_shards):
 
 
 def test_train_resume_without_a_checkpoint(capsys, tiny_shards, tmp_path):
-    from trainer.train import main
+    from tbps.trainer.train import main
 
     code = main(["--config", CONFIG, f"data.shards={tiny_shards}", *TINY_MODEL,
                  f"train.output_dir={tmp_path / 'run'}", "train.resume=latest"])
@@ -96,8 +96,8 @@ def test_train_resume_without_a_checkpoint(capsys, tiny_shards, tmp_path):
     (lambda w: shutil.rmtree(w), "is not a weights folder: model.safetensors is missing"),
 ], ids=["weights", "clip-config", "model-json", "config", "tokenizer", "missing"])
 def test_evaluate_and_export_refuse_damaged_weights(capsys, weights, tmp_path, damage, want):
-    from trainer.evaluate import main as evaluate
-    from trainer.export import main as export
+    from tbps.trainer.evaluate import main as evaluate
+    from tbps.trainer.export import main as export
 
     damage(weights)
     _check(capsys, evaluate([str(weights)]), want)
@@ -105,7 +105,7 @@ def test_evaluate_and_export_refuse_damaged_weights(capsys, weights, tmp_path, d
 
 
 def test_export_never_writes_over_its_input_or_foreign_files(capsys, weights, tmp_path):
-    from trainer.export import main as export
+    from tbps.trainer.export import main as export
 
     before = (weights / "model.safetensors").read_bytes()
     _check(capsys, export([str(weights), str(weights)]), "overlaps the weights folder")
@@ -117,8 +117,8 @@ def test_export_never_writes_over_its_input_or_foreign_files(capsys, weights, tm
 
 
 def test_bench_and_search_refuse_bad_input(capsys, weights, tmp_path):
-    from trainer.bench import main as bench
-    from trainer.search import main as search
+    from tbps.trainer.bench import main as bench
+    from tbps.trainer.search import main as search
 
     _check(capsys, bench(["--config", "nope.yaml"]), "config file nope.yaml does not exist")
     _check(capsys, bench(["--config", CONFIG, "--steps", "0"]), "--steps must be >= 1")
@@ -137,7 +137,7 @@ def test_quickstart_refuses_bad_input(tmp_path, tiny_shards):
     shutil.copytree(tiny_shards, data / "synth-t40-shards")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "trainer.quickstart", "--data", str(data),
+    proc = subprocess.run([sys.executable, "-m", "tbps.trainer.quickstart", "--data", str(data),
                            "--out", str(tmp_path / "run"), "--train-ids", "40",
                            "train.epochs=zero"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -149,7 +149,7 @@ def test_quickstart_refuses_bad_input(tmp_path, tiny_shards):
 
 @pytest.mark.slow
 def test_bad_input_under_the_launcher_is_said_once(tmp_path, tiny_shards):
-    """Under `python -m trainer.launch` with 2 ranks: the message once (rank 0), exit code 2,
+    """Under `tbps launch` with 2 ranks: the message once (rank 0), exit code 2,
     no launcher failure report."""
     from tests.trainer.conftest import launch
 

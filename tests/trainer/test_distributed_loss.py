@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_pipeline.tokenizer import PROBE, train_word_level
+from tbps.data_pipeline.tokenizer import PROBE, train_word_level
 from tests.distributed import free_port, init_gloo
-from trainer.build import build_model
-from trainer.config import load_config
-from trainer.recipe import StepInfo
+from tbps.trainer.build import build_model
+from tbps.trainer.config import load_config
+from tbps.trainer.recipe import StepInfo
 
 B, WORLD = 6, 2
 OVERRIDES = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",
@@ -24,7 +24,7 @@ OVERRIDES = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_w
 
 
 def _setup(tok_dir):
-    from data_pipeline.tokenizer import CaptionTokenizer
+    from tbps.data_pipeline.tokenizer import CaptionTokenizer
 
     tok = CaptionTokenizer.from_pretrained(tok_dir)
     cfg = load_config(None, OVERRIDES)

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from data_pipeline.tokenizer import train_word_level
+from tbps.data_pipeline.tokenizer import train_word_level
 from tests.trainer.conftest import REPO
 from tests.trainer.ema_worker import CAPTIONS
-from trainer.ema import momentum_at
+from tbps.trainer.ema import momentum_at
 
 WORKER = str(REPO / "tests" / "trainer" / "ema_worker.py")
 

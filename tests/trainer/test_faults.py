@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.trainer.conftest import EMA, EPOCHS, REPO, TINY_MODEL, launch, step_losses
-from trainer import checkpoint
+from tbps.trainer import checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def _no_orphans(run, within=10.0):
 
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory, tiny_shards):
-    """A 2-rank run through trainer.launch, logging only every 1000 steps, sent SIGUSR1 just
+    """A 2-rank run through tbps.trainer.launch, logging only every 1000 steps, sent SIGUSR1 just
     after the first epoch's evaluation (step 10); a copy of its folder right after the stop."""
     run = tmp_path_factory.mktemp("stopped") / "run"
     proc = launch("cpu_ddp.yaml", run, tiny_shards, *EPOCHS, *EMA,
@@ -119,8 +119,8 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(stopped, tiny_shards):
     first = steps[0]
     assert first["step"] == 2 * state["step"] + 1
     layout = state["layout"]
-    from trainer.config import load_config
-    from trainer.train import _lr_at
+    from tbps.trainer.config import load_config
+    from tbps.trainer.train import _lr_at
 
     cfg = load_config(REPO / "launch/configs/irra_synth.yaml", TINY_MODEL)
     before = cfg.optim.lr * _lr_at(cfg, layout, state["step"])
@@ -202,9 +202,9 @@ def test_a_non_finite_loss_skips_the_step_and_k_in_a_row_stop(tmp_path, tiny_sha
     """One process, precision auto on a (mocked) CPU without bf16: fp32. Steps 3, 5, 6 and 7
     get a NaN loss: step 3 is skipped (weights and Adam's state untouched) and the run goes on;
     5-7 are three in a row, which stops it."""
-    from trainer import precision
-    from trainer.config import load_config
-    from trainer.train import Run
+    from tbps.trainer import precision
+    from tbps.trainer.config import load_config
+    from tbps.trainer.train import Run
 
     monkeypatch.setattr(precision, "cpu_bf16", lambda: (False, "a CPU without bf16 (mocked)"))
     cfg = load_config(REPO / "launch/configs/irra_synth.yaml", [
@@ -269,7 +269,7 @@ def test_a_zero2_checkpoint_resumes_on_one_rank_through_a_universal_checkpoint(t
 def test_a_loss_not_finite_on_one_rank_skips_the_step_on_every_rank(tmp_path, tiny_shards):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "trainer.launch", "--config_file",
+    proc = subprocess.run([sys.executable, "-m", "tbps.trainer.launch", "--config_file",
                            str(REPO / "launch/accelerate/cpu_ddp.yaml"), "--num_processes", "2",
                            str(REPO / "tests/trainer/nonfinite_worker.py"), str(tiny_shards),
                            str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trainer.metrics import retrieval_metrics
+from tbps.trainer.metrics import retrieval_metrics
 
 
 def test_single_correct_image_per_query():

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from data_pipeline.tokenizer import train_word_level
+from tbps.data_pipeline.tokenizer import train_word_level
 from tests.trainer import parts_worker
 from tests.trainer.conftest import REPO
 

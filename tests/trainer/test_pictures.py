@@ -8,10 +8,10 @@ import torch
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, tiny_shards):
-    from data_pipeline.manifest import read_meta
+    from tbps.data_pipeline.manifest import read_meta
     from tests.trainer.conftest import REPO, TINY_MODEL
-    from trainer.build import build_model, load_tokenizer, save_weights
-    from trainer.config import load_config
+    from tbps.trainer.build import build_model, load_tokenizer, save_weights
+    from tbps.trainer.config import load_config
 
     cfg = load_config(REPO / "launch/configs/irra_synth.yaml",
                       [f"data.shards={tiny_shards}", "method=aga",
@@ -25,7 +25,7 @@ def weights(tmp_path_factory, tiny_shards):
 
 
 def test_pictures_of_a_weights_folder(tmp_path, weights):
-    from trainer.pictures import main
+    from tbps.trainer.pictures import main
 
     assert main([str(weights), "--out", str(tmp_path), "--n", "3"]) == 0
     assert (tmp_path / "awm.png").stat().st_size > 10_000
@@ -41,7 +41,7 @@ def test_pictures_of_a_weights_folder(tmp_path, weights):
 
 
 def test_pictures_refuse_a_missing_folder(tmp_path, capsys):
-    from trainer.pictures import main
+    from tbps.trainer.pictures import main
 
     assert main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "not a weights folder" in capsys.readouterr().err

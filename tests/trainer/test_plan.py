@@ -1,4 +1,4 @@
-"""The dry run (`python -m trainer.train --dry-run`): its plan, its checks, and its memory
+"""The dry run (`tbps train --dry-run`): its plan, its checks, and its memory
 estimate against what a small model really holds."""
 import json
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.trainer.conftest import REPO, TINY_MODEL
-from trainer import plan
-from trainer.config import load_config
-from trainer.train import main
+from tbps.trainer import plan
+from tbps.trainer.config import load_config
+from tbps.trainer.train import main
 
 CONFIG = str(REPO / "launch/configs/irra_synth.yaml")
 
@@ -83,7 +83,7 @@ def test_memory_estimate_against_a_measured_model(tiny_shards):
     ema, ema_params = plan._ema(cfg, model, {"precision": "fp32"})
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = plan.synthetic_batch(cfg, tok, cfg.data.batch_size)
-    from trainer.recipe import StepInfo
+    from tbps.trainer.recipe import StepInfo
 
     out = model(batch, mode="train", step=StepInfo(epoch=0, step=0, tau=0.05, momentum=ema,
                                                     generator=torch.Generator().manual_seed(0)))

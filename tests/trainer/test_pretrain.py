@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from data_pipeline.sharding import ShardOptions, shard_dataset
-from data_pipeline.synthetic import SynthConfig, generate
-from data_pipeline.tokenizer import CaptionTokenizer
-from trainer import pretrain
-from trainer.config import ModelConfig
-from trainer.model import DualEncoder
+from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
+from tbps.data_pipeline.synthetic import SynthConfig, generate
+from tbps.data_pipeline.tokenizer import CaptionTokenizer
+from tbps.trainer import pretrain
+from tbps.trainer.config import ModelConfig
+from tbps.trainer.model import DualEncoder
 
 from .conftest import TINY_MODEL
 
@@ -59,7 +59,7 @@ def test_backbone_is_made_once_reused_refused_with_other_settings(bench, tmp_pat
     other = pretrain.PretrainSettings(**{**settings.__dict__, "train_ids": 20})
     with pytest.raises(ValueError, match="train_ids: 16 -> 20"):
         pretrain.ensure_backbone(tmp_path / "bb", other)
-    with pytest.raises(Ran, match="data_pipeline synth"):
+    with pytest.raises(Ran, match="data_pipeline.cli synth"):
         pretrain.ensure_backbone(tmp_path / "bb", other, overwrite=True)
     assert not (tmp_path / "bb" / "backbone").exists()
     record = json.loads((tmp_path / "bb" / "pretrain.json").read_text())

@@ -9,12 +9,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
+from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
 from tests.distributed import free_port, init_gloo
-from trainer import ccd
-from trainer.build import build_model
-from trainer.config import load_config
-from trainer.recipe import StepInfo
+from tbps.trainer import ccd
+from tbps.trainer.build import build_model
+from tbps.trainer.config import load_config
+from tbps.trainer.recipe import StepInfo
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag",
             "a woman in red"]

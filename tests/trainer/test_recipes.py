@@ -14,9 +14,9 @@ pytestmark = pytest.mark.slow
 def readme_recipes() -> list[list[str]]:
     text = (REPO / "README.md").read_text()
     block = re.search(r"<!-- recipes: begin -->(.*?)<!-- recipes: end -->", text, re.S).group(1)
-    lines = [ln for ln in block.splitlines() if ln.startswith("python -m trainer.train")]
+    lines = [ln for ln in block.splitlines() if ln.startswith("tbps train")]
     assert len(lines) >= 6
-    return [shlex.split(ln)[3:] for ln in lines]
+    return [shlex.split(ln)[2:] for ln in lines]
 
 
 def test_readme_recipes_are_the_ones_tested():
@@ -25,8 +25,8 @@ def test_readme_recipes_are_the_ones_tested():
 
 @pytest.mark.parametrize("args", readme_recipes(), ids=lambda a: " ".join(a[1:])[:60] or a[0])
 def test_readme_recipe_trains_two_steps(tmp_path, tiny_shards, args):
-    from trainer.config import load_config, parse_overrides
-    from trainer.train import Run
+    from tbps.trainer.config import load_config, parse_overrides
+    from tbps.trainer.train import Run
 
     config, overrides = args[1], parse_overrides(args[2:])
     cfg = load_config(REPO / config, overrides + [

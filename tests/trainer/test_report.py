@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.trainer.test_search import make_weights
-from trainer import evaluate, report
-from trainer.export import export_hf
-from trainer.metrics import retrieval_metrics
+from tbps.trainer import evaluate, report
+from tbps.trainer.export import export_hf
+from tbps.trainer.metrics import retrieval_metrics
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_model_card_names_the_metrics(report_dir, weights, tmp_path):
         assert row in card
     assert "| similarity | R1 | R5 | R10 | mAP | mINP |" in card
     assert "tse_image" in card and "CLIPModel.from_pretrained" in card
-    assert "trainer.search index" in card
+    assert "tbps search index" in card
     # a run's metrics.json (best/final) serves when the folder has none of its own
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)

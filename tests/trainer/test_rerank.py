@@ -10,7 +10,7 @@ import torch
 
 from tests.trainer import rerank_worker
 from tests.trainer.conftest import REPO
-from trainer.evaluate import evaluate, itm_rerank
+from tbps.trainer.evaluate import evaluate, itm_rerank
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.transforms import normalize_images
-from trainer.build import MODEL_INFO, load_weights_folder, save_weights
+from tbps.data_pipeline.transforms import normalize_images
+from tbps.trainer.build import MODEL_INFO, load_weights_folder, save_weights
 
 LEGACY = Path(__file__).parent / "data" / "legacy_weights"
 

@@ -1,18 +1,18 @@
 """The noisy-correspondence study: methods x noise rates x training seeds, from one backbone.
 
-    python launch/noise_study.py                                   # the default study (2 CPU cores)
-    python launch/noise_study.py --results launch/results/noise_study        # + the committed report
-    python launch/noise_study.py --only irra rde --seeds 0 --rates 0 0.5     # a part of it
-    python launch/noise_study.py --noise-seeds 1 --rates 0.5                  # a second noise draw
-    python launch/noise_study.py --method rde-cls=launch/configs/rde_synth.yaml \\
+    tbps study run                                   # the default study (2 CPU cores)
+    tbps study run --results launch/results/noise_study        # + the committed report
+    tbps study run --only irra rde --seeds 0 --rates 0 0.5     # a part of it
+    tbps study run --noise-seeds 1 --rates 0.5                  # a second noise draw
+    tbps study run --method rde-cls=launch/configs/rde_synth.yaml \\
         recipe.image_tokens.kind=attention recipe.image_tokens.score=cls --ablation rde-cls=rde
-    python launch/noise_study.py --protocol scratch                # every method from random weights
-    python launch/noise_study.py --study launch/configs/noise_study_gpu.yaml  # the larger setting
-    python launch/noise_study.py --dry-run                         # the plan and its predicted time
-    python launch/noise_study.py optim.lr=1e-4 --only irra         # overrides for every run: first
+    tbps study run --protocol scratch                # every method from random weights
+    tbps study run --study launch/configs/noise_study_gpu.yaml  # the larger setting
+    tbps study run --dry-run                         # the plan and its predicted time
+    tbps study run optim.lr=1e-4 --only irra         # overrides for every run: first
 
 The study file (launch/configs/noise_study.yaml) names the benchmark population, the noise rates
-and seeds, the training seeds, the protocol (the backbone `python -m trainer.pretrain` makes, and
+and seeds, the training seeds, the protocol (the backbone `tbps pretrain` makes, and
 the fine-tuning schedule every method shares) and the methods: a method is a training config plus
 overrides, a preset or a combination of parts (README: Recipes from parts). Overrides for every
 run (section.field=value) come before the options, which take the words after them. `--method
@@ -27,7 +27,7 @@ runs of the method, else the study file's stored estimate); then each run in tur
 under `accelerate launch`. A run whose folder holds metrics.json from the same command is skipped,
 an interrupted one resumes, and one made with another command stops the study with the
 difference (remove that folder, or choose another --out). After every run its row goes into
-<out>/results.json and the report (launch/noise_report.py: tables, targets, plots) is rewritten
+<out>/results.json and the report (launch/study_report.py: tables, targets, plots) is rewritten
 into --results (default <out>/<protocol>/report). `--backbone FOLDER` fine-tunes a given
 model.pretrained folder instead; `--benchmark train_ids=300` changes the benchmark's size.
 """
@@ -47,11 +47,9 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "launch"))
+from tbps.trainer import study_report
 
-import noise_report  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_STUDY = "launch/configs/noise_study.yaml"
 
@@ -205,8 +203,8 @@ def shards_dir(data: Path, rate: float, noise_seed: int) -> Path:
 
 def prepare_data(study: Study, data: Path) -> None:
     """The benchmark (stopping if the folder holds another one) and its shards."""
-    from data_pipeline.manifest import read_meta
-    from data_pipeline.synthetic import META_FILE
+    from tbps.data_pipeline.manifest import read_meta
+    from tbps.data_pipeline.synthetic import META_FILE
 
     b, synth = study.benchmark, data / "synth"
     flags = {"seed": b["seed"], "train-ids": b["train_ids"], "val-ids": b["val_ids"],
@@ -219,7 +217,7 @@ def prepare_data(study: Study, data: Path) -> None:
         if diff:
             raise ValueError(f"{synth} holds another benchmark ({diff}): use another --data")
     else:
-        _run([sys.executable, "-m", "data_pipeline", "synth", "--out", synth,
+        _run([sys.executable, "-m", "tbps.data_pipeline.cli", "synth", "--out", synth,
               *[x for k, v in flags.items() for x in (f"--{k}", v)], "--workers", 2, "--quiet",
               "--overwrite"])
     for rate in study.rates:
@@ -231,7 +229,7 @@ def prepare_data(study: Study, data: Path) -> None:
                         (rate and opts.get("noise_seed") != ns):
                     raise ValueError(f"{out} holds other noise ({opts}): remove it")
                 continue
-            _run([sys.executable, "-m", "data_pipeline", "shard", "--format", "cuhk-pedes",
+            _run([sys.executable, "-m", "tbps.data_pipeline.cli", "shard", "--format", "cuhk-pedes",
                   "--root", synth, "--out", out, "--noise-rate", rate, "--noise-seed", ns,
                   "--tokenizer", "synthetic-vocab", "--workers", 2, "--quiet"])
 
@@ -240,7 +238,7 @@ def prepare_backbone(study: Study, out: Path, data: Path) -> tuple[Path | None, 
     """The backbone folder and its untuned test metrics on the clean shards (None: scratch)."""
     if not study.backbone:
         return None, None
-    from trainer.pretrain import PretrainSettings, ensure_backbone, zero_shot
+    from tbps.trainer.pretrain import PretrainSettings, ensure_backbone, zero_shot
 
     if "folder" in study.backbone:
         backbone = Path(study.backbone["folder"])
@@ -262,7 +260,7 @@ def command(study: Study, job: Job, data: Path, run_dir: Path, backbone: Path | 
     overrides = [o.replace("{backbone}", str(backbone)) for o in study.overrides]
     return ["-m", "accelerate.commands.launch", "--config_file",
             launcher.get("accelerate_config", "launch/accelerate/cpu_ddp.yaml"),
-            "--num_processes", str(launcher.get("processes", 2)), "-m", "trainer.train",
+            "--num_processes", str(launcher.get("processes", 2)), "-m", "tbps.trainer.train",
             "--config", job.method.config, *overrides, *job.method.overrides,
             f"data.shards={shards_dir(data, job.rate, job.noise_seed)}",
             f"train.output_dir={run_dir}", f"train.seed={job.seed}"]
@@ -325,7 +323,7 @@ def finished_runs(out: Path) -> tuple[list[dict], dict[str, dict]]:
             continue
         info = json.loads(record.read_text())
         tag = f"{run_dir.parent.name}/{run_dir.name}"
-        rows.append({"tag": tag, **info["job"], **noise_report.summarize(run_dir)})
+        rows.append({"tag": tag, **info["job"], **study_report.summarize(run_dir)})
         methods.setdefault(info["job"]["method"], info["method"])
     return rows, methods
 
@@ -376,7 +374,7 @@ def environment(argv: list[str]) -> dict:
     return {"device": device, "cpu": cpu, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "commit": commit + (" (with uncommitted changes)" if dirty else ""),
-            "command": "python launch/noise_study.py " + " ".join(argv)}
+            "command": "tbps study run " + " ".join(argv)}
 
 
 def _minutes(s: float) -> str:
@@ -384,7 +382,7 @@ def _minutes(s: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps study run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default=DEFAULT_STUDY, help="the study file")
     p.add_argument("--protocol", help="pretrained or scratch (default: the study file's)")
@@ -462,7 +460,7 @@ def save(out: Path, results_dir: Path, study: Study, jobs: list[Job], zs: dict |
     """<out>/results.json (every finished run in the folder) and the report beside a copy."""
     rows, recorded = finished_runs(out)
     previous = out / "results.json"            # every invocation that added runs to this folder
-    pieces = (noise_report.invocations(json.loads(previous.read_text()).get("environment", {}))
+    pieces = (study_report.invocations(json.loads(previous.read_text()).get("environment", {}))
               if previous.is_file() else [])
     here = {"commit": env.get("commit"), "command": env.get("command")}
     env = {**env, "pieces": [p for p in pieces if p != here and p.get("command")] + [here]}
@@ -482,7 +480,7 @@ def save(out: Path, results_dir: Path, study: Study, jobs: list[Job], zs: dict |
     (out / "results.json").write_text(text)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "results.json").write_text(text)
-    noise_report.write_report(results, results_dir)
+    study_report.write_report(results, results_dir)
     return results
 
 

@@ -1,14 +1,14 @@
 """The noise study's report: per-run summaries, seed statistics, paired differences, targets, plots.
 
-launch/noise_study.py calls `summarize` on every finished run and `write_report` after each one;
+trainer/study.py calls `summarize` on every finished run and `write_report` after each one;
 the functions also work on a results.json alone:
 
-    python launch/noise_report.py launch/results/noise_study/results.json    # tables and plots again
+    tbps study report launch/results/noise_study/results.json    # tables and plots again
 
 A study run in pieces (other --out folders, --only, --rates) is reported as one by merging the
 pieces' results.json files (same protocol, benchmark, backbone and overrides, or it stops):
 
-    python launch/noise_report.py A/results.json B/results.json --only irra tal rde --out DIR
+    tbps study report A/results.json B/results.json --only irra tal rde --out DIR
 
 Statistics (over training seeds, at one noise seed): mean and sample standard deviation; the
 drop from 0 % is the difference of the means; a paired difference compares two methods seed by
@@ -450,7 +450,7 @@ def merge(pieces: list[dict], only: list[str] | None = None) -> dict:
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="tbps study report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="results.json of a study (several: merged)")
     p.add_argument("--only", nargs="+", metavar="METHOD", help="report these methods only")

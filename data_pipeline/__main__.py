@@ -1,5 +1,0 @@
-import sys
-
-from data_pipeline.cli import main
-
-sys.exit(main())
