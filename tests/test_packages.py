@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = ("trainer", "kernels", "data_pipeline")
 

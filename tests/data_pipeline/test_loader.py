@@ -24,6 +24,8 @@ from tbps.data_pipeline.manifest import ShardInfo, read_manifest, read_meta
 from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
 from tbps.data_pipeline.transforms import TrainAugment
 
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+
 CFG = dict(image_size=(96, 32), shuffle_buffer=32)
 
 

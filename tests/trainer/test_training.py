@@ -15,6 +15,7 @@ def _falls(losses: dict[int, float]) -> None:
     assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
 
 
+@pytest.mark.smoke
 def test_ddp_trains_evaluates_and_exports(ddp_run):
     losses = step_losses(ddp_run)
     assert sorted(losses) == list(range(1, 21))
@@ -28,6 +29,7 @@ def test_ddp_trains_evaluates_and_exports(ddp_run):
         assert (ddp_run / name).is_file(), name
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("zero", ["cpu_zero2.yaml", "cpu_zero3.yaml"])
 def test_deepspeed_zero_matches_ddp(tmp_path, tiny_shards, ddp_run, zero):
     run = tmp_path / "run"
