@@ -1,7 +1,7 @@
 """Which installed packages differ from the pinned constraints, and which of them a failure's
-traceback passes through (CI's newest-packages job, .ci/newest).
+traceback passes through (CI's newest-packages job, .ci/smoke).
 
-    python .ci/moved.py launch/constraints-cpu.txt LOG     # after a failure: the suspects first
+    python .ci/moved.py launch/constraints-cpu.txt LOG [JOB]   # after a failure: the suspects first
     python .ci/moved.py --brief launch/constraints-cpu.txt # one line: what moved
 
 Run it with the Python of the environment under test: it reads that environment's packages.
@@ -72,15 +72,16 @@ def main(argv: list[str]) -> int:
         print(f"{len(rows)} package(s) not at their pin: {_fmt(rows)}")
         return 0
     log = Path(args[1]).read_text(errors="replace") if len(args) > 1 else ""
+    job = args[2] if len(args) > 2 else "newest"
     suspects = in_traceback(log, rows)
-    print("newest: packages not at their pin in launch/constraints-cpu.txt (pinned -> newest):")
-    print(f"newest:   {_fmt(rows)}")
+    print(f"{job}: packages not at their pin in {args[0]} (pinned -> installed):")
+    print(f"{job}:   {_fmt(rows)}")
     if suspects:
-        print(f"newest: the failure's traceback runs through: {_fmt(suspects)}")
+        print(f"{job}: the failure's traceback runs through: {_fmt(suspects)}")
     elif rows:
-        print("newest: no moved package appears in the failure's traceback; any of the above")
+        print(f"{job}: no moved package appears in the failure's traceback; any of the above")
     else:
-        print("newest: nothing moved: the failure is not an upstream release")
+        print(f"{job}: nothing moved: the failure is not an upstream release")
     return 0
 
 

@@ -32,6 +32,15 @@ mkdir -p "$OUT"
 start=$(date +%s)
 export PYTHONUNBUFFERED=1
 
+# The tbps namespace without an install (the GPU machine is offline and gets a copy of the tree):
+# links tbps/<folder> -> <folder>, first on the import path.
+if ! python -c "import tbps.kernels.bench" 2> /dev/null; then
+  shim=$(mktemp -d -t tbps-path.XXXXXX)
+  mkdir "$shim/tbps"
+  for folder in trainer kernels data_pipeline; do ln -s "$PWD/$folder" "$shim/tbps/$folder"; done
+  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 step() {  # step NAME CAP_SECONDS COMMAND...
   local name=$1 cap=$2
   shift 2
@@ -89,8 +98,8 @@ step compile 90 env -u TRITON_INTERPRET python -m tests.kernels.compile_sm90 --a
   --jobs "$jobs" --json "$OUT/compile.json"
 step pytest 150 python -m pytest -m gpu tests/kernels -q -rs --durations=15 -p no:cacheprovider \
   --junitxml="$OUT/pytest-gpu.xml"
-step bench-quick 90 tbps bench kernels "${bench_quick[@]}" --out "$OUT/bench-quick"
-step step 120 tbps bench step-kernels "${step_args[@]}" --out "$OUT/step"
+step bench-quick 90 python -m tbps.kernels.bench "${bench_quick[@]}" --out "$OUT/bench-quick"
+step step 120 python -m tbps.kernels.step_timing "${step_args[@]}" --out "$OUT/step"
 step awm 150 python launch/step_bench.py "${awm_args[@]}" --out "$OUT/awm" --data "$OUT/awm-data"
-step bench 240 tbps bench kernels "${bench_full[@]}" --out "$OUT/bench"
+step bench 240 python -m tbps.kernels.bench "${bench_full[@]}" --out "$OUT/bench"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"

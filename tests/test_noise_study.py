@@ -1,5 +1,6 @@
-"""The study (tbps.trainer.study) and its report (tbps.trainer.study_report): methods from the command line, the plan, the
-skipping of finished runs, the statistics and the report (no training: runs are faked)."""
+"""The study (tbps.trainer.study) and its report (tbps.trainer.study_report): methods from the
+command line, the plan, the skipping of finished runs, the statistics and the report (no
+training: runs are faked)."""
 import json
 import math
 from pathlib import Path

@@ -19,6 +19,8 @@ import math
 import torch
 
 from tbps.kernels.topk_select import topk_select
+
+
 def word_positions(ids_BL: torch.Tensor, eos_B: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(ids_BL.shape[1], device=ids_BL.device)[None]
     return (pos >= 1) & (pos < eos_B[:, None])

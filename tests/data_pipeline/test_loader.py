@@ -24,7 +24,7 @@ from tbps.data_pipeline.manifest import ShardInfo, read_manifest, read_meta
 from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
 from tbps.data_pipeline.transforms import TrainAugment
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 CFG = dict(image_size=(96, 32), shuffle_buffer=32)
 

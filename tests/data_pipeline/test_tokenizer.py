@@ -9,7 +9,7 @@ from tbps.data_pipeline.tokenizer import (
     train_word_level,
 )
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag"]
 

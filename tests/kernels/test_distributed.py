@@ -14,7 +14,7 @@ from tbps.kernels.similarity_loss import bidirectional_similarity_loss
 from tests.distributed import free_port, init_gloo
 from tests.kernels.utils import DEVICE
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 WORLD, N_LOCAL, D = 2, 24, 16
 KINDS = ("sdm", "bsdm", "tal", "itc", "waf")

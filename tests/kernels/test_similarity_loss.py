@@ -8,10 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tbps.kernels.similarity_loss import bidirectional_similarity_loss, similarity_loss, similarity_loss_reference
+from tbps.kernels.similarity_loss import (
+    bidirectional_similarity_loss,
+    similarity_loss,
+    similarity_loss_reference,
+)
 from tests.kernels.utils import DEVICE, assert_close_verbose, gpu, requires_cuda
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 # the package exports functions with the modules' names, so fetch the modules themselves
 sl = importlib.import_module("tbps.kernels.similarity_loss")

@@ -9,7 +9,7 @@ import torch
 from tbps.kernels.topk_select import topk_select
 from tests.kernels.utils import DEVICE, gpu, requires_cuda
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 torch.manual_seed(0)
 

@@ -30,8 +30,9 @@ a division move by up to 34 %: a change of instruction set moves RDE's later los
 a real change of the recipe does (a division threshold of 0.6 instead of 0.5 leaves steps 1-20
 bit for bit and moves step 21 by 13 %). What the comparison still catches on any CPU: a change
 of a loss, of TSE or of the model in the first 20 steps (tau + 1 %: 4e-3 at step 1; TSE ratio
-0.31: 1e-3), against tolerances of 1.2e-6 in the first epoch and 3.6e-4 by step 20; everything, on a CPU that reproduces the
-record (the developers' machines). The division itself is checked on fixed inputs in test_rde.
+0.31: 1e-3), against tolerances of 1.2e-6 in the first epoch and 3.6e-4 by step 20; and
+everything on a CPU that reproduces the record (the developers' machines). The division itself
+is checked on fixed inputs in test_rde.
 
 The record ("before") was written by the code before recipes were composed from parts (commit
 309d8e7, run from a worktree of it with this file). The parts refactor reproduced both presets

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from tests.trainer.conftest import REPO, TINY_MODEL
 from tbps.trainer.config import load_config
 from tbps.trainer.train import Run
+from tests.trainer.conftest import REPO, TINY_MODEL
 
 
 def main(shards: str, out: str) -> None:

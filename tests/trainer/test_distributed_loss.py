@@ -11,10 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tbps.data_pipeline.tokenizer import PROBE, train_word_level
-from tests.distributed import free_port, init_gloo
 from tbps.trainer.build import build_model
 from tbps.trainer.config import load_config
 from tbps.trainer.recipe import StepInfo
+from tests.distributed import free_port, init_gloo
 
 B, WORLD = 6, 2
 OVERRIDES = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tbps.data_pipeline.tokenizer import train_word_level
+from tbps.trainer.ema import momentum_at
 from tests.trainer.conftest import REPO
 from tests.trainer.ema_worker import CAPTIONS
-from tbps.trainer.ema import momentum_at
 
 WORKER = str(REPO / "tests" / "trainer" / "ema_worker.py")
 

@@ -14,8 +14,8 @@ import psutil
 import pytest
 import torch
 
-from tests.trainer.conftest import EMA, EPOCHS, REPO, TINY_MODEL, launch, step_losses
 from tbps.trainer import checkpoint
+from tests.trainer.conftest import EMA, EPOCHS, REPO, TINY_MODEL, launch, step_losses
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

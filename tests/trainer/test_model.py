@@ -10,7 +10,7 @@ from tbps.trainer.config import ModelConfig, load_config
 from tbps.trainer.export import export_hf
 from tbps.trainer.model import DualEncoder
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag"]
 

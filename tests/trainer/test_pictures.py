@@ -9,9 +9,9 @@ import torch
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, tiny_shards):
     from tbps.data_pipeline.manifest import read_meta
-    from tests.trainer.conftest import REPO, TINY_MODEL
     from tbps.trainer.build import build_model, load_tokenizer, save_weights
     from tbps.trainer.config import load_config
+    from tests.trainer.conftest import REPO, TINY_MODEL
 
     cfg = load_config(REPO / "launch/configs/irra_synth.yaml",
                       [f"data.shards={tiny_shards}", "method=aga",

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from tests.trainer.conftest import REPO, TINY_MODEL
 from tbps.trainer import plan
 from tbps.trainer.config import load_config
 from tbps.trainer.train import main
+from tests.trainer.conftest import REPO, TINY_MODEL
 
 CONFIG = str(REPO / "launch/configs/irra_synth.yaml")
 

@@ -10,11 +10,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
-from tests.distributed import free_port, init_gloo
 from tbps.trainer import ccd
 from tbps.trainer.build import build_model
 from tbps.trainer.config import load_config
 from tbps.trainer.recipe import StepInfo
+from tests.distributed import free_port, init_gloo
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag",
             "a woman in red"]

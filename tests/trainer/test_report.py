@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from tests.trainer.test_search import make_weights
 from tbps.trainer import evaluate, report
 from tbps.trainer.export import export_hf
 from tbps.trainer.metrics import retrieval_metrics
+from tests.trainer.test_search import make_weights
 
 
 @pytest.fixture(scope="module")

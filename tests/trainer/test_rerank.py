@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from tbps.trainer.evaluate import evaluate, itm_rerank
 from tests.trainer import rerank_worker
 from tests.trainer.conftest import REPO
-from tbps.trainer.evaluate import evaluate, itm_rerank
 
 
 @pytest.fixture(scope="module")

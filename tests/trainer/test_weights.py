@@ -8,7 +8,7 @@ import torch
 from tbps.data_pipeline.transforms import normalize_images
 from tbps.trainer.build import MODEL_INFO, load_weights_folder, save_weights
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/newest)
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 LEGACY = Path(__file__).parent / "data" / "legacy_weights"
 
