@@ -20,7 +20,9 @@ import datetime
 import io
 import logging
 import os
+import sys
 import warnings
+from importlib import metadata
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,19 @@ def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def deepspeed_build_dir() -> str:
+    """Where DeepSpeed compiles its ops on first use (the shared-memory collectives and CPU Adam
+    on CPU): torch's extensions folder keys builds by Python and CUDA but not by DeepSpeed or
+    torch, so after an upgrade the old build loads and fails (`module 'deepspeed_shm_comm' has
+    no attribute 'vector_kernel_level'`, seen going from DeepSpeed 0.19.0 to 0.19.8). One folder
+    per Python, torch, CUDA and DeepSpeed version instead; TORCH_EXTENSIONS_DIR still wins."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    tag = (f"py{sys.version_info.major}{sys.version_info.minor}_{cuda}_torch"
+           f"{torch.__version__.split('+')[0]}_deepspeed{metadata.version('deepspeed')}")
+    return os.path.join(cache, "torch_extensions", tag)
+
+
 def build_accelerator(cfg, run_dir: str):
     """An Accelerator for this launch (DDP or DeepSpeed ZeRO-1/2/3; CPU or GPU), its collectives
     bounded by train.collective_timeout_s. cfg.train.precision must be resolved (not auto)."""
@@ -56,6 +71,8 @@ def build_accelerator(cfg, run_dir: str):
     deepspeed = using_deepspeed()
     if cpu and deepspeed:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if deepspeed:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", deepspeed_build_dir())
     quiet_third_party()
     from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
