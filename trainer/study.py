@@ -27,7 +27,7 @@ runs of the method, else the study file's stored estimate); then each run in tur
 under `accelerate launch`. A run whose folder holds metrics.json from the same command is skipped,
 an interrupted one resumes, and one made with another command stops the study with the
 difference (remove that folder, or choose another --out). After every run its row goes into
-<out>/results.json and the report (launch/study_report.py: tables, targets, plots) is rewritten
+<out>/results.json and the report (trainer/study_report.py: tables, targets, plots) is rewritten
 into --results (default <out>/<protocol>/report). `--backbone FOLDER` fine-tunes a given
 model.pretrained folder instead; `--benchmark train_ids=300` changes the benchmark's size.
 """
