@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke): Triton's compiler
+
 ROOT = Path(__file__).resolve().parents[2]
 H100_REGISTERS, H100_SHARED = 65536, 232448  # per SM; per program
 KERNELS = {"_similarity_stats_kernel", "_similarity_rows_kernel", "_similarity_grad_kernel",
