@@ -15,7 +15,6 @@ from tbps.kernels.similarity_loss import (
 )
 from tests.kernels.utils import DEVICE, assert_close_verbose, gpu, requires_cuda
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 # the package exports functions with the modules' names, so fetch the modules themselves
 sl = importlib.import_module("tbps.kernels.similarity_loss")
@@ -93,6 +92,7 @@ def test_triton_matches_float64_reference(kind, n, N, D, num_ids, dtype):
     assert_close_verbose(out[2], ref[2], atol=ga * scale + floor, rtol=gr, name="d key")
 
 
+@pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 def test_key_splits_sliced_width_and_backward_chunks_do_not_change_the_result(monkeypatch):
     """Against the default path (one key range, the query tile loaded once, one row chunk):
     3 key ranges, the width in two BLOCK_K slices through the flat loop, 3 row chunks."""
@@ -283,6 +283,7 @@ def test_bidirectional_is_two_calls():
                                             momentum_key_ND=mimg, **kw))
 
 
+@pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 def test_dispatch_and_argument_errors(caplog, monkeypatch):
     q, k, qm, km, qid, kid = make_case(5, 7, 8, num_ids=3, device="cpu")
     monkeypatch.setattr(dispatch, "_logged", set())

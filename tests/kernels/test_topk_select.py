@@ -9,7 +9,6 @@ import torch
 from tbps.kernels.topk_select import topk_select
 from tests.kernels.utils import DEVICE, gpu, requires_cuda
 
-pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
 torch.manual_seed(0)
 
@@ -65,6 +64,7 @@ def test_selection_gather_and_gradient(impl, B, L, k, D, dtype):
     assert torch.equal(f.grad.cpu(), want_grad)
 
 
+@pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_without_features_without_mask_and_empty(impl):
     scores = torch.randn(4, 10, device=DEVICE)
@@ -86,6 +86,7 @@ def test_argument_errors():
 
 
 # --------------------------------------------------------------------------- sampling
+@pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 def test_sampled_kernel_equals_reference_draw_for_draw():
     g = torch.Generator().manual_seed(1)
     w = torch.rand(9, 37, generator=g)
