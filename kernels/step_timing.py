@@ -4,7 +4,7 @@ references, side by side. A measuring script: nothing in the package imports it.
     tbps bench step-kernels --out runs/step                 # a GPU: ViT-B/16, IRRA and RDE
     tbps bench step-kernels --tiny --precision fp32 --out runs/step   # CPU: that it runs
 
-The model is the project's own (tbps.trainer.build.build_model) from launch/configs/<preset>.yaml with
+The model is the project's own (tbps.trainer.model.weights.build_model) from launch/configs/<preset>.yaml with
 model.pretrained unset and ViT-B/16's sizes (patch 16, vision 768 x 12 layers x 12 heads, text
 512 x 12 x 8, embeddings 512, 384x128 images, 77 tokens; a 49,408-token vocabulary), random
 weights of the real shapes, nothing downloaded. Per preset and impl ("kernels": the Triton
@@ -170,10 +170,10 @@ def synthetic_batch(cfg, vocab: Vocabulary, batch: int, num_classes: int, device
 
 
 def time_steps(preset: str, impl: str, args, device) -> dict:
-    from tbps.trainer.build import build_model
-    from tbps.trainer.config import load_config
-    from tbps.trainer.optim import build_optimizer
-    from tbps.trainer.recipe import StepInfo
+    from tbps.trainer.common.config import load_config
+    from tbps.trainer.model.weights import build_model
+    from tbps.trainer.recipe.step import StepInfo
+    from tbps.trainer.running.optim import build_optimizer
 
     overrides = (TINY if args.tiny else VIT_B16) + list(args.override)
     cfg = load_config(Path(args.configs) / f"{preset}.yaml", overrides)

@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load(weights: Path, shards: str | None):
-    from tbps.trainer.build import load_weights_folder
-    from tbps.trainer.evaluate import embed
+    from tbps.trainer.inference.evaluate import embed
+    from tbps.trainer.model.weights import load_weights_folder
 
     overrides = [f"data.shards={shards}"] if shards else []
     cfg, tok, model = load_weights_folder(weights, [*overrides, "data.num_workers=0"])
@@ -127,7 +127,7 @@ class TestSet:
 
 
 def train_fresh(cfg, feats, test: TestSet, init: str, kind: str, args) -> dict:
-    from tbps.trainer.heads import CrossModalEncoder
+    from tbps.trainer.model.heads import CrossModalEncoder
 
     torch.manual_seed(args.seed)
     width = feats["train"]["img"].shape[-1]

@@ -33,7 +33,7 @@ def rerank(run: Path, k: int) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env.pop("TRITON_INTERPRET", None)
         tmp = run / f"rerank-{k}"
-        subprocess.run([sys.executable, "-m", "tbps.trainer.evaluate", str(run / "best"), "--split",
+        subprocess.run([sys.executable, "-m", "tbps.trainer.inference.evaluate", str(run / "best"), "--split",
                         "test", "--itm-rerank", str(k), "--out", str(tmp)], check=True, cwd=REPO,
                        env=env, stdout=subprocess.DEVNULL)
         (tmp / "metrics.json").replace(out)

@@ -1,8 +1,8 @@
-"""The training step of each preset, timed phase by phase (tbps.trainer.bench) on 2 CPU processes.
+"""The training step of each preset, timed phase by phase (tbps.trainer.tools.bench) on 2 CPU processes.
 
     python launch/step_bench.py --out launch/results/step_bench          # about 10 min on 2 cores
 
-Each case is `accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.bench`
+Each case is `accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.tools.bench`
 on small synthetic shards it makes once under --data (96x32; 384x128 for the ViT-B/16 case):
 IRRA, RDE, AMNS (AWM), AMNS with every patch and with random dropping (AWM's cost and saving),
 AGA, and AMNS at CLIP ViT-B/16's sizes (random weights, 384x128, 2 samples a rank), with AWM and
@@ -136,14 +136,14 @@ def main(argv=None) -> int:
             where = shards(data, "384x128" if vit else "96x32")
             steps = ["--steps", "3", "--warmup", "1"] if vit else ["--steps", str(args.steps)]
             if args.gpu:
-                launcher = [sys.executable, "-m", "tbps.trainer.bench"]
+                launcher = [sys.executable, "-m", "tbps.trainer.tools.bench"]
                 steps = ["--steps", "10", "--warmup", "3"] if vit else steps
                 settings = ["train.precision=bf16", "data.num_workers=2", *overrides,
                             *(["data.batch_size=64"] if vit else [])]
             else:
                 launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                             "launch/accelerate/cpu_ddp.yaml", "--num_processes", "2", "-m",
-                            "tbps.trainer.bench"]
+                            "tbps.trainer.tools.bench"]
                 settings = [*COMMON, *overrides]
             run([*launcher, "--config", config, *steps, "--out", rel(path),
                  f"data.shards={rel(where)}", *settings])

@@ -42,7 +42,7 @@ def test_every_launch_the_readme_names_exists():
 
 @pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
 def test_deepspeed_json_has_only_autos_that_are_filled(path):
-    from tbps.trainer.plan import AUTO_FIELDS, _auto_keys
+    from tbps.trainer.running.plan import AUTO_FIELDS, _auto_keys
 
     ds = json.loads(path.read_text())
     assert set(_auto_keys(ds)) <= AUTO_FIELDS
@@ -54,7 +54,7 @@ def test_deepspeed_json_has_only_autos_that_are_filled(path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_config_loads(path):
-    from tbps.trainer.config import load_config
+    from tbps.trainer.common.config import load_config
 
     cfg = load_config(path)
     if path.stem in ("irra_synth", "rde_synth", "amns_synth", "aga_synth"):   # CPU recipes

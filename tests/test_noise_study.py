@@ -1,4 +1,4 @@
-"""The study (tbps.trainer.study) and its report (tbps.trainer.study_report): methods from the
+"""The study (tbps.trainer.tools.study) and its report (tbps.trainer.tools.study_report): methods from the
 command line, the plan, the skipping of finished runs, the statistics and the report (no
 training: runs are faked)."""
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tbps.trainer import study as noise_study
-from tbps.trainer import study_report as noise_report
-from tbps.trainer.config import load_config
+from tbps.trainer.common.config import load_config
+from tbps.trainer.tools import study as noise_study
+from tbps.trainer.tools import study_report as noise_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,9 @@ FOLDERS = ("trainer", "kernels", "data_pipeline")
 def test_packages_come_from_this_repository():
     import tbps.data_pipeline.schema
     import tbps.kernels._dispatch
-    import tbps.trainer.config
-    for module, folder in ((tbps.trainer.config, "trainer"), (tbps.kernels._dispatch, "kernels"),
+    import tbps.trainer.common.config
+    for module, folder in ((tbps.trainer.common.config, "trainer/common"),
+                           (tbps.kernels._dispatch, "kernels"),
                            (tbps.data_pipeline.schema, "data_pipeline")):
         assert Path(module.__file__).resolve().parent == REPO / folder, module.__file__
 
@@ -38,7 +39,7 @@ def test_huggingface_kernels_wins_from_the_repository_root():
         metadata.distribution("kernels")
     except metadata.PackageNotFoundError:
         pytest.skip("HuggingFace's `kernels` is not installed (transformers < 5.25 does not need it)")
-    code = ("import tbps.kernels.similarity_loss, tbps.trainer.model, tbps.data_pipeline.loader\n"
+    code = ("import tbps.kernels.similarity_loss, tbps.trainer.model.encoder, tbps.data_pipeline.loader\n"
             "from transformers import CLIPModel\n"
             "import kernels\n"
             "print(kernels.__file__)\n"

@@ -14,7 +14,7 @@
 rank and the exit code the ranks chose (trainer/launch.py); `accelerate launch` works too.
 
     # check a config, its shards, tokenizer, model and DeepSpeed settings without training;
-    # print the plan and a memory estimate per GPU (trainer/plan.py)
+    # print the plan and a memory estimate per GPU (trainer/running/plan.py)
     tbps train --dry-run --config launch/configs/irra.yaml \
         --launch launch/accelerate/gpu_zero2.yaml data.shards=shards/cuhk
 
@@ -25,15 +25,15 @@ when it asks for one (the training set scored, gathered once, divided on rank 0,
 handed to every rank's recipe), the training batches, an evaluation on the selection split (val
 where the shards have one) that keeps the best weights in <output_dir>/best, then a checkpoint
 that holds it. At the end: the final weights, the test metrics of best and final
-(metrics.json) and a transformers export of the best (hf/). The momentum model (trainer/ema.py)
-is built when a part of the recipe needs one (trainer/recipe.py momentum_modules) or
+(metrics.json) and a transformers export of the best (hf/). The momentum model (trainer/running/ema.py)
+is built when a part of the recipe needs one (trainer/recipe/step.py momentum_modules) or
 `ema.modules` names some, and handed to the recipe with each step.
 
 Faults: SIGTERM / SIGUSR1 to any rank (or to `tbps launch`, which forwards them)
 stop every rank at the same step within two steps, after a checkpoint (exit code 3); a step
 whose loss is not finite on some rank is skipped, train.max_nonfinite_steps in a row stop the
 run; a collective that waits longer than train.collective_timeout_s (a rank died or hangs) ends
-the run with an error naming it (exit code 1). Exit codes: trainer/errors.py.
+the run with an error naming it (exit code 1). Exit codes: trainer/running/errors.py.
 """
 from __future__ import annotations
 
@@ -52,16 +52,17 @@ import torch
 from tbps.data_pipeline.loader import LoaderConfig, TrainLoader
 from tbps.data_pipeline.manifest import read_meta
 from tbps.data_pipeline.transforms import TrainAugment, prepare_batch
-from tbps.trainer import checkpoint, dist, errors, launch, precision
-from tbps.trainer.build import build_model, load_tokenizer, save_weights
-from tbps.trainer.ccd import ConsensusWeighting
-from tbps.trainer.checkpoint import TrainState
-from tbps.trainer.config import Config, load_config, parse_overrides, save_config
-from tbps.trainer.errors import Stopped
-from tbps.trainer.evaluate import evaluate, format_table
-from tbps.trainer.monitor import Monitor, run_summary
-from tbps.trainer.optim import build_optimizer, lr_factor, set_lr
-from tbps.trainer.recipe import StepInfo, momentum_modules
+from tbps.trainer import launch
+from tbps.trainer.common.config import Config, load_config, parse_overrides, save_config
+from tbps.trainer.inference.evaluate import evaluate, format_table
+from tbps.trainer.model.weights import build_model, load_tokenizer, save_weights
+from tbps.trainer.recipe.consensus_division import ConsensusWeighting
+from tbps.trainer.recipe.step import StepInfo, momentum_modules
+from tbps.trainer.running import checkpoint, dist, errors, precision
+from tbps.trainer.running.checkpoint import TrainState
+from tbps.trainer.running.errors import Stopped
+from tbps.trainer.running.monitor import Monitor, run_summary
+from tbps.trainer.running.optim import build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger("trainer")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -174,7 +175,7 @@ class Run:
             return build_optimizer(model, self.cfg)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        from tbps.trainer.optim import param_groups
+        from tbps.trainer.running.optim import param_groups
 
         o = self.cfg.optim
         return DeepSpeedCPUAdam(param_groups(model, self.cfg), lr=o.lr, betas=o.betas, eps=o.eps,
@@ -184,7 +185,7 @@ class Run:
         e = self.cfg.ema
         if not self.cfg.needs_momentum():
             return None
-        from tbps.trainer.ema import ShardedEMA
+        from tbps.trainer.running.ema import ShardedEMA
 
         modules = tuple(dict.fromkeys(momentum_modules(self.cfg) + tuple(e.modules)))
         return ShardedEMA(self.acc, self.model, factory=self._build_model, modules=modules,
@@ -618,7 +619,7 @@ class Run:
     def _evaluate_folder(self, name: str, split: str) -> dict:
         """Metrics of a saved weights folder: every rank loads it into a plain (unwrapped,
         unsharded) model and evaluates its share."""
-        from tbps.trainer.build import load_weights_folder
+        from tbps.trainer.model.weights import load_weights_folder
 
         with dist.plain_init(self.acc):
             cfg, tok, model = load_weights_folder(self.run_dir / name,
@@ -628,7 +629,7 @@ class Run:
     def _export(self) -> None:
         from transformers.utils import logging as hf_logging
 
-        from tbps.trainer.export import export_hf
+        from tbps.trainer.inference.export import export_hf
 
         hf_logging.disable_progress_bar()           # "Writing model shards" under our own bar
         source = "best" if self.state.best_epoch is not None else "final"
@@ -695,7 +696,7 @@ def _setup_logging(acc) -> None:
 def _main(argv) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.dry_run:
-        from tbps.trainer import plan
+        from tbps.trainer.running import plan
 
         return plan.dry_run(args.config, parse_overrides(rest), launch_file=args.launch,
                             gpu_memory_gib=args.gpu_memory)

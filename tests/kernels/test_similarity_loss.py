@@ -15,7 +15,6 @@ from tbps.kernels.similarity_loss import (
 )
 from tests.kernels.utils import DEVICE, assert_close_verbose, gpu, requires_cuda
 
-
 # the package exports functions with the modules' names, so fetch the modules themselves
 sl = importlib.import_module("tbps.kernels.similarity_loss")
 dispatch = importlib.import_module("tbps.kernels._dispatch")

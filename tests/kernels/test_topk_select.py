@@ -9,7 +9,6 @@ import torch
 from tbps.kernels.topk_select import topk_select
 from tests.kernels.utils import DEVICE, gpu, requires_cuda
 
-
 torch.manual_seed(0)
 
 

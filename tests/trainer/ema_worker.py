@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer
-from tbps.trainer import dist
-from tbps.trainer.build import build_model
-from tbps.trainer.config import load_config
-from tbps.trainer.ema import ShardedEMA
-from tbps.trainer.recipe import StepInfo
+from tbps.trainer.common.config import load_config
+from tbps.trainer.model.weights import build_model
+from tbps.trainer.recipe.step import StepInfo
+from tbps.trainer.running import dist
+from tbps.trainer.running.ema import ShardedEMA
 
 STEPS, RESUME_AT, B = 6, 3, 4
 OVERRIDES = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",

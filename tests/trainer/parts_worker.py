@@ -4,7 +4,7 @@
         tests/trainer/parts_worker.py OUT_DIR TOKENIZER_DIR OVERRIDE ...
 
 Builds the tiny model of `setup()`, prepares it (DDP or DeepSpeed ZeRO), builds the momentum
-model the recipe's parts need (trainer/ema.py, sharded), splits the global batch of `batch()`
+model the recipe's parts need (trainer/running/ema.py, sharded), splits the global batch of `batch()`
 by rank and runs one step through the model's forward. Rank 0 writes OUT_DIR/result.pt: the
 loss and the logged terms averaged over ranks, every parameter's full gradient, and the ITM
 hard negatives each rank drew (with their identities). `reference()` is the same step in one
@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.tokenizer import CaptionTokenizer
-from tbps.trainer import dist, losses
-from tbps.trainer.build import build_model
-from tbps.trainer.config import load_config
-from tbps.trainer.recipe import StepInfo, momentum_modules
+from tbps.trainer.common.config import load_config
+from tbps.trainer.model.weights import build_model
+from tbps.trainer.recipe import losses
+from tbps.trainer.recipe.step import StepInfo, momentum_modules
+from tbps.trainer.running import dist
 
 B = 4            # per rank
 SMALL = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",
@@ -96,7 +97,7 @@ def full_grad(param) -> torch.Tensor | None:
 
 
 def main(out_dir: str, tok_dir: str, *overrides: str) -> None:
-    from tbps.trainer.ema import ShardedEMA
+    from tbps.trainer.running.ema import ShardedEMA
 
     out = Path(out_dir)
     cfg, tok = setup(tok_dir, overrides, out_dir)

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.manifest import read_meta
-from tbps.trainer import dist
-from tbps.trainer.build import build_model, load_tokenizer
-from tbps.trainer.config import load_config
-from tbps.trainer.evaluate import evaluate
+from tbps.trainer.common.config import load_config
+from tbps.trainer.inference.evaluate import evaluate
+from tbps.trainer.model.weights import build_model, load_tokenizer
+from tbps.trainer.running import dist
 
 OVERRIDES = ["method=aga", "eval.itm_rerank=12", "model.vision_width=32", "model.text_width=32",
              "model.embed_dim=32", "model.vision_layers=1", "model.text_layers=1",

@@ -8,7 +8,7 @@ from tests.trainer.conftest import REPO, TINY_MODEL
 
 @pytest.mark.slow
 def test_bench_reports_every_phase_and_the_momentum_model(tmp_path, tiny_shards):
-    from tbps.trainer.bench import PHASES, main
+    from tbps.trainer.tools.bench import PHASES, main
 
     out = tmp_path / "bench.json"
     assert main(["--config", str(REPO / "launch/configs/irra_synth.yaml"), "--steps", "2",
@@ -23,7 +23,7 @@ def test_bench_reports_every_phase_and_the_momentum_model(tmp_path, tiny_shards)
 
 
 def test_bench_refuses_bad_arguments(capsys):
-    from tbps.trainer.bench import main
+    from tbps.trainer.tools.bench import main
 
     assert main(["--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err

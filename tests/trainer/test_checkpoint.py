@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from tbps.trainer import checkpoint
-from tbps.trainer.checkpoint import CheckpointError, TrainState
-from tbps.trainer.errors import RankError
+from tbps.trainer.running import checkpoint
+from tbps.trainer.running.checkpoint import CheckpointError, TrainState
+from tbps.trainer.running.errors import RankError
 
 
 class FakeAcc:
@@ -140,7 +140,7 @@ class Tiny(nn.Module):
 def _ema(model):
     from accelerate import Accelerator
 
-    from tbps.trainer.ema import ShardedEMA
+    from tbps.trainer.running.ema import ShardedEMA
 
     return ShardedEMA(Accelerator(cpu=True), model, factory=Tiny, modules=("encoder",),
                       momentum=0.9, keep_roots=())

@@ -96,8 +96,8 @@ def test_train_resume_without_a_checkpoint(capsys, tiny_shards, tmp_path):
     (lambda w: shutil.rmtree(w), "is not a weights folder: model.safetensors is missing"),
 ], ids=["weights", "clip-config", "model-json", "config", "tokenizer", "missing"])
 def test_evaluate_and_export_refuse_damaged_weights(capsys, weights, tmp_path, damage, want):
-    from tbps.trainer.evaluate import main as evaluate
-    from tbps.trainer.export import main as export
+    from tbps.trainer.inference.evaluate import main as evaluate
+    from tbps.trainer.inference.export import main as export
 
     damage(weights)
     _check(capsys, evaluate([str(weights)]), want)
@@ -105,7 +105,7 @@ def test_evaluate_and_export_refuse_damaged_weights(capsys, weights, tmp_path, d
 
 
 def test_export_never_writes_over_its_input_or_foreign_files(capsys, weights, tmp_path):
-    from tbps.trainer.export import main as export
+    from tbps.trainer.inference.export import main as export
 
     before = (weights / "model.safetensors").read_bytes()
     _check(capsys, export([str(weights), str(weights)]), "overlaps the weights folder")
@@ -117,8 +117,8 @@ def test_export_never_writes_over_its_input_or_foreign_files(capsys, weights, tm
 
 
 def test_bench_and_search_refuse_bad_input(capsys, weights, tmp_path):
-    from tbps.trainer.bench import main as bench
-    from tbps.trainer.search import main as search
+    from tbps.trainer.inference.search import main as search
+    from tbps.trainer.tools.bench import main as bench
 
     _check(capsys, bench(["--config", "nope.yaml"]), "config file nope.yaml does not exist")
     _check(capsys, bench(["--config", CONFIG, "--steps", "0"]), "--steps must be >= 1")
@@ -137,7 +137,7 @@ def test_quickstart_refuses_bad_input(tmp_path, tiny_shards):
     shutil.copytree(tiny_shards, data / "synth-t40-shards")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "tbps.trainer.quickstart", "--data", str(data),
+    proc = subprocess.run([sys.executable, "-m", "tbps.trainer.tools.quickstart", "--data", str(data),
                            "--out", str(tmp_path / "run"), "--train-ids", "40",
                            "train.epochs=zero"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tbps.trainer.config import Config, load_config, parse_overrides
+from tbps.trainer.common.config import Config, load_config, parse_overrides
 
 STUDY_FILES = ("noise_study", "_ablations")      # study and method files, not training configs
 CONFIGS = sorted(p for p in (Path(__file__).parents[2] / "launch" / "configs").glob("*.yaml")
@@ -106,7 +106,7 @@ def test_itc_without_momentum_targets_needs_no_momentum_model():
 
 
 def test_a_saved_config_reloads_to_the_same_recipe(tmp_path):
-    from tbps.trainer.config import save_config
+    from tbps.trainer.common.config import save_config
 
     cfg = load_config(None, ["method=rde", "recipe.caption_mask.kind=attention",
                              "recipe.losses=[{kind: tal, branches: [bge, tse]}, {kind: mlm}]"])

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tbps.data_pipeline.tokenizer import PROBE, train_word_level
-from tbps.trainer.build import build_model
-from tbps.trainer.config import load_config
-from tbps.trainer.recipe import StepInfo
+from tbps.trainer.common.config import load_config
+from tbps.trainer.model.weights import build_model
+from tbps.trainer.recipe.step import StepInfo
 from tests.distributed import free_port, init_gloo
 
 B, WORLD = 6, 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tbps.data_pipeline.tokenizer import train_word_level
-from tbps.trainer.ema import momentum_at
+from tbps.trainer.running.ema import momentum_at
 from tests.trainer.conftest import REPO
 from tests.trainer.ema_worker import CAPTIONS
 

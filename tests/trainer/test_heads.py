@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tbps.trainer.heads import TokenSelectionEmbedding
+from tbps.trainer.model.heads import TokenSelectionEmbedding
 
 
 def _boolean_index_reference(head, tokens_BkE, valid_Bk):
@@ -45,7 +45,7 @@ def test_cross_encoder_residual_carries_the_words():
     """IRRA's cross encoder replaces the words by their cross-attention over the image: when the
     image tokens are all alike, every caption gives the same first token (an ITM head there
     cannot tell captions apart). With recipe.cross.residual the words stay and it can."""
-    from tbps.trainer.heads import CrossModalEncoder
+    from tbps.trainer.model.heads import CrossModalEncoder
     torch.manual_seed(0)
     image = torch.randn(1, 1, 16).expand(2, 6, 16)        # one image token, repeated
     text = torch.randn(2, 5, 16)                           # two different captions
@@ -66,7 +66,7 @@ def test_cross_attention_identity_start():
     """recipe.cross.attention_init=identity: q, k, v and the output map start as the identity, so
     each word's cross-attention is the softmax-weighted mean of the (normalised) image tokens,
     weighted by their dot product with the (normalised) word; nothing else changes."""
-    from tbps.trainer.heads import CrossModalEncoder
+    from tbps.trainer.model.heads import CrossModalEncoder
     torch.manual_seed(0)
     clip = CrossModalEncoder(16, 4, 1, residual=True)
     torch.manual_seed(0)

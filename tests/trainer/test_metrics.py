@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tbps.trainer.metrics import retrieval_metrics
+from tbps.trainer.inference.metrics import retrieval_metrics
 
 
 def test_single_correct_image_per_query():

@@ -5,10 +5,10 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPModel
 
 from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
-from tbps.trainer.build import load_weights_folder, save_weights
-from tbps.trainer.config import ModelConfig, load_config
-from tbps.trainer.export import export_hf
-from tbps.trainer.model import DualEncoder
+from tbps.trainer.common.config import ModelConfig, load_config
+from tbps.trainer.inference.export import export_hf
+from tbps.trainer.model.encoder import DualEncoder
+from tbps.trainer.model.weights import load_weights_folder, save_weights
 
 pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 
@@ -141,7 +141,7 @@ def test_export_of_a_non_square_grid_loads_back_exactly(tok, tmp_path):
     """The export writes the 12 x 4 grid into a 12 x 12 table (columns 1, 4, 7, 10); loading it
     as model.pretrained gives the trained table back bit for bit, and so does the bilinear
     resampling the loader uses for other square tables."""
-    from tbps.trainer.build import build_model
+    from tbps.trainer.model.weights import build_model
 
     cfg = load_config(None, ["model.image_size=[96, 32]", "model.vision_width=64",
                              "model.text_width=64", "model.embed_dim=32", "model.vision_layers=2",
@@ -157,7 +157,7 @@ def test_export_of_a_non_square_grid_loads_back_exactly(tok, tmp_path):
     assert torch.equal(enc.clip.vision_model.embeddings.position_embedding.weight, want)
     square = CLIPModel.from_pretrained(tmp_path / "hf").vision_model.embeddings
     assert square.position_embedding.weight.shape[0] == 1 + 12 * 12
-    from tbps.trainer.model import _grid_table
+    from tbps.trainer.model.encoder import _grid_table
     assert torch.equal(_grid_table(square.position_embedding.weight.data, (12, 4)).weight, want)
     pixels, ids = torch.randn(2, 3, 96, 32), _ids(tok)
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_export_of_a_non_square_grid_loads_back_exactly(tok, tmp_path):
 
 
 def test_export_loads_with_transformers_alone_and_gives_the_same_embeddings(tok, tmp_path):
-    from tbps.trainer.build import build_model
+    from tbps.trainer.model.weights import build_model
 
     cfg = load_config(None, ["model.image_size=[96, 32]", "model.vision_width=64",
                              "model.text_width=64", "model.embed_dim=32", "model.vision_layers=2",

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tbps.trainer import draws, losses
-from tbps.trainer.masking import sampled_mlm_mask, word_positions
-from tbps.trainer.recipe import Momentum, aggregate_layers, awm_weights, kept_indices
+from tbps.trainer.recipe import draws, losses
+from tbps.trainer.recipe.caption_masking import sampled_mlm_mask, word_positions
+from tbps.trainer.recipe.step import Momentum, aggregate_layers, awm_weights, kept_indices
 
 
 def inclusion_probabilities(w: list[float], k: int) -> list[float]:
@@ -57,7 +57,7 @@ def _keep(scores_BN, ratio, index):
     """What the recipe's _keep_patches does, for a planted momentum score map."""
     from types import SimpleNamespace
 
-    from tbps.trainer.recipe import Recipe
+    from tbps.trainer.recipe.step import Recipe
 
     fake = SimpleNamespace(rc=SimpleNamespace(image_tokens=SimpleNamespace(kind="attention",
                                                                          ratio=ratio)),
@@ -187,7 +187,7 @@ def test_itc_with_distillation_equals_its_float64_formula():
 
 
 def test_bsdm_and_waf_with_pair_weights_equal_their_float64_formulas():
-    from tbps.trainer.recipe import _reduce
+    from tbps.trainer.recipe.step import _reduce
 
     img, txt, pid, g = _setup()
     w = torch.rand(6, dtype=torch.float64, generator=g)           # e.g. clean probabilities
@@ -227,8 +227,8 @@ SMALL = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width
 
 
 def small_model(tok, overrides, num_samples=8):
-    from tbps.trainer.build import build_model
-    from tbps.trainer.config import load_config
+    from tbps.trainer.common.config import load_config
+    from tbps.trainer.model.weights import build_model
 
     torch.manual_seed(0)
     cfg = load_config(None, SMALL + list(overrides))
@@ -247,7 +247,7 @@ def small_batch(tok, n=8):
 
 @pytest.mark.parametrize("kind", ["bsdm", "waf"])
 def test_the_recipe_weights_each_pair_by_its_clean_probability(tok, kind):
-    from tbps.trainer.recipe import StepInfo
+    from tbps.trainer.recipe.step import StepInfo
 
     model = small_model(tok, [f"recipe.losses=[{{kind: {kind}}}]", "loss.tau_start=null",
                               "recipe.weighting.kind=consensus", "recipe.weighting.use=probability"])

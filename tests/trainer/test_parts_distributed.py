@@ -1,5 +1,5 @@
 """A training step of the sampled and momentum parts on 2 ranks equals one process on the
-same global batch (draws are keyed by sample, trainer/draws.py): AMNS's AWM under DeepSpeed
+same global batch (draws are keyed by sample, trainer/recipe/draws.py): AMNS's AWM under DeepSpeed
 ZeRO-3 (momentum image encoder sharded), AGA's ITC + ITM + MLM with AGM and TEM under DDP,
 where every ITM hard negative has to come from the other rank. (IRRA's random MLM masking draws
 from each rank's own generator, as IRRA does, so the AWM case leaves the mlm term out.)"""

@@ -9,8 +9,8 @@ import torch
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, tiny_shards):
     from tbps.data_pipeline.manifest import read_meta
-    from tbps.trainer.build import build_model, load_tokenizer, save_weights
-    from tbps.trainer.config import load_config
+    from tbps.trainer.common.config import load_config
+    from tbps.trainer.model.weights import build_model, load_tokenizer, save_weights
     from tests.trainer.conftest import REPO, TINY_MODEL
 
     cfg = load_config(REPO / "launch/configs/irra_synth.yaml",
@@ -25,7 +25,7 @@ def weights(tmp_path_factory, tiny_shards):
 
 
 def test_pictures_of_a_weights_folder(tmp_path, weights):
-    from tbps.trainer.pictures import main
+    from tbps.trainer.tools.pictures import main
 
     assert main([str(weights), "--out", str(tmp_path), "--n", "3"]) == 0
     assert (tmp_path / "awm.png").stat().st_size > 10_000
@@ -41,7 +41,7 @@ def test_pictures_of_a_weights_folder(tmp_path, weights):
 
 
 def test_pictures_refuse_a_missing_folder(tmp_path, capsys):
-    from tbps.trainer.pictures import main
+    from tbps.trainer.tools.pictures import main
 
     assert main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "not a weights folder" in capsys.readouterr().err

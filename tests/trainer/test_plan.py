@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from tbps.trainer import plan
-from tbps.trainer.config import load_config
+from tbps.trainer.common.config import load_config
+from tbps.trainer.running import plan
 from tbps.trainer.train import main
 from tests.trainer.conftest import REPO, TINY_MODEL
 
@@ -83,7 +83,7 @@ def test_memory_estimate_against_a_measured_model(tiny_shards):
     ema, ema_params = plan._ema(cfg, model, {"precision": "fp32"})
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = plan.synthetic_batch(cfg, tok, cfg.data.batch_size)
-    from tbps.trainer.recipe import StepInfo
+    from tbps.trainer.recipe.step import StepInfo
 
     out = model(batch, mode="train", step=StepInfo(epoch=0, step=0, tau=0.05, momentum=ema,
                                                     generator=torch.Generator().manual_seed(0)))

@@ -3,7 +3,7 @@ both ways), and a warning for an explicit bf16 where it is emulated."""
 import pytest
 import torch
 
-from tbps.trainer import precision
+from tbps.trainer.running import precision
 
 SAPPHIRE_RAPIDS = {"architecture": "x86_64", "cpu_name": "Intel Xeon", "avx2": True,
                    "avx512_bw": True, "avx512_bf16": True, "amx_bf16": True}

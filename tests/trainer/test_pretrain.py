@@ -1,4 +1,4 @@
-"""trainer/pretrain.py: a tiny backbone made once, reused, refused with
+"""trainer/tools/pretrain.py: a tiny backbone made once, reused, refused with
 other settings, loadable as model.pretrained, evaluated zero-shot once."""
 import json
 
@@ -8,9 +8,9 @@ import torch
 from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
 from tbps.data_pipeline.synthetic import SynthConfig, generate
 from tbps.data_pipeline.tokenizer import CaptionTokenizer
-from tbps.trainer import pretrain
-from tbps.trainer.config import ModelConfig
-from tbps.trainer.model import DualEncoder
+from tbps.trainer.common.config import ModelConfig
+from tbps.trainer.model.encoder import DualEncoder
+from tbps.trainer.tools import pretrain
 
 from .conftest import TINY_MODEL
 

@@ -25,7 +25,7 @@ ARGS = ["--train-ids", "200", "--epochs", "6", "train.precision=fp32"]
 def test_quickstart_stops_continues_and_learns(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "tbps.trainer.quickstart", "--data", str(tmp_path / "data"),
+    cmd = [sys.executable, "-m", "tbps.trainer.tools.quickstart", "--data", str(tmp_path / "data"),
            "--out", str(tmp_path / "run"), *ARGS]
     log = tmp_path / "run" / "log.jsonl"
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,

@@ -10,10 +10,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
-from tbps.trainer import ccd
-from tbps.trainer.build import build_model
-from tbps.trainer.config import load_config
-from tbps.trainer.recipe import StepInfo
+from tbps.trainer.common.config import load_config
+from tbps.trainer.model.weights import build_model
+from tbps.trainer.recipe import consensus_division as ccd
+from tbps.trainer.recipe.step import StepInfo
 from tests.distributed import free_port, init_gloo
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag",

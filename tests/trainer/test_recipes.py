@@ -25,7 +25,7 @@ def test_readme_recipes_are_the_ones_tested():
 
 @pytest.mark.parametrize("args", readme_recipes(), ids=lambda a: " ".join(a[1:])[:60] or a[0])
 def test_readme_recipe_trains_two_steps(tmp_path, tiny_shards, args):
-    from tbps.trainer.config import load_config, parse_overrides
+    from tbps.trainer.common.config import load_config, parse_overrides
     from tbps.trainer.train import Run
 
     config, overrides = args[1], parse_overrides(args[2:])

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from tbps.trainer import evaluate, report
-from tbps.trainer.export import export_hf
-from tbps.trainer.metrics import retrieval_metrics
+from tbps.trainer.inference import evaluate, report
+from tbps.trainer.inference.export import export_hf
+from tbps.trainer.inference.metrics import retrieval_metrics
 from tests.trainer.test_search import make_weights
 
 

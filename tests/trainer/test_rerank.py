@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tbps.trainer.evaluate import evaluate, itm_rerank
+from tbps.trainer.inference.evaluate import evaluate, itm_rerank
 from tests.trainer import rerank_worker
 from tests.trainer.conftest import REPO
 

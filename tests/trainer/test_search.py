@@ -1,4 +1,4 @@
-"""tbps.trainer.search: gallery index (folder and shards, incremental, bad files), queries, CLI errors."""
+"""tbps.trainer.inference.search: gallery index (folder and shards, incremental, bad files), queries, CLI errors."""
 import json
 import os
 import shutil
@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tbps.trainer import search
-from tbps.trainer.gallery import list_gallery
+from tbps.trainer.inference import search
+from tbps.trainer.inference.gallery import list_gallery
 from tests.trainer.conftest import REPO, TINY_MODEL
 
 
 def make_weights(out: Path, shards: Path, preset: str = "irra_synth.yaml", seed: int = 0) -> Path:
     """An untrained tiny model saved as a weights folder (what training writes)."""
-    from tbps.trainer.build import build_model, load_tokenizer, save_weights
-    from tbps.trainer.config import load_config
+    from tbps.trainer.common.config import load_config
+    from tbps.trainer.model.weights import build_model, load_tokenizer, save_weights
 
     cfg = load_config(REPO / "launch/configs" / preset, [f"data.shards={shards}", *TINY_MODEL])
     tok = load_tokenizer(cfg)
@@ -153,7 +153,7 @@ def test_missing_corrupt_and_non_image_files_are_reported_and_skipped(tmp_path, 
 
 def test_shard_gallery_and_transformers_export_share_the_global_branch(tmp_path, tiny_shards,
                                                                        rde_weights, capsys):
-    from tbps.trainer.export import export_hf
+    from tbps.trainer.inference.export import export_hf
 
     export_hf(rde_weights, tmp_path / "hf")
     rc, _, err = run(capsys, "index", rde_weights, tiny_shards, "--out", tmp_path / "w",
@@ -239,7 +239,7 @@ def test_bad_input_is_one_error_paragraph_and_exit_2(tmp_path, tiny_shards, irra
     (tmp_path / "idx" / search.TABLE).write_bytes(b"PAR1 broken")
     rc, _, err = run(capsys, "query", tmp_path / "idx", "a man")
     assert rc == 2 and "damaged" in err
-    proc = subprocess.run([sys.executable, "-m", "tbps.trainer.search", "index", str(corrupt),
+    proc = subprocess.run([sys.executable, "-m", "tbps.trainer.inference.search", "index", str(corrupt),
                            str(gallery), "--out", str(tmp_path / "y")], capture_output=True,
                           text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -256,7 +256,7 @@ def test_two_ranks_build_the_same_index(tmp_path, tiny_shards, irra_weights, cap
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
          str(REPO / "launch/accelerate/cpu_ddp.yaml"), "--num_processes", "2", "-m",
-         "tbps.trainer.search", "index", str(irra_weights), str(gallery), "--out",
+         "tbps.trainer.inference.search", "index", str(irra_weights), str(gallery), "--out",
          str(tmp_path / "two"), "--no-progress", "--batch-size", "4"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

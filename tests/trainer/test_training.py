@@ -56,7 +56,7 @@ def test_evaluate_cli_reproduces_the_run_figures(tmp_path, ddp_run):
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "tbps.trainer.evaluate", str(ddp_run / "best"),
+    proc = subprocess.run([sys.executable, "-m", "tbps.trainer.inference.evaluate", str(ddp_run / "best"),
                            "--split", "test", "--out", str(tmp_path)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

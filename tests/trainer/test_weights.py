@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tbps.data_pipeline.transforms import normalize_images
-from tbps.trainer.build import MODEL_INFO, load_weights_folder, save_weights
+from tbps.trainer.model.weights import MODEL_INFO, load_weights_folder, save_weights
 
 pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
 

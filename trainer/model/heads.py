@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tbps.trainer.model import attention
+from tbps.trainer.model.encoder import attention
 
 
 class QuickGELU(nn.Module):

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from tbps.trainer import dist
-from tbps.trainer.errors import RankError, is_collective_failure
+from tbps.trainer.running import dist
+from tbps.trainer.running.errors import RankError, is_collective_failure
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     tbps evaluate runs/irra-synth/best --split test --report runs/irra-synth/report
 
 writes into the report folder:
-  metrics.json     the metrics per similarity (as `tbps.trainer.evaluate` prints them) and the CMC curves
+  metrics.json     the metrics per similarity (as `tbps.trainer.inference.evaluate` prints them) and the CMC curves
   cmc.png          the CMC curve, rank 1 to 50, one line per similarity the recipe scores with
   retrieval.png    sampled queries (seeded) with their top 10: correct images framed green, wrong red
   worst.png        the queries whose first correct image ranks lowest, with that image at the end
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tbps.trainer import dist
-from tbps.trainer.metrics import retrieval_metrics
+from tbps.trainer.inference.metrics import retrieval_metrics
+from tbps.trainer.running import dist
 
 CMC_RANKS = 50
 GREEN, RED, GREY = (34, 139, 34), (214, 39, 40), (150, 150, 150)
@@ -108,7 +108,7 @@ def draw_rows(rows: list[tuple[str, list[Tile]]], out: Path, *, title: str = "",
 
 def draw_search_grid(gallery: Path, index, queries: list[str], results, out: Path) -> Path:
     """Each query with its hits (rank, score), from the index's own gallery."""
-    from tbps.trainer.gallery import Item, load_images
+    from tbps.trainer.inference.gallery import Item, load_images
 
     wanted = sorted({h.position for hits in results for h in hits})
     items = [Item(**{c: index.rows[c][p] for c in ("key", "path", "id", "source")})
@@ -171,7 +171,7 @@ def write_report(model, cfg, tokenizer, split: str, device, out_dir: Path, *,
                  title: str = "", queries: int = 8, worst: int = 8, top_k: int = 10,
                  seed: int = 0) -> dict[str, dict[str, float]]:
     """Evaluate on `split` and write the report folder; {similarity: metrics} on every rank."""
-    from tbps.trainer.evaluate import embed
+    from tbps.trainer.inference.evaluate import embed
 
     was_training = model.training
     model.eval()
@@ -191,7 +191,7 @@ def write_report(model, cfg, tokenizer, split: str, device, out_dir: Path, *,
 def _split_rows(shards: Path, split: str, n_queries: int, n_gallery: int):
     """Query captions and gallery items of a split, in the order `embed` returns them."""
     from tbps.data_pipeline.manifest import read_manifest
-    from tbps.trainer.gallery import list_gallery
+    from tbps.trainer.inference.gallery import list_gallery
 
     table = read_manifest(shards, columns=["index", "caption", "pid"], split=split).to_pylist()
     captions = [r["caption"] for r in sorted(table, key=lambda r: r["index"])]
@@ -205,7 +205,7 @@ def _split_rows(shards: Path, split: str, n_queries: int, n_gallery: int):
 
 def _write_folder(out: Path, cfg, split, title, sims, metrics, first, q_pids, g_pids,
                   n_queries, n_worst, top_k, seed) -> None:
-    from tbps.trainer.gallery import load_images
+    from tbps.trainer.inference.gallery import load_images
 
     shards = Path(cfg.data.shards)
     captions, items = _split_rows(shards, split, len(q_pids), len(g_pids))

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tbps.trainer import search
+from tbps.trainer.inference import search
 
 CAPTIONS = ["a woman in a red coat carrying a black backpack", "a man in blue jeans and white shoes",
             "a girl with long black hair wearing a yellow dress", "an old man with a grey hat"]
@@ -67,11 +67,11 @@ def _commit() -> str:
 
 def _weights(name: str, root: Path) -> Path:
     from tbps.data_pipeline.tokenizer import train_word_level
-    from tbps.trainer.build import build_model, save_weights
-    from tbps.trainer.config import load_config
+    from tbps.trainer.common.config import load_config
+    from tbps.trainer.model.weights import build_model, save_weights
 
     tok = train_word_level(CAPTIONS * 4, root / "tok")
-    cfg = load_config(Path(__file__).parents[1] / "launch/configs/irra_synth.yaml",
+    cfg = load_config(Path(__file__).parents[2] / "launch/configs/irra_synth.yaml",
                       ["train.precision=fp32", *MODELS[name]])
     torch.manual_seed(0)
     model = build_model(cfg, tok, num_classes=10, num_samples=10).eval()

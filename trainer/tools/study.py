@@ -27,7 +27,7 @@ runs of the method, else the study file's stored estimate); then each run in tur
 under `accelerate launch`. A run whose folder holds metrics.json from the same command is skipped,
 an interrupted one resumes, and one made with another command stops the study with the
 difference (remove that folder, or choose another --out). After every run its row goes into
-<out>/results.json and the report (trainer/study_report.py: tables, targets, plots) is rewritten
+<out>/results.json and the report (trainer/tools/study_report.py: tables, targets, plots) is rewritten
 into --results (default <out>/<protocol>/report). `--backbone FOLDER` fine-tunes a given
 model.pretrained folder instead; `--benchmark train_ids=300` changes the benchmark's size.
 """
@@ -47,9 +47,9 @@ from pathlib import Path
 
 import yaml
 
-from tbps.trainer import study_report
+from tbps.trainer.tools import study_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 DEFAULT_STUDY = "launch/configs/noise_study.yaml"
 
@@ -238,7 +238,7 @@ def prepare_backbone(study: Study, out: Path, data: Path) -> tuple[Path | None, 
     """The backbone folder and its untuned test metrics on the clean shards (None: scratch)."""
     if not study.backbone:
         return None, None
-    from tbps.trainer.pretrain import PretrainSettings, ensure_backbone, zero_shot
+    from tbps.trainer.tools.pretrain import PretrainSettings, ensure_backbone, zero_shot
 
     if "folder" in study.backbone:
         backbone = Path(study.backbone["folder"])

@@ -3,10 +3,10 @@
     # one process, the quickstart's shards (tbps quickstart makes them)
     tbps bench step --config launch/configs/irra_synth.yaml data.shards=data/synth-shards
     # 2 CPU processes, AMNS's AWM against the full-token step
-    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.bench \\
+    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.tools.bench \\
         --config launch/configs/irra_synth.yaml data.shards=data/synth-shards method=amns
     # a GPU: ViT-B/16 at 384x128, random weights of the real shapes (no download)
-    accelerate launch --num_processes 1 -m tbps.trainer.bench --config launch/configs/irra.yaml \\
+    accelerate launch --num_processes 1 -m tbps.trainer.tools.bench --config launch/configs/irra.yaml \\
         data.shards=shards/cuhk model.pretrained=null model.vision_width=768 ...
 
 It builds the run the trainer would (`tbps.trainer.train.Run`, in a temporary output folder), warms
@@ -84,7 +84,7 @@ def cpu_model() -> str:
 
 
 def bench(cfg, steps: int, warmup: int) -> dict:
-    from tbps.trainer import dist
+    from tbps.trainer.running import dist
     from tbps.trainer.train import Run
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,8 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", help="write the result as JSON here")
     args, rest = p.parse_known_args(argv)
-    from tbps.trainer import dist, errors
-    from tbps.trainer.config import load_config, parse_overrides
+    from tbps.trainer.common.config import load_config, parse_overrides
+    from tbps.trainer.running import dist, errors
 
     result = {}
 
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
 
     if dist.rank() == 0:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parents[1]).stdout.strip()
+                                text=True, cwd=Path(__file__).parents[2]).stdout.strip()
         result.update(cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(),
                       commit=commit, command=" ".join(["tbps bench step", *(argv or
                                                                                  sys.argv[1:])]),

@@ -4,7 +4,7 @@ Shapes: B batch, N patch tokens (gh x gw grid), K kept patches, L text tokens, D
 E joint embedding size, H heads.
 
 The parameters live in a transformers `CLIPModel` (so `from_pretrained` of a hub id or folder
-loads them, and the export in `trainer/export.py` writes them back); the forward is ours:
+loads them, and the export in `trainer/inference/export.py` writes them back); the forward is ours:
 - non-square images: the position embedding is a (1 + gh*gw) x D table for the patch grid,
   interpolated once at load from a pretrained square one (bilinear, as IRRA), or random;
 - token dropping: `encode_image(pixels, keep_BK=...)` runs the transformer on [CLS] + the kept
@@ -33,7 +33,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
-from tbps.trainer.config import ModelConfig
+from tbps.trainer.common.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class DualEncoder(nn.Module):
         tokens (the mask token). The position table, in order of preference: used as it is when
         it already has 1 + gh*gw rows (a folder saved from a model of this grid, e.g.
         `encoder.clip.save_pretrained`); the trained points picked out of the square table of an
-        export of this grid (`tbps_export.json` says exact_position_grid: trainer/export.py put
+        export of this grid (`tbps_export.json` says exact_position_grid: trainer/inference/export.py put
         them there); else interpolated bilinearly from the square table (IRRA)."""
         try:
             clip, table = _load_clip(name)
@@ -302,7 +302,7 @@ def _load_clip(name: str) -> tuple[CLIPModel, torch.Tensor | None]:
 
 
 def _exported_for(name: str, image_size: tuple[int, int]) -> bool:
-    """Whether `name` is an export (trainer/export.py) of a model of this image size whose
+    """Whether `name` is an export (trainer/inference/export.py) of a model of this image size whose
     square table holds the trained positions exactly."""
     info = Path(name) / "tbps_export.json"
     if not info.is_file():
@@ -314,7 +314,7 @@ def _exported_for(name: str, image_size: tuple[int, int]) -> bool:
 
 def _exact_points(weight_PD: torch.Tensor, grid: tuple[int, int]) -> nn.Embedding:
     """The (1 + gh*gw) x D table an export placed in its (1 + S*S) x D square one (the points
-    trainer/export.py square_grid wrote: row i*S/gh + (S/gh - 1)/2, the same for columns)."""
+    trainer/inference/export.py square_grid wrote: row i*S/gh + (S/gh - 1)/2, the same for columns)."""
     gh, gw = grid
     side = int(round((weight_PD.shape[0] - 1) ** 0.5))
     rh, rw = side // gh, side // gw

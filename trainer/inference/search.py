@@ -2,7 +2,7 @@
 
     tbps search index runs/irra-synth/best photos/ --out photos.idx
     tbps search index runs/irra-synth/best shards/synth --split test --out test.idx
-    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.search index \
+    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.inference.search index \
         runs/irra-synth/best photos/ --out photos.idx                      # every rank embeds a share
     tbps search query photos.idx "a woman in a red coat" "a man with a black bag"
     tbps search query photos.idx --file queries.txt --top-k 5 --json
@@ -50,8 +50,8 @@ from torch import nn
 
 from tbps.data_pipeline.transforms import prepare_batch
 from tbps.kernels.topk_select import topk_select
-from tbps.trainer import dist
-from tbps.trainer.gallery import Item, Problem, decode, gallery_kind, list_gallery, read_items
+from tbps.trainer.inference.gallery import Item, Problem, decode, gallery_kind, list_gallery, read_items
+from tbps.trainer.running import dist
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def loader_batch(ids: np.ndarray, images: torch.Tensor | None = None) -> dict:
 def load_embedder(path: Path, device=None) -> Embedder:
     """A weights folder or an exported transformers folder; ValueError / FileNotFoundError
     naming the folder when it is neither or cannot be read."""
-    from tbps.trainer.build import WEIGHTS
+    from tbps.trainer.model.weights import WEIGHTS
 
     path = Path(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -169,7 +169,7 @@ def load_embedder(path: Path, device=None) -> Embedder:
 
 
 def _load_weights(path: Path):
-    from tbps.trainer.build import load_weights_folder
+    from tbps.trainer.model.weights import load_weights_folder
 
     cfg, tokenizer, model = load_weights_folder(path)
     return model, tokenizer, tuple(cfg.model.image_size)
@@ -589,7 +589,7 @@ def _cmd_query(args) -> int:
     name, results = search(index, embedder, queries, top_k=args.top_k, similarity=args.similarity,
                            approximate=args.approximate, folder=Path(args.index))
     if args.grid:
-        from tbps.trainer.report import draw_search_grid
+        from tbps.trainer.inference.report import draw_search_grid
 
         draw_search_grid(Path(index.header["gallery"]["path"]), index, queries, results,
                          Path(args.grid))
@@ -640,7 +640,7 @@ def main(argv=None) -> int:
     q.add_argument("--grid", help="also draw each query with its top-k images into this PNG")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from tbps.trainer import dist, errors
+    from tbps.trainer.running import dist, errors
 
     dist.quiet_third_party()
     if args.command == "index":

@@ -4,7 +4,7 @@
                      momentum=0.995, momentum_end=1.0, total_steps=T)
     ...after each optimizer step:  ema.update(step)
     image_features, _ = ema({"image": pixels}, mode="features")      # the EMA encoder
-    out = ema(request, mode="momentum", step=info)     # the recipe's momentum work (trainer/recipe.py)
+    out = ema(request, mode="momentum", step=info)     # the recipe's momentum work (trainer/recipe/step.py)
 
 Layout. The EMA keeps, for each chosen parameter, an fp32 copy of the *fragment* of it that this
 rank owns, so the ranks' fragments tile every parameter exactly once:
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tbps.trainer import dist
+from tbps.trainer.running import dist
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""The one training recipe, composed of the parts a config names (trainer/config.py RecipeConfig).
+"""The one training recipe, composed of the parts a config names (trainer/common/config.py RecipeConfig).
 
-IRRA, RDE, AMNS and AGA are presets of it (trainer/presets/); any mix of their parts is a config:
+IRRA, RDE, AMNS and AGA are presets of it (trainer/recipe/presets/); any mix of their parts is a config:
 
     method: rde                                  # BGE + TSE, TAL, consensus division
     recipe:
@@ -29,7 +29,7 @@ The training step is straight-line code in one fixed order (`train_losses`):
                samples of the per-sample loss, times each sample's weight when weighting is on.
 Per-sample weights (RDE's consensus division) live in the `sample_weight` buffer; the trainer
 asks the division for scores each epoch (`per_sample_losses`) and writes the result back with
-`set_sample_weights`. The momentum model is a pruned copy of this model (trainer/ema.py) called
+`set_sample_weights`. The momentum model is a pruned copy of this model (trainer/running/ema.py) called
 through its own forward (`mode="momentum"`), so DeepSpeed ZeRO-3 gathers its layers as it runs.
 `momentum_modules(cfg)` says which modules it copies.
 """
@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tbps.kernels.topk_select import topk_select
-from tbps.trainer import draws, losses
-from tbps.trainer.config import SIMILARITY_KINDS, Config
-from tbps.trainer.heads import CrossModalEncoder, MLMHead, TokenSelectionEmbedding, identity_classifier
-from tbps.trainer.masking import apply_mask, random_mlm_mask, sampled_mlm_mask, word_positions
+from tbps.trainer.common.config import SIMILARITY_KINDS, Config
+from tbps.trainer.model.heads import CrossModalEncoder, MLMHead, TokenSelectionEmbedding, identity_classifier
+from tbps.trainer.recipe import draws, losses
+from tbps.trainer.recipe.caption_masking import random_mlm_mask, sampled_mlm_mask, word_positions
 
 IMAGE_ENCODER = ("encoder.clip.vision_model", "encoder.clip.visual_projection")
 
@@ -57,8 +57,8 @@ class StepInfo:
     step: int                      # optimizer step
     tau: float
     generator: torch.Generator     # CPU generator seeded by (seed, rank, epoch, batch): IRRA's
-    #                                random masking; the other sampled parts use tbps.trainer.draws
-    momentum: object = None        # the momentum model (tbps.trainer.ema.ShardedEMA), when built
+    #                                random masking; the other sampled parts use tbps.trainer.recipe.draws
+    momentum: object = None        # the momentum model (tbps.trainer.running.ema.ShardedEMA), when built
 
 
 @dataclass
@@ -185,7 +185,7 @@ class Recipe(nn.Module):
         return {"loss": total, **out}
 
     def _draw_keys(self, batch: dict, step: StepInfo) -> tuple[int, torch.Tensor]:
-        """(seed, sample index) the sampled parts key their draws by (trainer/draws.py): the
+        """(seed, sample index) the sampled parts key their draws by (trainer/recipe/draws.py): the
         step's seed from (training seed, epoch, optimizer step), and each sample's index in the
         dataset (its position in the batch where a batch has no index)."""
         index = batch.get("index")
@@ -286,7 +286,7 @@ class Recipe(nn.Module):
         floor(ratio x N) patches are dropped, drawn without replacement with probability
         proportional to a weight: 1 (random) or 1 - the min-max normalised momentum score (AWM;
         the best-scored patch is never dropped). The draw is the exponential race: the top
-        n_drop of weight / E, E ~ Exp(1) keyed by sample (trainer/draws.py), through
+        n_drop of weight / E, E ~ Exp(1) keyed by sample (trainer/recipe/draws.py), through
         tbps.kernels.topk_select."""
         it = self.rc.image_tokens
         if it.kind == "all" or not self.training:
@@ -362,7 +362,7 @@ class Recipe(nn.Module):
     def _itm_term(self, term, img, txt, emb, keys, pid, key_ids, step, w, draw_keys):
         """ITM on the cross-modal encoder's first token: each pair, one hard negative text per
         image and one hard negative image per text, drawn from the similarity softmax over every
-        rank's keys, never of the same identity (trainer/losses.py itm_negatives)."""
+        rank's keys, never of the same identity (trainer/recipe/losses.py itm_negatives)."""
         B, L = txt.input_ids_BL.shape
         img_BE, txt_BE = emb["bge"]
         k = keys["bge"]

@@ -6,7 +6,7 @@ recipe parts included), clip_config.json (the encoder's architecture), tokenizer
 model.json, which says what rebuilding the model takes (format, number of training identities
 and samples, the recipe's parts) so nothing is guessed from tensor names. Folders written
 before model.json existed still load: their counts are read off the tensors they hold and
-their old-style config is read as the recipe it meant (trainer/config.py upgrade_legacy).
+their old-style config is read as the recipe it meant (trainer/common/config.py upgrade_legacy).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from transformers import CLIPConfig
 
 from tbps.data_pipeline.manifest import read_meta
 from tbps.data_pipeline.tokenizer import CaptionTokenizer
-from tbps.trainer.config import Config, load_config, save_config
-from tbps.trainer.model import DualEncoder
-from tbps.trainer.recipe import Recipe, RetrievalModel
+from tbps.trainer.common.config import Config, load_config, save_config
+from tbps.trainer.model.encoder import DualEncoder
+from tbps.trainer.recipe.step import Recipe, RetrievalModel
 
 log = logging.getLogger(__name__)
 

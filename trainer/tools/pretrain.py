@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tbps.data_pipeline.synthetic import META_FILE, PRETRAIN_SEED
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECORD = "pretrain.json"
 STAGES = ("data", "shards", "run", "backbone")
 
@@ -148,7 +148,7 @@ def ensure_backbone(out: str | Path, settings: PretrainSettings, *, overwrite: b
     weights = run / ("best" if metrics.get("best_epoch") is not None else "final")
     partial = out / "backbone.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    _run([py, "-m", "tbps.trainer.export", weights, partial], log=out / "export.log")
+    _run([py, "-m", "tbps.trainer.inference.export", weights, partial], log=out / "export.log")
     summary = {"settings": want, "weights": str(weights.relative_to(out)),
                "pretrain_metrics": metrics.get("best") or metrics.get("final"),
                "pretrain_split": metrics.get("split"), "seconds": round(time.time() - t0, 1)}
@@ -176,9 +176,9 @@ def zero_shot(backbone: str | Path, shards: str | Path, split: str = "test") -> 
 def _evaluate_untuned(backbone: Path, shards: Path, split: str) -> dict:
     import torch
 
-    from tbps.trainer.build import build_model, load_tokenizer
-    from tbps.trainer.config import load_config
-    from tbps.trainer.evaluate import evaluate
+    from tbps.trainer.common.config import load_config
+    from tbps.trainer.inference.evaluate import evaluate
+    from tbps.trainer.model.weights import build_model, load_tokenizer
 
     info = backbone / "tbps_export.json"
     size = json.loads(info.read_text())["image_size"] if info.is_file() else [96, 32]

@@ -5,7 +5,7 @@
 
 An experiment YAML mirrors the tree below (`method:`, `model:`, `data:`, `recipe:`, `loss:`,
 `optim:`, `train:`, `eval:`, `ema:`). `recipe:` names the method's parts (RecipeConfig);
-`method: irra|rde|...` is a preset of them (trainer/presets/), and what `recipe:` sets goes on
+`method: irra|rde|...` is a preset of them (trainer/recipe/presets/), and what `recipe:` sets goes on
 top. An override is `section.field=value` (or `--section.field value` on the command line; a
 list element is `recipe.losses[0].weight=2`); the value is read as YAML and converted to the
 field's type. An unknown field, a bad value or a combination of parts that cannot work raises
@@ -299,7 +299,7 @@ class CrossConfig:
 
 @dataclass(kw_only=True)
 class WeightingConfig:
-    """Per-sample weights of the training pairs (RDE's consensus division, trainer/ccd.py)."""
+    """Per-sample weights of the training pairs (RDE's consensus division, trainer/recipe/consensus_division.py)."""
 
     kind: str = "none"
     """"none" or "consensus": each epoch after warmup_epochs, every training pair is scored and
@@ -336,9 +336,9 @@ class WeightingConfig:
 
 @dataclass(kw_only=True)
 class RecipeConfig:
-    """The training recipe as named parts (trainer/recipe.py runs them in one fixed order).
+    """The training recipe as named parts (trainer/recipe/step.py runs them in one fixed order).
 
-    Presets: `method: irra | rde | amns | aga` fills these from trainer/presets/<method>.yaml;
+    Presets: `method: irra | rde | amns | aga` fills these from trainer/recipe/presets/<method>.yaml;
     what a config sets under `recipe:` overrides the preset (lists replace)."""
 
     branches: tuple[str, ...] = ("bge",)
@@ -399,7 +399,7 @@ class RecipeConfig:
 
 @dataclass(kw_only=True)
 class EMAConfig:
-    """A ZeRO-sharded EMA (momentum) copy of chosen modules (trainer/ema.py)."""
+    """A ZeRO-sharded EMA (momentum) copy of chosen modules (trainer/running/ema.py)."""
 
     enabled: bool = True
     """Build the momentum model when a part needs one (recipe.image_tokens.kind=attention, an
@@ -460,7 +460,7 @@ class TrainConfig:
     precision: str = "auto"
     """auto, fp32, bf16 or fp16 (mixed precision through accelerate / DeepSpeed). auto: bf16
     where the device computes it natively (a GPU with bf16, a CPU with AVX512_BF16 / AMX /
-    Arm BF16), fp32 elsewhere; chosen once at start and logged (trainer/precision.py)."""
+    Arm BF16), fp32 elsewhere; chosen once at start and logged (trainer/running/precision.py)."""
     seed: int = 0
     output_dir: str = "runs/irra-synth"
     resume: str | None = None
@@ -514,7 +514,7 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class Config:
     method: str | None = "irra"
-    """Preset the recipe starts from (trainer/presets/<method>.yaml: irra, rde, ...); what
+    """Preset the recipe starts from (trainer/recipe/presets/<method>.yaml: irra, rde, ...); what
     `recipe:` sets overrides it. None: the recipe's own defaults."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -542,7 +542,7 @@ class Config:
 
 # -- loading --------------------------------------------------------------------------------------
 
-PRESET_DIR = Path(__file__).with_name("presets")
+PRESET_DIR = Path(__file__).parents[1] / "recipe" / "presets"
 DEFAULT_METHOD = "irra"
 # fields of configs written before recipes were composed from parts, and where they went
 MOVED = {"loss.sdm": "a term of kind sdm in recipe.losses", "loss.id": "a term of kind id in "

@@ -76,7 +76,7 @@ def apply_mask(ids_BL, chosen_BL, *, mask_id: int, vocab_size: int, special_ids,
                uniforms: tuple[torch.Tensor, torch.Tensor] | None = None):
     """80/10/10 replacement of the chosen positions; returns (masked ids, labels). The draws
     (which of the three, which random word) come from `generator`, or from two B x L uniforms
-    given in `uniforms` (keyed draws, trainer/draws.py)."""
+    given in `uniforms` (keyed draws, trainer/recipe/draws.py)."""
     words = _word_ids(vocab_size, tuple(special_ids))
     if uniforms is None:
         r = torch.rand(ids_BL.shape, generator=generator).to(ids_BL.device)

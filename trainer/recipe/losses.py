@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tbps.kernels.similarity_loss import bidirectional_similarity_loss
-from tbps.trainer import dist
+from tbps.trainer.running import dist
 
 gather_with_grad, gather_nograd = dist.gather_with_grad, dist.gather_nograd
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from tbps.trainer import precision as precision_mod
-from tbps.trainer.config import Config, load_config
+from tbps.trainer.common.config import Config, load_config
+from tbps.trainer.running import precision as precision_mod
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def check_shards(cfg: Config, lay: Layout) -> tuple[list[str], dict]:
 def check_tokenizer(cfg: Config):
     """The tokenizer, checked on the shards' own captions (an end token in every one)."""
     from tbps.data_pipeline.manifest import read_manifest
-    from tbps.trainer.build import load_tokenizer
+    from tbps.trainer.model.weights import load_tokenizer
 
     tok = load_tokenizer(cfg)
     captions = read_manifest(cfg.data.shards, columns=["caption"], split="train")
@@ -223,9 +223,9 @@ def check_tokenizer(cfg: Config):
 def build_for_plan(cfg: Config, tok, meta: dict):
     """The run's model with random weights (a pretrained model's shapes from its config, no
     download of weights)."""
-    from tbps.trainer.build import build_model
-    from tbps.trainer.model import DualEncoder
-    from tbps.trainer.recipe import Recipe, RetrievalModel
+    from tbps.trainer.model.encoder import DualEncoder
+    from tbps.trainer.model.weights import build_model
+    from tbps.trainer.recipe.step import Recipe, RetrievalModel
 
     num_classes = meta["num_classes"]
     num_samples = meta["splits"]["train"]["num_samples"]
@@ -251,7 +251,7 @@ def pretrained_config(name: str):
         if name not in KNOWN_CLIPS:
             raise ValueError(f"model.pretrained={name}: its config.json is neither a local folder "
                              "nor in the Hugging Face cache (offline); download it first") from None
-    from tbps.trainer.ema import CLIP_SIZES
+    from tbps.trainer.running.ema import CLIP_SIZES
 
     size = CLIP_SIZES[KNOWN_CLIPS[name]]
     return CLIPConfig(vision_config=size["vision"], projection_dim=size["projection_dim"],
@@ -280,7 +280,7 @@ def synthetic_batch(cfg: Config, tok, batch: int) -> dict:
 def saved_bytes(model, cfg: Config, tok, batch: int, dtype: torch.dtype, ema=None) -> int:
     """Bytes of the tensors autograd keeps for the backward of one training forward (each
     storage once; the parameters themselves excluded)."""
-    from tbps.trainer.recipe import StepInfo
+    from tbps.trainer.recipe.step import StepInfo
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -458,8 +458,8 @@ def _ema(cfg: Config, model, prec: dict):
         return None, 0
     from accelerate import Accelerator
 
-    from tbps.trainer.ema import ShardedEMA
-    from tbps.trainer.recipe import momentum_modules
+    from tbps.trainer.recipe.step import momentum_modules
+    from tbps.trainer.running.ema import ShardedEMA
 
     modules = tuple(dict.fromkeys(momentum_modules(cfg) + tuple(cfg.ema.modules)))
     acc = Accelerator(cpu=True)

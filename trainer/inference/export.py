@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from tbps.trainer.build import load_weights_folder
+from tbps.trainer.model.weights import load_weights_folder
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def find_metrics(weights_dir: Path) -> dict | None:
 def _branches(cfg, tokenizer, model) -> tuple[list[str], list[str]]:
     """Branch names and similarity names of the trained model, from one dummy pass."""
     from tbps.data_pipeline.transforms import prepare_batch
-    from tbps.trainer.search import loader_batch
+    from tbps.trainer.inference.search import loader_batch
 
     ids = tokenizer.encode_batch(["a person"])
     image = torch.zeros(1, *cfg.model.image_size, 3, dtype=torch.uint8)
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("out", help="folder to write the transformers model into")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    from tbps.trainer import dist, errors
+    from tbps.trainer.running import dist, errors
 
     dist.quiet_third_party()
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tbps.trainer import draws
-from tbps.trainer.masking import sampled_mlm_mask, word_positions
-from tbps.trainer.recipe import aggregate_layers, awm_weights, drop_patches
+from tbps.trainer.recipe import draws
+from tbps.trainer.recipe.caption_masking import sampled_mlm_mask, word_positions
+from tbps.trainer.recipe.step import aggregate_layers, awm_weights, drop_patches
 
 log = logging.getLogger(__name__)
 DRAWS = 2000
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from tbps.data_pipeline.transforms import normalize_images
-    from tbps.trainer.build import load_weights_folder
+    from tbps.trainer.model.weights import load_weights_folder
 
     try:
         if args.n < 1:

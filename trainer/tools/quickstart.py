@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tbps.trainer.launch import die_with_parent
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRAIN_IDS = 1000
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 

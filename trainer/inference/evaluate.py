@@ -1,7 +1,7 @@
 """Text-to-image evaluation: distributed embedding of queries and gallery, then the metrics.
 
     tbps evaluate runs/irra-synth/best                 # test split, one process
-    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.evaluate \
+    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.inference.evaluate \
         runs/irra-synth/best --split val
 
 Every test caption is a query over every test image (one per image). Each rank embeds its share
@@ -12,7 +12,7 @@ metrics.json beside the weights (or --out).
 
     tbps evaluate runs/irra-synth/best --split test --report runs/irra-synth/report
 
-also writes the report a person reads into that folder (trainer/report.py): a CMC curve, a
+also writes the report a person reads into that folder (trainer/inference/report.py): a CMC curve, a
 retrieval grid of sampled queries, the worst queries, and report.html showing all of it.
 
 ITM re-ranking (`eval.itm_rerank=K`, a recipe with an itm term, AGA's): each query's top K
@@ -35,8 +35,8 @@ import torch
 
 from tbps.data_pipeline.loader import EvalLoader, LoaderConfig
 from tbps.data_pipeline.transforms import prepare_batch
-from tbps.trainer import dist
-from tbps.trainer.metrics import retrieval_metrics
+from tbps.trainer.inference.metrics import retrieval_metrics
+from tbps.trainer.running import dist
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                    "the ITM head (a recipe with an itm term); default: the run's eval.itm_rerank")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from tbps.trainer import errors
+    from tbps.trainer.running import errors
 
     dist.quiet_third_party()
     return errors.guard(lambda: _main(args), on_stop="nothing was written; run it again")
@@ -201,8 +201,8 @@ def _main(args) -> int:
     from accelerate import Accelerator
     from rich.console import Console
 
-    from tbps.trainer.build import load_weights_folder
-    from tbps.trainer.errors import check_output
+    from tbps.trainer.model.weights import load_weights_folder
+    from tbps.trainer.running.errors import check_output
 
     if args.report is not None and min(args.report_queries, args.report_worst) < 1:
         raise ValueError("--report-queries and --report-worst must be at least 1")
@@ -217,7 +217,7 @@ def _main(args) -> int:
     if args.report is None:
         results = evaluate(model, cfg, tokenizer, args.split, acc.device)
     else:
-        from tbps.trainer.report import write_report
+        from tbps.trainer.inference.report import write_report
 
         results = write_report(model, cfg, tokenizer, args.split, acc.device,
                                Path(args.report), title=f"{args.weights} on {args.split}",

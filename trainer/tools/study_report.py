@@ -1,6 +1,6 @@
 """The noise study's report: per-run summaries, seed statistics, paired differences, targets, plots.
 
-trainer/study.py calls `summarize` on every finished run and `write_report` after each one;
+trainer/tools/study.py calls `summarize` on every finished run and `write_report` after each one;
 the functions also work on a results.json alone:
 
     tbps study report launch/results/noise_study/results.json    # tables and plots again
