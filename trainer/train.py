@@ -372,7 +372,7 @@ class Run:
         return StepInfo(epoch=s.epoch, step=s.step, tau=self.tau(s.step), generator=gen,
                         momentum=self.ema)
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
         """The loader's CPU batch on the training device, with the longest caption's length
         read on the host (so the text encoder need not read it back from the device)."""
         ids = batch["input_ids"]
@@ -394,7 +394,7 @@ class Run:
         self.model.eval()
         parts = {}
         for b, batch in enumerate(self.loader.epoch(s.epoch)):
-            batch = self._to_device(batch)
+            batch = self.to_device(batch)
             gen = torch.Generator().manual_seed(seed_of(self.cfg.train.seed, acc.process_index,
                                                         s.epoch, b, 1))
             out = self.model(batch, mode="per_sample",
@@ -421,7 +421,7 @@ class Run:
         if dist.rank() == 0:
             result = self.weighting.divide(scores, self.state.epoch, self.run_dir / "ccd")
         weights, logs = dist.broadcast_object(result)
-        self._unwrap().recipe.set_sample_weights(scores["index"], weights)
+        self.unwrap().recipe.set_sample_weights(scores["index"], weights)
         logs["ccd_seconds"] = round(time.time() - t0, 2)
         return logs
 
@@ -462,7 +462,7 @@ class Run:
         self.model.train()
         sums = LoggedSums()
         for batch in self.loader.epoch(s.epoch, s.batch_in_epoch):
-            batch = self._to_device(batch)
+            batch = self.to_device(batch)
             out, lr, info, applied = self.train_step(batch)
             sums.add(out)                    # stays on the device until a logging step
             s.batch_in_epoch += 1
@@ -638,7 +638,7 @@ class Run:
         log.info("exported the %s weights in transformers format to %s", source,
                  self.run_dir / "hf")
 
-    def _unwrap(self):
+    def unwrap(self):
         return self.acc.unwrap_model(self.model)
 
 

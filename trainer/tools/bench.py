@@ -92,7 +92,7 @@ def bench(cfg, steps: int, warmup: int) -> dict:
         cfg.train.tensorboard = False
         run = Run(cfg)
         acc, timer = run.acc, PhaseTimer(run.acc.device)
-        encoder = run._unwrap().encoder
+        encoder = run.unwrap().encoder
         encoder.encode_image = timer.wrap(encoder.encode_image, "image_encoder_forward")
         make_info = run.step_info
 
@@ -113,7 +113,7 @@ def bench(cfg, steps: int, warmup: int) -> dict:
                 epoch += 1
                 batches = run.loader.epoch(epoch)
                 raw = next(batches)
-            batch = run._to_device(raw)
+            batch = run.to_device(raw)
             timer.mark("data")
             out = run.train_step(batch, mark=timer.mark)[0]
             samples += batch["pid"].shape[0] * acc.num_processes
