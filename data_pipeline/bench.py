@@ -26,9 +26,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from tbps.data_pipeline import loader as L
+from tbps.data_pipeline import stages
+from tbps.data_pipeline.loader import TrainLoader
+from tbps.data_pipeline.loader_config import LoaderConfig
+from tbps.data_pipeline.loader_state import LoaderStats, mp_context
 from tbps.data_pipeline.manifest import read_meta, split_info
+from tbps.data_pipeline.partition import ranges_of
+from tbps.data_pipeline.schema import IMAGE_EXTS
+from tbps.data_pipeline.tar_reader import read_pieces
 from tbps.data_pipeline.transforms import TrainAugment, normalize_images
 
 TARGET_RATIO = 0.40
@@ -58,21 +66,21 @@ def cpu_model() -> str:
 
 def stage_times(root: Path, info, tokenizer, n: int, batch_size: int, image_size) -> dict:
     """us per sample of each training stage (streaming: each prefix's time minus the last)."""
-    stats = L.LoaderStats(L._mp_context())
+    stats = LoaderStats(mp_context())
     augment = TrainAugment()
-    stages = [
-        ("read", lambda src: L.read_pieces(src, root, stats, 100)),
-        ("parse", lambda src: L.parse_samples(src, stats, 100)),
-        ("augment", lambda src: L.augment_samples(src, augment, image_size, 0, 0)),
-        ("batch", lambda src: L.batch_samples(src, batch_size)),
-        ("decode + flip/crop into the batch", lambda src: L.collate_batches(src, image_size,
-                                                                            stats, 100)),
-        ("tokenize", lambda src: L.tokenize_batches(src, tokenizer)),
+    steps = [
+        ("read", lambda src: read_pieces(src, root, stats, 100)),
+        ("parse", lambda src: stages.parse_samples(src, stats, 100)),
+        ("augment", lambda src: stages.augment_samples(src, augment, image_size, 0, 0)),
+        ("batch", lambda src: stages.batch_samples(src, batch_size)),
+        ("decode + flip/crop into the batch",
+         lambda src: stages.collate_batches(src, image_size, stats, 100)),
+        ("tokenize", lambda src: stages.tokenize_batches(src, tokenizer)),
     ]
     prefix, per_stage = 0.0, {}
-    for i, (name, _) in enumerate(stages):
-        source = iter(L.ranges_of(list(info.shards), 0, n))
-        for _, stage in stages[: i + 1]:
+    for i, (name, _) in enumerate(steps):
+        source = iter(ranges_of(list(info.shards), 0, n))
+        for _, stage in steps[: i + 1]:
             source = stage(source)
         total = _drain(source)
         per_stage[name], prefix = max(total - prefix, 0.0), total
@@ -93,18 +101,18 @@ def run_bench(shard_dir, tokenizer, *, samples: int = 2000, batch_size: int = 64
     result = {"samples": n, "batch_size": batch_size}
     result.update(stage_times(root, info, tokenizer, n, batch_size, image_size))
 
-    stats = L.LoaderStats(L._mp_context())
-    jpegs = [next(v for k, v in s.items() if k in L.IMAGE_EXTS)
-             for s in L.read_pieces(L.ranges_of(list(info.shards), 0, n), root, stats, 100)]
-    cfg = L.LoaderConfig(batch_size=batch_size, image_size=image_size, num_workers=0,
-                         pin_memory=False)
-    train = L.TrainLoader(root, tokenizer, cfg, split=split)
+    stats = LoaderStats(mp_context())
+    jpegs = [next(v for k, v in s.items() if k in IMAGE_EXTS)
+             for s in read_pieces(ranges_of(list(info.shards), 0, n), root, stats, 100)]
+    cfg = LoaderConfig(batch_size=batch_size, image_size=image_size, num_workers=0,
+                       pin_memory=False)
+    train = TrainLoader(root, tokenizer, cfg, split=split)
     want = max(1, min(train.num_batches, n // batch_size))
     decode_rates, loader_rates = [], []
     for r in range(repeats + 1):                 # round 0 warms the page cache and the code
         t0 = time.perf_counter()
         for data in jpegs:
-            L.decode_image(data, image_size)
+            stages.decode_image(data, image_size)
         decode_rate = len(jpegs) / (time.perf_counter() - t0)
         got, t0 = 0, time.perf_counter()
         for i, batch in enumerate(train.epoch(r)):
@@ -125,7 +133,7 @@ def run_bench(shard_dir, tokenizer, *, samples: int = 2000, batch_size: int = 64
         "loader_samples_per_s_per_core": _spread(loader_rates),
         "loader_to_decode_ratio": _spread(ratios, 3), "target_ratio": TARGET_RATIO,
         "normalize_on_cpu_us": round(t_norm * 1e6, 1),
-        "jpeg_decoder": "simplejpeg" if L.simplejpeg is not None else "PIL",
+        "jpeg_decoder": "simplejpeg" if stages.simplejpeg is not None else "PIL",
         "cpu": cpu_model(), "cores_used": 1, "torch": torch.__version__,
         "numpy": np.__version__, "pillow": __import__("PIL").__version__,
         "omp_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -134,9 +142,6 @@ def run_bench(shard_dir, tokenizer, *, samples: int = 2000, batch_size: int = 64
 
 
 def print_report(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     h, w = result["image_size"]
     table = Table(title=f"loader throughput, one core of {result['cpu']}, images {h}x{w}, "
                         f"{result['samples']} samples")

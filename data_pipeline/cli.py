@@ -26,6 +26,7 @@ import logging
 import re
 import sys
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from tbps.data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS
 from tbps.data_pipeline.workers import stop_on_signals
@@ -167,8 +168,14 @@ def _how_to_continue(args) -> str:
     return "nothing was changed; run the command again"
 
 
+# Each verb imports its module when it runs: `--help` and the other verbs skip numpy, PIL,
+# pyarrow and torch.
+
+
 def _synth(args) -> int:
-    from tbps.data_pipeline.synthetic import SynthConfig, generate, pretrain_config, preview
+    from tbps.data_pipeline.synth_population import SynthConfig, pretrain_config  # numpy: lazy
+    from tbps.data_pipeline.synth_preview import preview  # PIL: lazy
+    from tbps.data_pipeline.synth_writer import generate  # PIL: lazy
 
     fields = dict(num_train_ids=args.train_ids, num_val_ids=args.val_ids,
                   num_test_ids=args.test_ids, images_per_id=args.images_per_id,
@@ -191,9 +198,8 @@ def _synth(args) -> int:
 
 
 def _synth_config_of(folder: str):
-    from pathlib import Path
-
-    from tbps.data_pipeline.synthetic import META_FILE, SynthConfig
+    from tbps.data_pipeline.synth_population import SynthConfig  # numpy: lazy
+    from tbps.data_pipeline.synth_writer import META_FILE  # PIL: lazy
 
     path = Path(folder) / META_FILE
     if not path.is_file():
@@ -207,7 +213,7 @@ def _synth_config_of(folder: str):
 
 
 def _shard(args) -> int:
-    from tbps.data_pipeline.sharding import ShardOptions, shard_dataset
+    from tbps.data_pipeline.sharding import ShardOptions, shard_dataset  # PIL, pyarrow: lazy
 
     opts = ShardOptions(shard_size=args.shard_size, resize=args.resize,
                         shuffle_seed=args.shuffle_seed, noise_rate=args.noise_rate,
@@ -220,7 +226,7 @@ def _shard(args) -> int:
 
 
 def _verify(args) -> int:
-    from tbps.data_pipeline.verify import verify
+    from tbps.data_pipeline.verify import verify  # PIL, pyarrow: lazy
 
     problems = verify(args.shards, workers=args.workers, progress=not args.quiet)
     for line in problems:
@@ -230,13 +236,13 @@ def _verify(args) -> int:
 
 
 def _stats(args) -> int:
-    from tbps.data_pipeline.verify import stats
+    from tbps.data_pipeline.verify import stats  # PIL, pyarrow: lazy
 
     result = stats(args.shards)
     if args.json:
         print(json.dumps(result))
         return 0
-    from rich.console import Console
+    from rich.console import Console  # rich: lazy, for the table alone
     from rich.table import Table
 
     splits = [s for s in SPLITS if s in result["splits"]]
@@ -251,11 +257,9 @@ def _stats(args) -> int:
 
 
 def _bench(args) -> int:
-    from pathlib import Path
-
-    from tbps.data_pipeline.bench import print_report, run_bench
-    from tbps.data_pipeline.manifest import read_meta
-    from tbps.data_pipeline.tokenizer import CaptionTokenizer
+    from tbps.data_pipeline.bench import print_report, run_bench  # torch: lazy
+    from tbps.data_pipeline.manifest import read_meta  # pyarrow: lazy
+    from tbps.data_pipeline.tokenizer import CaptionTokenizer  # numpy: lazy
 
     name = args.tokenizer or read_meta(args.shards).get("tokenizer")
     if name is None:

@@ -48,6 +48,8 @@ from tbps.data_pipeline.manifest import MANIFEST, write_manifest
 from tbps.data_pipeline.noise import apply_noise
 from tbps.data_pipeline.progress import progress_bar
 from tbps.data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS, Record, sample_key, shard_name
+from tbps.data_pipeline.synth_vocab import train_shared_tokenizer
+from tbps.data_pipeline.tokenizer import train_word_level
 from tbps.data_pipeline.workers import init_worker, stop_pool
 
 log = logging.getLogger(__name__)
@@ -136,13 +138,9 @@ def shard_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike,
 
     rows, meta = _collect(plan, done, fmt, options)
     if options.tokenizer == "word-level" and "train" in records:
-        from tbps.data_pipeline.tokenizer import train_word_level
-
         train_word_level(sorted(r.caption for r in records["train"]), out / TOKENIZER_DIR)
         meta["tokenizer"] = TOKENIZER_DIR
     elif options.tokenizer == "synthetic-vocab":
-        from tbps.data_pipeline.synthetic import train_shared_tokenizer
-
         train_shared_tokenizer(out / TOKENIZER_DIR)
         meta["tokenizer"] = TOKENIZER_DIR
     meta["annotation_report"] = {"problems": dict(report.counts), "entries": report.entries}

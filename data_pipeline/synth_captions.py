@@ -9,7 +9,7 @@
 
 Both styles name the same attributes with the same colour names, so a model that learned one
 reads the other once both share a vocabulary: `style_words()` lists every word and punctuation
-token a style's templates and synonyms can write (`synthetic.vocabulary()` adds the colour names).
+token a style's templates and synonyms can write (`synth_vocab.vocabulary()` adds the colour names).
 
     from tbps.data_pipeline.synth_captions import make_captions
     make_captions(identity, k, config)     # config.caption_style picks the style

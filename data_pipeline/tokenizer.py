@@ -69,7 +69,7 @@ class CaptionTokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, context_length: int = CONTEXT_LENGTH
                         ) -> "CaptionTokenizer":
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: about a second to import
 
         name = str(name_or_path)
         try:
@@ -185,6 +185,7 @@ def train_word_level(captions, out_dir: str | Path, *, context_length: int = CON
     words follow by decreasing frequency. Saved as a transformers folder: loads with
     `CaptionTokenizer.from_pretrained(out_dir)` or `AutoTokenizer.from_pretrained(out_dir)`.
     """
+    # tokenizers and transformers: lazy, about a second to import
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
