@@ -1,7 +1,9 @@
 """Backend choice shared by the ops: `impl="auto" | "triton" | "reference"`.
 
 `auto` takes the Triton kernel when every tensor is on CUDA and triton imports, else the eager
-reference; the choice is logged once per (op, choice) on the "kernels" logger. `triton` on CPU
+reference; the choice is logged once per (op, choice) on the "kernels" logger. Inside
+`with forced(impl):` every call that asks for `auto` (the trainer's) resolves as `impl`: the switch
+an end-to-end comparison of the kernels against the references uses. `triton` on CPU
 tensors runs the kernel in the Triton interpreter, which must be switched on (TRITON_INTERPRET=1)
 before `kernels` is imported, because `@triton.jit` reads the variable when it decorates.
 
@@ -11,6 +13,7 @@ on a machine without a GPU, exactly the launches a GPU run makes and compile the
 
 Nothing here touches CUDA at import time.
 """
+import contextlib
 import logging
 import os
 
@@ -38,6 +41,7 @@ except ImportError:  # non-Linux machines: keep the module importable, the refer
 IMPLS = ("auto", "triton", "reference")
 log = logging.getLogger("kernels")
 _logged: set[tuple[str, str]] = set()
+_forced: str | None = None          # set by `forced`: what "auto" means for now
 
 
 def interpreting() -> bool:
@@ -49,6 +53,8 @@ def resolve_impl(op: str, impl: str, *tensors: torch.Tensor) -> str:
     """Return "triton" or "reference" for this call; log the automatic choice once."""
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl={impl!r}; choose one of {IMPLS}")
+    if impl == "auto" and _forced is not None:
+        impl = _forced
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "auto":
         choice = "triton" if (on_cuda and HAS_TRITON) else "reference"
@@ -65,6 +71,20 @@ def resolve_impl(op: str, impl: str, *tensors: torch.Tensor) -> str:
             raise ValueError(f"{op}: impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                              "`kernels` is imported (the Triton interpreter); or use impl='reference'")
     return impl
+
+
+@contextlib.contextmanager
+def forced(impl: str):
+    """Within: calls with impl="auto" resolve as `impl` ("auto": no forcing); calls naming an
+    impl keep it. Process-wide (not per thread); nests, and restores the previous setting."""
+    global _forced
+    if impl not in IMPLS:
+        raise ValueError(f"forced: impl={impl!r}; choose one of {IMPLS}")
+    before, _forced = _forced, (None if impl == "auto" else impl)
+    try:
+        yield
+    finally:
+        _forced = before
 
 
 def compiled(x: torch.Tensor) -> bool:

@@ -30,21 +30,23 @@ runs/bench/<device>-<time> (git ignores runs/). Prints a table and, last, one JS
 """
 import argparse
 import csv
+import importlib
 import json
 import math
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
 from tbps.kernels import _dispatch
-from tbps.kernels._dispatch import HAS_TRITON, interpreting
+from tbps.kernels._dispatch import interpreting
+from tbps.kernels.environment import environment
 from tbps.kernels.similarity_loss import KINDS, similarity_loss
 from tbps.kernels.topk_select import topk_select
 
@@ -113,7 +115,7 @@ def time_fn(fn, device, grads=(), repeats=5):
     """(p20, p50, p80) in ms. CUDA: triton.testing.do_bench (L2 flushed between runs); CPU: wall
     clock over a few runs (the CPU numbers only show that the paths run)."""
     if device.type == "cuda":
-        import triton.testing
+        import triton.testing  # on a GPU only: triton is absent off Linux
 
         p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grads))
         return p20, p50, p80
@@ -147,9 +149,6 @@ def extra_mib(fn, device, grads=()):
 
 def profile(fn, device, top=12):
     """Per-kernel breakdown of one call: device kernels on CUDA, CPU ops otherwise."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     cuda = device.type == "cuda"
     if cuda:
         fn()  # compiled and tuned before it is profiled
@@ -174,8 +173,6 @@ def profile(fn, device, top=12):
 def compiled_kernels() -> list:
     """What the driver reports for every kernel variant this process compiled: registers and
     spills as the GPU loaded them (the offline check is tests/kernels/compile_sm90.py)."""
-    import importlib
-
     out = []
     for module in ("tbps.kernels.similarity_loss", "tbps.kernels.topk_select"):
         for name, fn in vars(importlib.import_module(module)).items():
@@ -338,32 +335,15 @@ def run_case(key, fns, work, exact, device, dtype, spec, repeats, want_profile):
 
 
 # --------------------------------------------------------------------------- reporting
-def environment(device, dtype, argv):
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):  # a copy without .git: the caller may say
-        commit = os.environ.get("KERNELS_COMMIT", "unknown")
+def device_record(device, dtype) -> dict:
+    """The device measured on (a GPU's name matches SPECS), its specification peaks, the dtype."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     spec_name, spec = device_spec(name) if device.type == "cuda" else (None, None)
-    triton_version = None
-    if HAS_TRITON:
-        import triton
-
-        triton_version = triton.__version__
     return {"device": name, "spec": spec_name or "unknown device", "spec_peaks": spec,
-            "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton_version,
-            "python": platform.python_version(), "commit": commit,
-            "command": " ".join(["tbps bench kernels", *argv]),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "dtype": str(dtype).replace("torch.", "")}
 
 
 def fmt(x, spec=".3g"):
@@ -384,7 +364,7 @@ def write(out: Path, rows, profiles, env, note, cuda: bool):
 
 
 def print_table(rows, profiles, env, note):
-    from rich.console import Console
+    from rich.console import Console  # rich and matplotlib only when the results are shown
     from rich.table import Table
 
     table = Table(title=f"tbps.kernels.bench on {env['device']} ({env['dtype']}; peaks: {env['spec']})",
@@ -406,7 +386,7 @@ def print_table(rows, profiles, env, note):
 
 
 def plot(rows, env, path):
-    import matplotlib
+    import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -479,7 +459,7 @@ def main(argv=None):
         providers = [p for p in providers if p != "triton" or interpreting()]
         note = ("CPU: the CPU numbers only show that the paths run"
                 + ("; triton dropped (it needs a GPU, or TRITON_INTERPRET=1)" if dropped else ""))
-    env = environment(device, dtype, argv)
+    env = {**environment("tbps bench kernels", argv), **device_record(device, dtype)}
     out = Path(args.out or f"runs/bench/{device.type}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     cases = []  # generators: each size's tensors exist only while that size runs

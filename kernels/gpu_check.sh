@@ -6,15 +6,17 @@
 #
 # Steps, each in its own log under $OUT, each cut at the smaller of its cap and the time left
 # (a cut step keeps what it wrote: the benchmark writes its files after every case):
-#   env            nvidia-smi, versions, commit (set KERNELS_COMMIT where the copy has no .git)
+#   env            python -m tbps.kernels.environment (versions, commit: set KERNELS_COMMIT where
+#                  the copy has no .git) and nvidia-smi
 #   compile        python -m tests.kernels.compile_sm90 --all on every core: the registers and
 #                  spills of each launched variant, and Triton's cache filled for the steps below
 #   pytest         python -m pytest -m gpu tests/kernels (numerics against eager, large shapes,
 #                  memory linear in n + N)
 #   bench-quick    tbps bench kernels --providers eager,triton (every kind and selection at
 #                  the goal and training sizes; no torch.compile, so it always finishes)
-#   step           tbps bench step-kernels (ViT-B/16 at 384x128, batch 64, IRRA and RDE in
-#                  bf16, with the kernels and with impl=reference)
+#   step           tbps bench step-kernels (python -m tbps.trainer.tools.step_timing kernels:
+#                  ViT-B/16 at 384x128, batch 64, IRRA and RDE in bf16, with the kernels and
+#                  with impl=reference)
 #   awm            python launch/step_bench.py --gpu: AMNS's step with AWM against every patch at
 #                  ViT-B/16 384x128, batch 64, bf16, phase by phase (the momentum forward AWM adds,
 #                  the image-encoder time it saves); the AMNS target is a ratio of at most 1
@@ -76,20 +78,7 @@ fi
 
 {
   echo "start: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET_S} s, gpu ${gpu}"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${KERNELS_COMMIT:-unknown}")"
-  python - <<'EOF'
-import platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError:
-    print("triton: not importable")
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("device", torch.cuda.get_device_name(0), f"{p.total_memory / 2**30:.0f} GiB",
-          f"{p.multi_processor_count} SMs", f"sm_{p.major}{p.minor}")
-EOF
+  python -m tbps.kernels.environment --command "bash kernels/gpu_check.sh"
   command -v nvidia-smi > /dev/null && nvidia-smi
 } > "$OUT/env.log" 2>&1
 echo "env: written" | tee -a "$OUT/summary.txt"
@@ -99,7 +88,7 @@ step compile 90 env -u TRITON_INTERPRET python -m tests.kernels.compile_sm90 --a
 step pytest 150 python -m pytest -m gpu tests/kernels -q -rs --durations=15 -p no:cacheprovider \
   --junitxml="$OUT/pytest-gpu.xml"
 step bench-quick 90 python -m tbps.kernels.bench "${bench_quick[@]}" --out "$OUT/bench-quick"
-step step 120 python -m tbps.kernels.step_timing "${step_args[@]}" --out "$OUT/step"
+step step 120 python -m tbps.trainer.tools.step_timing kernels "${step_args[@]}" --out "$OUT/step"
 step awm 150 python launch/step_bench.py "${awm_args[@]}" --out "$OUT/awm" --data "$OUT/awm-data"
 step bench 240 python -m tbps.kernels.bench "${bench_full[@]}" --out "$OUT/bench"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+from tbps.kernels.environment import environment
 
 
 def load(weights: Path, shards: str | None):
@@ -161,20 +159,6 @@ def train_fresh(cfg, feats, test: TestSet, init: str, kind: str, args) -> dict:
     return {"curve": curve, "seconds": round(time.time() - t0)}
 
 
-def environment(argv) -> dict:
-    cpu = "unknown"
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "commit": commit,
-            "command": "python launch/itm_probe.py " + " ".join(argv)}
-
-
 def markdown(results: dict) -> str:
     r = results
     lines = [f"# ITM probe: {r['weights']}", "",
@@ -245,7 +229,7 @@ def main(argv=None) -> int:
     results = json.loads(path.read_text()) if path.is_file() else {}
     if any(results.get(k) != v for k, v in settings.items()):
         results = {}                                   # other settings: start again
-    results.update(settings, environment=environment(argv))
+    results.update(settings, environment=environment("python launch/itm_probe.py", argv))
     test = TestSet(feats["test"], args.tau, args.k, seed=args.seed)
     results["trained"] = test.evaluate(model.recipe.cross, model.recipe.itm_head)
     results.setdefault("fresh", {})

@@ -16,11 +16,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from tbps.kernels.environment import environment
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("R1", "mAP", "mINP")
@@ -87,18 +88,12 @@ def main(argv=None) -> int:
                      f"{ms('off', 'mAP')} | {ms('on', 'mAP')} | {ms('off', 'mINP')} | "
                      f"{ms('on', 'mINP')} | {statistics.fmean(r['seconds'] for r in rs):.1f} | "
                      f"{statistics.fmean(r['queries_per_s'] for r in rs):.0f} |")
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        if line.startswith("Model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip()
-    command = "python launch/rerank_study.py " + " ".join(argv or sys.argv[1:])
-    lines += ["", f"CPU: {cpu}; commit {commit}; command: `{command}`"]
+    env = environment("python launch/rerank_study.py", argv)
+    lines += ["", f"CPU: {env['cpu']}; commit {env['commit']}; command: `{env['command']}`"]
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rerank.md").write_text("\n".join(lines) + "\n")
-    (out / "rerank.json").write_text(json.dumps({"k": args.k, "cpu": cpu, "commit": commit,
-                                                 "command": command, "runs": rows}, indent=1))
+    (out / "rerank.json").write_text(json.dumps({"k": args.k, **env, "runs": rows}, indent=1))
     print("\n".join(lines))
     return 0
 

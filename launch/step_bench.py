@@ -1,13 +1,16 @@
-"""The training step of each preset, timed phase by phase (tbps.trainer.tools.bench) on 2 CPU processes.
+"""The training step of each preset, timed phase by phase (`tbps bench step`,
+tbps.trainer.tools.step_timing) on 2 CPU processes.
 
     python launch/step_bench.py --out launch/results/step_bench          # about 10 min on 2 cores
 
-Each case is `accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m tbps.trainer.tools.bench`
-on small synthetic shards it makes once under --data (96x32; 384x128 for the ViT-B/16 case):
+Each case is `accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m
+tbps.trainer.tools.step_timing` on small synthetic shards it makes once under --data (96x32;
+384x128 for the ViT-B/16 case):
 IRRA, RDE, AMNS (AWM), AMNS with every patch and with random dropping (AWM's cost and saving),
-AGA, and AMNS at CLIP ViT-B/16's sizes (random weights, 384x128, 2 samples a rank), with AWM and
-with every patch, for the momentum model's forward and refresh at real scale. A finished case (its JSON exists) is skipped;
-<out>/step_bench.md is rewritten after every case with the CPU model, versions and commands.
+AGA, and AMNS at CLIP ViT-B/16's sizes (tbps.trainer.model.sizes; random weights, 384x128, 2
+samples a rank), with AWM and with every patch, for the momentum model's forward and refresh at
+real scale. A finished case (its JSON exists) is skipped; <out>/step_bench.md is rewritten after
+every case with the CPU model, versions and commands.
 
 On a GPU (`--gpu`, what kernels/gpu_check.sh runs): one process on the device, bf16, and the
 ViT-B/16 cases at batch 64 with 10 timed steps, for the AMNS target (the AWM step no slower than
@@ -24,13 +27,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tbps.trainer.model import sizes
+
 REPO = Path(__file__).resolve().parents[1]
 SYNTH = "launch/configs/irra_synth.yaml"
 COMMON = ["train.precision=fp32", "data.num_workers=0"]
-VIT_B16 = ["model.vision_width=768", "model.vision_layers=12", "model.vision_heads=12",
-           "model.text_width=512", "model.text_layers=12", "model.text_heads=8",
-           "model.embed_dim=512", "model.patch_size=16", "model.image_size=[384,128]",
-           "model.cross_layers=4", "model.cross_heads=8", "data.batch_size=2"]
+TIMER = "tbps.trainer.tools.step_timing"
+VIT_B16 = [*sizes.overrides("ViT-B/16"), "model.cross_layers=4", "model.cross_heads=8",
+           "data.batch_size=2"]
 CASES = {
     "irra": (SYNTH, []),
     "rde": ("launch/configs/rde_synth.yaml", []),
@@ -89,7 +93,8 @@ def table(results: dict) -> str:
              f"{head.get('precision', 'fp32')}, {head.get('threads', 1)} thread(s) each; "
              f"commit {head['commit']}", "",
              "| case | samples/s | step ms | data | forward (momentum fwd / image enc.) | "
-             "backward | optimizer | EMA | EMA refresh: ms, MiB a rank |", "|---|---|---|---|---|---|---|---|---|"]
+             "backward | optimizer | EMA | EMA refresh: ms, MiB a rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         ph, inside, ema = r["phases_ms"], r["inside_forward_ms"], r.get("ema")
         fwd = f"{ph['forward']:.0f} ({inside.get('momentum_forward', 0):.0f} / " \
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown cases {unknown}; the cases are {list(CASES)}")
     if args.gpu:
-        import torch
+        import torch  # only to see the GPU: the cases run in their own processes
 
         if not torch.cuda.is_available():
             p.error("--gpu: no CUDA device is visible here")
@@ -136,14 +141,14 @@ def main(argv=None) -> int:
             where = shards(data, "384x128" if vit else "96x32")
             steps = ["--steps", "3", "--warmup", "1"] if vit else ["--steps", str(args.steps)]
             if args.gpu:
-                launcher = [sys.executable, "-m", "tbps.trainer.tools.bench"]
+                launcher = [sys.executable, "-m", TIMER]
                 steps = ["--steps", "10", "--warmup", "3"] if vit else steps
                 settings = ["train.precision=bf16", "data.num_workers=2", *overrides,
                             *(["data.batch_size=64"] if vit else [])]
             else:
                 launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                             "launch/accelerate/cpu_ddp.yaml", "--num_processes", "2", "-m",
-                            "tbps.trainer.tools.bench"]
+                            TIMER]
                 settings = [*COMMON, *overrides]
             run([*launcher, "--config", config, *steps, "--out", rel(path),
                  f"data.shards={rel(where)}", *settings])

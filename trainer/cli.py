@@ -34,8 +34,9 @@ VERBS: dict[str, Entry | dict[str, Entry]] = {
                    "synthesise, shard, train on 2 CPU processes, evaluate"),
     "bench": {
         "kernels": ("tbps.kernels.bench:main", (), "the fused kernels against eager PyTorch"),
-        "step": ("tbps.trainer.tools.bench:main", (), "the training step of a recipe, phase by phase"),
-        "step-kernels": ("tbps.kernels.step_timing:main", (),
+        "step": ("tbps.trainer.tools.step_timing:phases_main", (),
+                 "the training step of a recipe, phase by phase"),
+        "step-kernels": ("tbps.trainer.tools.step_timing:kernels_main", (),
                          "the training step with the kernels against impl=reference"),
         "search": ("tbps.trainer.tools.search_bench:main", (), "gallery search: throughput, recall"),
         "data": (DATA, ("bench",), "loader samples/s per CPU core"),

@@ -1,6 +1,7 @@
-"""The benchmark CLI on CPU: every case on the reference path with its table, CSV, JSON and plot;
-the Triton path in the interpreter checked against eager, a wrong output reported as a mismatch;
-the device specification table."""
+"""The benchmark CLI on CPU: every case on the reference path with its table, CSV, JSON and plot
+and the environment record; the Triton path in the interpreter checked against eager, a wrong
+output reported as a mismatch; the device specification table; the dispatch switch that forces
+an implementation."""
 import csv
 import json
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import tbps.kernels.bench as bench
+from tbps.kernels import _dispatch
 from tbps.kernels._dispatch import interpreting
 
 
@@ -21,7 +23,8 @@ def test_cpu_benchmark_writes_results(tmp_path, capsys):
         assert {r.provider for r in rows} == {"eager"} and "paths run" in printed
     assert json.loads(printed.strip().splitlines()[-1])["rows"] == len(rows)
     meta = json.loads((tmp_path / "bench.json").read_text())
-    for key in ("device", "spec", "torch", "triton", "commit", "command", "rows"):
+    for key in ("device", "spec", "torch", "triton", "commit", "command", "rows", "cpu", "threads",
+                "python", "time"):
         assert meta[key], key
     assert meta["command"] == f"tbps bench kernels --out {tmp_path}"
     with open(tmp_path / "bench.csv") as f:
@@ -61,3 +64,18 @@ def test_triton_outputs_are_checked_against_eager(tmp_path, capsys, monkeypatch)
     ("NVIDIA GeForce RTX 4090", None)])
 def test_device_specification_table(name, spec):
     assert bench.device_spec(name)[0] == spec
+
+
+def test_forced_switch_resolves_the_auto_calls_only():
+    x = torch.zeros(2)
+    want = "triton" if interpreting() else "reference"
+    with _dispatch.forced("reference"):
+        assert _dispatch.resolve_impl("op", "auto", x) == "reference"
+        with _dispatch.forced(want):
+            assert _dispatch.resolve_impl("op", "auto", x) == want
+            assert _dispatch.resolve_impl("op", "reference", x) == "reference"
+        assert _dispatch.resolve_impl("op", "auto", x) == "reference"
+    assert _dispatch._forced is None
+    with pytest.raises(ValueError, match="forced"):
+        with _dispatch.forced("fast"):
+            pass

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer
+from tbps.trainer.common import collective
 from tbps.trainer.common.config import load_config
+from tbps.trainer.model.retrieval import features
 from tbps.trainer.model.weights import build_model
-from tbps.trainer.recipe.step import StepInfo
+from tbps.trainer.recipe.step import Recipe, StepInfo
 from tbps.trainer.running import dist
 from tbps.trainer.running.ema import ShardedEMA
 
@@ -39,7 +41,7 @@ def full_fp32(param) -> torch.Tensor:
 
 
 def batch_for(step: int, tok) -> dict:
-    g = torch.Generator().manual_seed(1000 * step + dist.rank())
+    g = torch.Generator().manual_seed(1000 * step + collective.rank())
     return {"image": torch.randn(B, 3, 32, 16, generator=g),
             "input_ids": torch.from_numpy(tok.encode_batch([CAPTIONS[(step + i) % 4]
                                                             for i in range(B)])),
@@ -69,11 +71,12 @@ def main(out_dir: str, tok_dir: str, mode: str) -> None:
     first = 0
     if mode == "resume":
         acc.load_state(str(out / "ckpt"))
-        ema.load_state_dict(torch.load(out / f"ema-{dist.rank()}.pt", weights_only=True))
+        ema.load_state_dict(torch.load(out / f"ema-{collective.rank()}.pt", weights_only=True))
         first = RESUME_AT
     for step in range(first, STEPS):
         batch = {k: v.to(acc.device) for k, v in batch_for(step, tok).items()}
-        loss = model(batch, mode="train", step=StepInfo(0, step, 0.1, torch.Generator()))["loss"]
+        loss = model(Recipe(cfg, tok).train_losses, batch,
+                     StepInfo(0, step, 0.1, torch.Generator()))["loss"]
         acc.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -83,19 +86,19 @@ def main(out_dir: str, tok_dir: str, mode: str) -> None:
             reference[n].mul_(m).add_(full_fp32(params[n]), alpha=1 - m)
         if mode == "fresh" and step + 1 == RESUME_AT:
             acc.save_state(str(out / "ckpt"))
-            torch.save(ema.state_dict(), out / f"ema-{dist.rank()}.pt")
+            torch.save(ema.state_dict(), out / f"ema-{collective.rank()}.pt")
     gathered = ema.full_state_dict()
-    sharded_bytes = dist.all_gather_object(ema.stored_bytes())
+    sharded_bytes = collective.all_gather_object(ema.stored_bytes())
     # the EMA forward against a plain model holding the reference EMA
     probe = {k: v.to(acc.device) for k, v in batch_for(99, tok).items()}
-    img, txt = ema(probe, mode="features")
+    img, txt = ema(features, probe)
     with dist.plain_init(acc):
         plain = factory()
     plain.load_state_dict(reference, strict=False)          # the encoder: all "features" needs
     with torch.no_grad():
-        ref_img, ref_txt = plain.to(acc.device).eval()(probe, mode="features")
+        ref_img, ref_txt = plain.to(acc.device).eval()(features, probe)
     result = {
-        "kind": ema.kind, "world": dist.world_size(),
+        "kind": ema.kind, "world": collective.world_size(),
         "ema_vs_reference": max(float((gathered[n] - reference[n]).abs().max()) for n in names),
         "moved": max(float((reference[n] - full_fp32(dict(online.named_parameters())[n])).abs().max())
                      for n in names),
@@ -104,7 +107,7 @@ def main(out_dir: str, tok_dir: str, mode: str) -> None:
         "forward_text": float((txt.embeds_BE.float() - ref_txt.embeds_BE).abs().max()),
         "forward_scale": float(ref_img.embeds_BE.abs().max()),
     }
-    if dist.rank() == 0:
+    if collective.rank() == 0:
         torch.save(gathered, out / f"{mode}-ema.pt")
         (out / f"{mode}.json").write_text(json.dumps(result))
     acc.wait_for_everyone()

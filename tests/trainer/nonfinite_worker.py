@@ -22,9 +22,9 @@ def main(shards: str, out: str) -> None:
     rank = torch.distributed.get_rank()
     forward, step = run.model.forward, run.train_step
 
-    def poisoned(batch, mode="train", step=None):
-        out = forward(batch, mode=mode, step=step)
-        if mode == "train" and run.state.step + 1 == 3 and rank == 1:
+    def poisoned(entry, *args):
+        out = forward(entry, *args)
+        if entry == run.recipe.train_losses and run.state.step + 1 == 3 and rank == 1:
             out = {**out, "loss": out["loss"] * float("nan")}
         return out
 

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.tokenizer import CaptionTokenizer
+from tbps.trainer.common import collective
 from tbps.trainer.common.config import load_config
 from tbps.trainer.model.weights import build_model
 from tbps.trainer.recipe import losses
-from tbps.trainer.recipe.step import StepInfo, momentum_modules
+from tbps.trainer.recipe.momentum import momentum_modules
+from tbps.trainer.recipe.step import Recipe, StepInfo
 from tbps.trainer.running import dist
 
 B = 4            # per rank
@@ -55,7 +57,7 @@ def batch(tok) -> dict:
 
 def step_info(momentum) -> StepInfo:
     return StepInfo(epoch=1, step=3, tau=0.1, generator=torch.Generator().manual_seed(0),
-                    momentum=momentum)
+                    momentum_model=momentum)
 
 
 class Recorder:
@@ -77,12 +79,7 @@ def reference(tok_dir, overrides) -> dict:
     torch.manual_seed(0)
     model = factory(cfg, tok)
     momentum = copy.deepcopy(model).eval()
-
-    def call(b, mode, step):
-        with torch.no_grad():
-            return momentum(b, mode=mode, step=step)
-
-    out = model(batch(tok), mode="train", step=step_info(call))
+    out = model(Recipe(cfg, tok).train_losses, batch(tok), step_info(momentum))
     out["loss"].backward()
     return {"values": {k: float(v.detach()) for k, v in out.items()},
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()
@@ -114,9 +111,10 @@ def main(out_dir: str, tok_dir: str, *overrides: str) -> None:
                          modules=momentum_modules(cfg), momentum=0.995)
     recorder = Recorder()
     losses.itm_negatives = recorder
-    r = dist.rank()
+    r = collective.rank()
     local = {k: v[r * B:(r + 1) * B].to(acc.device) for k, v in batch(tok).items()}
-    result = model(local, mode="train", step=step_info(ema))
+    result = model(Recipe(cfg, tok).train_losses, local,
+                   step_info(None if ema is None else ema.module))
     acc.backward(result["loss"])
     values = torch.stack([result[k].detach().float() for k in sorted(result)])
     torch.distributed.all_reduce(values)
@@ -126,7 +124,7 @@ def main(out_dir: str, tok_dir: str, *overrides: str) -> None:
     else:
         grads = {n: None if p.grad is None else p.grad.clone()
                  for n, p in online.named_parameters()}
-    picks = dist.all_gather_object(recorder.calls)
+    picks = collective.all_gather_object(recorder.calls)
     if r == 0:
         torch.save({"values": dict(zip(sorted(result), (values / 2).tolist())),
                     "grads": {n: g for n, g in grads.items() if g is not None},

@@ -143,7 +143,7 @@ def _ema(model):
     from tbps.trainer.running.ema import ShardedEMA
 
     return ShardedEMA(Accelerator(cpu=True), model, factory=Tiny, modules=("encoder",),
-                      momentum=0.9, keep_roots=())
+                      momentum=0.9)
 
 
 def test_the_ema_is_recut_from_every_rank_fragments():

@@ -118,7 +118,7 @@ def test_export_never_writes_over_its_input_or_foreign_files(capsys, weights, tm
 
 def test_bench_and_search_refuse_bad_input(capsys, weights, tmp_path):
     from tbps.trainer.inference.search import main as search
-    from tbps.trainer.tools.bench import main as bench
+    from tbps.trainer.tools.step_timing import phases_main as bench
 
     _check(capsys, bench(["--config", "nope.yaml"]), "config file nope.yaml does not exist")
     _check(capsys, bench(["--config", CONFIG, "--steps", "0"]), "--steps must be >= 1")

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from tbps.data_pipeline.tokenizer import PROBE, train_word_level
 from tbps.trainer.common.config import load_config
 from tbps.trainer.model.weights import build_model
-from tbps.trainer.recipe.step import StepInfo
+from tbps.trainer.recipe.step import Recipe, StepInfo
 from tests.distributed import free_port, init_gloo
 
 B, WORLD = 6, 2
@@ -30,6 +30,7 @@ def _setup(tok_dir):
     cfg = load_config(None, OVERRIDES)
     torch.manual_seed(0)
     model = build_model(cfg, tok, num_classes=5, num_samples=B * WORLD).double()
+    model.test_recipe = Recipe(cfg, tok)
     g = torch.Generator().manual_seed(1)
     captions = [PROBE, "the man wears blue jeans", "a man with a green bag", "a woman in red"]
     batch = {
@@ -42,7 +43,7 @@ def _setup(tok_dir):
 
 
 def _loss_and_grads(model, batch, tau):
-    out = model(batch, mode="train", step=StepInfo(0, 0, tau, torch.Generator()))
+    out = model(model.test_recipe.train_losses, batch, StepInfo(0, 0, tau, torch.Generator()))
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads

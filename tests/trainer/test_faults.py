@@ -120,7 +120,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(stopped, tiny_shards):
     assert first["step"] == 2 * state["step"] + 1
     layout = state["layout"]
     from tbps.trainer.common.config import load_config
-    from tbps.trainer.train import _lr_at
+    from tbps.trainer.running.resume import lr_at as _lr_at
 
     cfg = load_config(REPO / "launch/configs/irra_synth.yaml", TINY_MODEL)
     before = cfg.optim.lr * _lr_at(cfg, layout, state["step"])
@@ -216,9 +216,9 @@ def test_a_non_finite_loss_skips_the_step_and_k_in_a_row_stop(tmp_path, tiny_sha
     forward, step_fn = run.model.forward, run.train_step
     seen = {}
 
-    def poisoned(batch, mode="train", step=None):
-        out = forward(batch, mode=mode, step=step)
-        if mode == "train" and run.state.step + 1 in poison:
+    def poisoned(entry, *args):
+        out = forward(entry, *args)
+        if entry == run.recipe.train_losses and run.state.step + 1 in poison:
             out = {**out, "loss": out["loss"] * float("nan")}
         return out
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tbps.trainer.model.heads import TokenSelectionEmbedding
+from tbps.trainer.model.tse import TokenSelectionEmbedding
 
 
 def _boolean_index_reference(head, tokens_BkE, valid_Bk):

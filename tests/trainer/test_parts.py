@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tbps.trainer.recipe import draws, losses
-from tbps.trainer.recipe.caption_masking import sampled_mlm_mask, word_positions
-from tbps.trainer.recipe.step import Momentum, aggregate_layers, awm_weights, kept_indices
+from tbps.trainer.recipe.caption_masking import aggregate_layers, sampled_mlm_mask, word_positions
+from tbps.trainer.recipe.token_selection import awm_weights, keep_patches, kept_indices
 
 
 def inclusion_probabilities(w: list[float], k: int) -> list[float]:
@@ -54,15 +54,11 @@ def test_keyed_draws_depend_on_the_sample_not_on_its_batch():
 # -- AWM -----------------------------------------------------------------------------------------
 
 def _keep(scores_BN, ratio, index):
-    """What the recipe's _keep_patches does, for a planted momentum score map."""
+    """AWM's selection for a planted momentum score map."""
     from types import SimpleNamespace
 
-    from tbps.trainer.recipe.step import Recipe
-
-    fake = SimpleNamespace(rc=SimpleNamespace(image_tokens=SimpleNamespace(kind="attention",
-                                                                         ratio=ratio)),
-                           training=True, num_patches=scores_BN.shape[1])
-    return Recipe._keep_patches(fake, Momentum(patch_scores_BN=scores_BN), (11, index))
+    awm = SimpleNamespace(kind="attention", ratio=ratio)
+    return keep_patches(awm, scores_BN.shape[1], scores_BN, (11, index))
 
 
 def test_awm_drops_patches_with_the_inclusion_probabilities_of_its_definition():
@@ -181,13 +177,12 @@ def test_itc_with_distillation_equals_its_float64_formula():
         target = alpha * pm + (1 - alpha) * q
         want = want - (target * torch.log(p)).sum()
     torch.testing.assert_close(got, want)
-    for x, gx, wx in zip((img, txt), torch.autograd.grad(got, (img, txt)),
-                         torch.autograd.grad(want, (img, txt))):
+    for gx, wx in zip(torch.autograd.grad(got, (img, txt)), torch.autograd.grad(want, (img, txt))):
         torch.testing.assert_close(gx, wx)
 
 
 def test_bsdm_and_waf_with_pair_weights_equal_their_float64_formulas():
-    from tbps.trainer.recipe.step import _reduce
+    from tbps.trainer.recipe.losses import reduce as _reduce
 
     img, txt, pid, g = _setup()
     w = torch.rand(6, dtype=torch.float64, generator=g)           # e.g. clean probabilities
@@ -232,7 +227,7 @@ def small_model(tok, overrides, num_samples=8):
 
     torch.manual_seed(0)
     cfg = load_config(None, SMALL + list(overrides))
-    return build_model(cfg, tok, num_classes=4, num_samples=num_samples).double()
+    return build_model(cfg, tok, num_classes=4, num_samples=num_samples).double(), cfg
 
 
 def small_batch(tok, n=8):
@@ -247,14 +242,15 @@ def small_batch(tok, n=8):
 
 @pytest.mark.parametrize("kind", ["bsdm", "waf"])
 def test_the_recipe_weights_each_pair_by_its_clean_probability(tok, kind):
-    from tbps.trainer.recipe.step import StepInfo
+    from tbps.trainer.recipe.consensus_division import set_weights
+    from tbps.trainer.recipe.step import Recipe, StepInfo
 
-    model = small_model(tok, [f"recipe.losses=[{{kind: {kind}}}]", "loss.tau_start=null",
+    model, cfg = small_model(tok, [f"recipe.losses=[{{kind: {kind}}}]", "loss.tau_start=null",
                               "recipe.weighting.kind=consensus", "recipe.weighting.use=probability"])
     w = torch.tensor([1.0, 0.0, 0.5, 0.25, 0.0, 1.0, 0.75, 0.1], dtype=torch.float64)
-    model.recipe.set_sample_weights(torch.arange(8), w)
+    set_weights(model, torch.arange(8), w)
     batch = small_batch(tok)
-    out = model(batch, mode="train", step=StepInfo(0, 0, 0.1, torch.Generator()))
+    out = model(Recipe(cfg, tok).train_losses, batch, StepInfo(0, 0, 0.1, torch.Generator()))
     enc = model.encoder
     img, txt = enc.encode_image(batch["image"]).embeds_BE, enc.encode_text(batch["input_ids"]).embeds_BE
     per = sum(losses.bidirectional(img, txt, batch["pid"], losses.GatheredKeys(img, txt),

@@ -83,10 +83,11 @@ def test_memory_estimate_against_a_measured_model(tiny_shards):
     ema, ema_params = plan._ema(cfg, model, {"precision": "fp32"})
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = plan.synthetic_batch(cfg, tok, cfg.data.batch_size)
-    from tbps.trainer.recipe.step import StepInfo
+    from tbps.trainer.recipe.step import Recipe, StepInfo
 
-    out = model(batch, mode="train", step=StepInfo(epoch=0, step=0, tau=0.05, momentum=ema,
-                                                    generator=torch.Generator().manual_seed(0)))
+    out = model(Recipe(cfg, tok).train_losses, batch,
+                StepInfo(epoch=0, step=0, tau=0.05, momentum_model=ema.module,
+                         generator=torch.Generator().manual_seed(0)))
     out["loss"].backward()
     opt.step()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)     # noqa: E731

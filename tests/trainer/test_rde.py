@@ -13,7 +13,7 @@ from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_lev
 from tbps.trainer.common.config import load_config
 from tbps.trainer.model.weights import build_model
 from tbps.trainer.recipe import consensus_division as ccd
-from tbps.trainer.recipe.step import StepInfo
+from tbps.trainer.recipe.step import Recipe, StepInfo
 from tests.distributed import free_port, init_gloo
 
 CAPTIONS = [PROBE, "the man wears blue jeans and white shoes", "a man with a green bag",
@@ -36,7 +36,15 @@ def _model(tok_dir, num_samples=12, dtype=torch.float64, extra=()):
     tok = CaptionTokenizer.from_pretrained(tok_dir, context_length=16)
     cfg = load_config(None, SMALL + list(extra))
     torch.manual_seed(0)
-    return build_model(cfg, tok, num_classes=1, num_samples=num_samples).to(dtype), tok
+    return build_model(cfg, tok, num_classes=1, num_samples=num_samples).to(dtype), tok, cfg
+
+
+def _train(model, cfg, tok, batch, step):
+    return model(Recipe(cfg, tok).train_losses, batch, step)
+
+
+def _per_sample(model, cfg, batch, step):
+    return model(ccd.per_sample_losses, cfg.recipe.weighting, batch, step.tau)
 
 
 def _batch(tok, n=12, dtype=torch.float64):
@@ -48,13 +56,13 @@ def _batch(tok, n=12, dtype=torch.float64):
 
 
 def test_tse_matches_a_plain_reference(tok_dir):
-    model, tok = _model(tok_dir)
+    model, tok, _ = _model(tok_dir)
     model.eval()
-    rde, enc = model.recipe, model.encoder
+    enc = model.encoder
     batch = _batch(tok)
     with torch.no_grad():
         img, txt = enc.encode_image(batch["image"]), enc.encode_text(batch["input_ids"])
-        got_i, got_t = rde._tse_image(img), rde._tse_text(txt)
+        got_i, got_t = model.tse(img, txt)
 
     def reference(head, tokens, scores, valid, k):
         out = []
@@ -66,20 +74,20 @@ def test_tse_matches_a_plain_reference(tok_dir):
             out.append(y.max(dim=0).values)
         return torch.stack(out)
 
-    assert rde.k_image == 2 and rde.k_text == 4          # floor(0.3 * 8 patches), floor(0.3 * 14)
+    assert model.tse_k == (2, 4)         # floor(0.3 * 8 patches), floor(0.3 * 14)
     with torch.no_grad():
-        want_i = reference(rde.tse_image, img.tokens_BTE[:, 1:], img.attn_BK,
+        want_i = reference(model.tse_image, img.tokens_BTE[:, 1:], img.attn_BK,
                            torch.ones_like(img.attn_BK, dtype=torch.bool), 2)
         words = (torch.arange(txt.input_ids_BL.shape[1])[None] >= 1) & \
             (torch.arange(txt.input_ids_BL.shape[1])[None] < txt.eos_B[:, None])
-        want_t = reference(rde.tse_text, txt.tokens_BLE, txt.attn_BL, words, 4)
+        want_t = reference(model.tse_text, txt.tokens_BLE, txt.attn_BL, words, 4)
     torch.testing.assert_close(got_i, want_i)
     torch.testing.assert_close(got_t, want_t)
     short = tok.encode_batch(["a man"])                  # 2 words < k: pools over those 2
     with torch.no_grad():
         t2 = enc.encode_text(torch.from_numpy(short))
-        torch.testing.assert_close(rde._tse_text(t2), reference(
-            rde.tse_text, t2.tokens_BLE, t2.attn_BL, torch.tensor([[False, True, True, False]]), 4))
+        torch.testing.assert_close(model.tse(None, t2)[1], reference(
+            model.tse_text, t2.tokens_BLE, t2.attn_BL, torch.tensor([[False, True, True, False]]), 4))
 
 
 def test_ccd_recovers_a_planted_division():
@@ -117,19 +125,19 @@ BN_EVAL = ["recipe.tse.authors_bn_eval=true"]
 def _worker(rank, port, tok_dir, out_path):
     init_gloo(rank, port, 2)
     torch.set_num_threads(1)
-    model, tok = _model(tok_dir, extra=BN_EVAL)
-    model.recipe.sample_weight[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    model, tok, cfg = _model(tok_dir, extra=BN_EVAL)
+    model.sample_weight[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
     batch = _batch(tok)
     local = {k: v[rank * 6:(rank + 1) * 6] for k, v in batch.items()}
     step = StepInfo(0, 0, 0.05, torch.Generator())
     model.eval()
     with torch.no_grad():
-        per = model(local, mode="per_sample", step=step)
+        per = _per_sample(model, cfg, local, step)
     gathered = {k: [torch.empty_like(v) for _ in range(2)] for k, v in per.items()}
     for k, v in per.items():
         dist.all_gather(gathered[k], v)
     model.train()
-    out = model(local, mode="train", step=step)
+    out = _train(model, cfg, tok, local, step)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     for g in grads.values():
@@ -150,16 +158,16 @@ def test_two_rank_per_sample_and_weighted_losses_equal_one_process(tmp_path, tok
     mp.start_processes(_worker, args=(free_port(), tok_dir, str(out_path)), nprocs=2,
                        start_method="spawn")
     got = torch.load(out_path)
-    model, tok = _model(tok_dir, extra=BN_EVAL)
-    model.recipe.sample_weight[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    model, tok, cfg = _model(tok_dir, extra=BN_EVAL)
+    model.sample_weight[:] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
     batch, step = _batch(tok), StepInfo(0, 0, 0.05, torch.Generator())
     model.eval()
     with torch.no_grad():
-        per = model(batch, mode="per_sample", step=step)
+        per = _per_sample(model, cfg, batch, step)
     for k in ("bge", "tse"):
         torch.testing.assert_close(got["per"][k], per[k], rtol=1e-10, atol=1e-12)
     model.train()
-    out = model(batch, mode="train", step=step)
+    out = _train(model, cfg, tok, batch, step)
     out["loss"].backward()
     # rank 1 holds no anchor at all (weight 0 on samples 6..11): its loss is exactly 0
     torch.testing.assert_close(got["loss"], out["loss"].detach(), rtol=1e-8, atol=1e-12)
@@ -170,10 +178,10 @@ def test_two_rank_per_sample_and_weighted_losses_equal_one_process(tmp_path, tok
 
 
 def test_a_batch_without_anchors_gives_zero_loss_and_gradients(tok_dir):
-    model, tok = _model(tok_dir, dtype=torch.float32)
-    model.recipe.sample_weight.zero_()
-    out = model(_batch(tok, dtype=torch.float32), mode="train",
-                step=StepInfo(0, 0, 0.015, torch.Generator()))
+    model, tok, cfg = _model(tok_dir, dtype=torch.float32)
+    model.sample_weight.zero_()
+    out = _train(model, cfg, tok, _batch(tok, dtype=torch.float32),
+                 StepInfo(0, 0, 0.015, torch.Generator()))
     out["loss"].backward()
     assert out["loss"].item() == 0.0 and torch.isfinite(out["tal_bge"])
     assert all(torch.isfinite(p.grad).all() and not p.grad.any()

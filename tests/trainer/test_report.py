@@ -6,10 +6,13 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
-from tbps.trainer.inference import evaluate, report
+from tbps.data_pipeline.manifest import read_manifest
+from tbps.trainer.inference import drawing, evaluate, report
 from tbps.trainer.inference.export import export_hf
-from tbps.trainer.inference.metrics import retrieval_metrics
+from tbps.trainer.inference.gallery import list_gallery
+from tbps.trainer.inference.metrics import Evaluation, retrieval_metrics
 from tests.trainer.test_search import make_weights
 
 
@@ -49,6 +52,8 @@ def test_report_html_shows_existing_files_and_every_sampled_query(report_dir, we
     ranks = [r["first_correct_rank"] for r in data["worst"]]
     assert ranks == sorted(ranks, reverse=True) and ranks[0] >= max(
         r["first_correct_rank"] for r in data["sampled"])
+    assert data["options"]["--report-queries"] == 5 and data["options"]["--split"] == "test"
+    assert data["itm_rerank"] is None and "--report-worst" in page
     # the metrics beside the weights are the same as without --report
     assert json.loads((weights / "metrics.json").read_text())["metrics"] == data["metrics"]
 
@@ -62,14 +67,39 @@ def test_first_correct_rank_gives_the_metrics_recall():
     assert [curve[0], curve[4], curve[9]] == pytest.approx([m["R1"], m["R5"], m["R10"]])
 
 
+def test_the_report_draws_the_evaluation_it_is_given_and_computes_no_metric(tiny_shards,
+                                                                            tmp_path):
+    """No model anywhere: the report's numbers are the evaluation's, even made-up ones."""
+    rows = sorted(read_manifest(tiny_shards, columns=["index", "pid"], split="test").to_pylist(),
+                  key=lambda r: r["index"])
+    items, _ = list_gallery(tiny_shards, "test")
+    q_pids = torch.tensor([r["pid"] for r in rows])
+    g_pids = torch.tensor([int(it.id) for it in items])
+    sims = {"t2i": torch.randn(len(rows), len(items), generator=torch.Generator().manual_seed(0))}
+    sims["t2i+ITM@3"] = sims["t2i"].clone()
+    made_up = {"R1": 12.5, "R5": 25.0, "R10": 50.0, "mAP": 33.33, "mINP": 44.44}
+    metrics = {"t2i": made_up, "t2i+ITM@3": {**made_up, "mAP": 77.77, "rerank_seconds": 0.25,
+                                             "rerank_queries_per_s": 320.0}}
+    ev = Evaluation("test", str(tiny_shards), 3, metrics, sims, q_pids, g_pids)
+    report.write_report(ev, tmp_path / "r", queries=2, worst=2,
+                        options={"weights": "w", "--itm-rerank": 3})
+    data = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert data["metrics"] == metrics and list(data["cmc"]) == list(metrics)
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "77.77" in page and "320.00" in page and "--itm-rerank" in page
+    assert "t2i+ITM@3" in data["itm_rerank"] and data["options"]["--itm-rerank"] == 3
+    first = report.ranked(sims["t2i"], q_pids, g_pids)
+    assert data["cmc"]["t2i"] == report.cmc_curve(first)
+    with pytest.raises(ValueError, match="rank 0"):
+        report.write_report(Evaluation("test", str(tiny_shards), 0, metrics), tmp_path / "x")
+
+
 def test_grid_draws_unreadable_images_as_grey_boxes(tmp_path):
     img = torch.randint(0, 255, (96, 32, 3), dtype=torch.uint8).numpy()
-    out = report.draw_rows([("a caption " * 30, [report.Tile(img, "1: id 3", report.GREEN),
-                                                 report.Tile(None, "2: id 4", report.RED),
-                                                 report.Tile(img, "9: id 3", apart=True)])],
-                           tmp_path / "g.png", title="t")
-    from PIL import Image
-
+    out = drawing.draw_rows([("a caption " * 30, [drawing.Tile(img, "1: id 3", drawing.GREEN),
+                                                  drawing.Tile(None, "2: id 4", drawing.RED),
+                                                  drawing.Tile(img, "9: id 3", apart=True)])],
+                            tmp_path / "g.png", title="t")
     assert Image.open(out).size[0] > 340
 
 

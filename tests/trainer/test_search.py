@@ -1,4 +1,4 @@
-"""tbps.trainer.inference.search: gallery index (folder and shards, incremental, bad files), queries, CLI errors."""
+"""tbps search: gallery index (folder and shards, incremental, bad files), queries, CLI errors."""
 import json
 import os
 import shutil
@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from tbps.trainer.inference import search
+from tbps.trainer.inference.approximate import APPROX
+from tbps.trainer.inference.embedder import load_embedder
+from tbps.trainer.inference.exact_topk import exact_topk, topk_rows
 from tbps.trainer.inference.gallery import list_gallery
+from tbps.trainer.inference.search_index import HEADER, TABLE, load_index
 from tests.trainer.conftest import REPO, TINY_MODEL
 
 
@@ -54,7 +58,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def table(index_dir: Path):
-    return pq.read_table(index_dir / search.TABLE)
+    return pq.read_table(index_dir / TABLE)
 
 
 def test_index_and_query_every_branch_and_rebuild_is_identical(tmp_path, tiny_shards,
@@ -65,14 +69,14 @@ def test_index_and_query_every_branch_and_rebuild_is_identical(tmp_path, tiny_sh
     assert rc == 0, out
     summary = json.loads(out.splitlines()[-1])
     assert summary["embedded"] == summary["count"] == 20 and summary["skipped"] == 0
-    header = json.loads((tmp_path / "a" / search.HEADER).read_text())
+    header = json.loads((tmp_path / "a" / HEADER).read_text())
     assert set(header["branches"]) == {"bge", "tse"}           # every branch RDE scores with
     assert header["similarities"]["BGE+TSE"] == {"bge": 0.5, "tse": 0.5}
     assert table(tmp_path / "a").column_names == ["key", "path", "id", "source", "stamp",
                                                   "emb_bge", "emb_tse"]
     assert table(tmp_path / "a")["id"].to_pylist()[:4] == ["00001"] * 4
     run(capsys, "index", rde_weights, gallery, "--out", tmp_path / "b", "--no-progress")
-    for name in (search.TABLE, search.HEADER):                   # other batches, same bytes
+    for name in (TABLE, HEADER):                   # other batches, same bytes
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
     queries = ["a woman in a purple skirt", "a man with a black bag and white shoes"]
@@ -81,8 +85,8 @@ def test_index_and_query_every_branch_and_rebuild_is_identical(tmp_path, tiny_sh
     got = json.loads(out)
     assert got["similarity"] == "BGE+TSE" and [r["query"] for r in got["results"]] == queries
     # against a plain sort of the recipe's similarity over the stored embeddings
-    emb = search.load_embedder(rde_weights)
-    index = search.load_index(tmp_path / "a")
+    emb = load_embedder(rde_weights)
+    index = load_index(tmp_path / "a")
     sim = emb.similarity(emb.texts(queries), index.emb)["BGE+TSE"]
     want = torch.argsort(sim, dim=1, descending=True, stable=True)[:, :5]
     for q, res in enumerate(got["results"]):
@@ -139,7 +143,7 @@ def test_missing_corrupt_and_non_image_files_are_reported_and_skipped(tmp_path, 
     rc, out, err = run(capsys, "index", irra_weights, gallery, "--out", tmp_path / "idx",
                        "--no-progress")
     assert rc == 0, err
-    header = json.loads((tmp_path / "idx" / search.HEADER).read_text())
+    header = json.loads((tmp_path / "idx" / HEADER).read_text())
     skipped = {p["path"]: p["reason"] for p in header["skipped"]}
     assert set(skipped) == {"00001/00001_1.jpg", "00002/00002_3.jpg", "notes.txt",
                             "00002/link.jpg"}
@@ -162,7 +166,7 @@ def test_shard_gallery_and_transformers_export_share_the_global_branch(tmp_path,
     rc, _, err = run(capsys, "index", tmp_path / "hf", tiny_shards, "--out", tmp_path / "h",
                      "--no-progress")
     assert rc == 0, err
-    w, h = search.load_index(tmp_path / "w"), search.load_index(tmp_path / "h")
+    w, h = load_index(tmp_path / "w"), load_index(tmp_path / "h")
     items, _ = list_gallery(tiny_shards, "test")
     assert len(w) == len(items) == 40 and w.rows["key"] == [it.key for it in items]
     assert w.rows["id"][0] == str(items[0].id) and w.rows["path"][0].endswith(".jpg")
@@ -177,7 +181,7 @@ def test_shard_gallery_and_transformers_export_share_the_global_branch(tmp_path,
 def test_exact_topk_is_a_stable_sort(n, k, block):
     g = torch.Generator().manual_seed(n)
     scores = torch.randint(0, 50, (6, n), generator=g).float() / 7     # many ties
-    values, idx = search.topk_rows(scores, k, block=block)
+    values, idx = topk_rows(scores, k, block=block)
     want = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :min(k, n)]
     assert torch.equal(idx, want) and torch.equal(values, scores.gather(1, want))
     gallery = {"bge": torch.randn(n, 8, generator=g)}
@@ -186,7 +190,7 @@ def test_exact_topk_is_a_stable_sort(n, k, block):
     def sim(t, i):
         return {"t2i": torch.round(t["bge"] @ i["bge"].T)}           # ties across chunks
 
-    v, i = search.exact_topk(sim, text, gallery, "t2i", k, chunk=max(1, n // 3))
+    v, i = exact_topk(sim, text, gallery, "t2i", k, chunk=max(1, n // 3))
     full = sim(text, gallery)["t2i"]
     assert torch.equal(i, torch.argsort(full, dim=1, descending=True, stable=True)[:, :min(k, n)])
 
@@ -196,7 +200,7 @@ def test_approximate_search_agrees_with_exact(tmp_path, tiny_shards, rde_weights
     rc, _, err = run(capsys, "index", rde_weights, tiny_shards, "--out", tmp_path / "idx",
                      "--no-progress", "--approximate")
     assert rc == 0, err
-    assert (tmp_path / "idx" / search.APPROX).is_file()
+    assert (tmp_path / "idx" / APPROX).is_file()
     qs = ["a woman in a purple skirt", "a man wearing blue jeans"]
     for sim in ("BGE+TSE", "TSE"):
         _, exact, _ = run(capsys, "query", tmp_path / "idx", *qs, "--similarity", sim, "--json")
@@ -236,7 +240,7 @@ def test_bad_input_is_one_error_paragraph_and_exit_2(tmp_path, tiny_shards, irra
         rc, out, err = run(capsys, *argv)
         assert rc == 2, (needle, out, err)
         assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
-    (tmp_path / "idx" / search.TABLE).write_bytes(b"PAR1 broken")
+    (tmp_path / "idx" / TABLE).write_bytes(b"PAR1 broken")
     rc, _, err = run(capsys, "query", tmp_path / "idx", "a man")
     assert rc == 2 and "damaged" in err
     proc = subprocess.run([sys.executable, "-m", "tbps.trainer.inference.search", "index", str(corrupt),
@@ -261,9 +265,9 @@ def test_two_ranks_build_the_same_index(tmp_path, tiny_shards, irra_weights, cap
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1])["embedded"] == 12
-    assert (tmp_path / "one" / search.HEADER).read_bytes() == \
-        (tmp_path / "two" / search.HEADER).read_bytes()
-    one, two = (pq.read_table(tmp_path / d / search.TABLE).to_pydict() for d in ("one", "two"))
+    assert (tmp_path / "one" / HEADER).read_bytes() == \
+        (tmp_path / "two" / HEADER).read_bytes()
+    one, two = (pq.read_table(tmp_path / d / TABLE).to_pydict() for d in ("one", "two"))
     assert list(one) == list(two)
     for column in one:          # the embeddings of batches of 4 against one batch: the same to
         if column.startswith("emb_"):   # rounding (bit for bit on some CPUs, not on AVX2's MKL)

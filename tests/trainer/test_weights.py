@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tbps.data_pipeline.transforms import normalize_images
+from tbps.trainer.model.retrieval import embed
 from tbps.trainer.model.weights import MODEL_INFO, load_weights_folder, save_weights
 
 pytestmark = pytest.mark.smoke      # also in CI's newest-packages job (.ci/smoke)
@@ -20,18 +21,18 @@ def test_a_folder_written_before_recipes_had_parts_loads_and_embeds_as_it_did(na
     inputs = torch.load(LEGACY / "inputs.pt")
     want = json.loads((LEGACY / "expected.json").read_text())[name]
     with torch.no_grad():
-        img = model({"image": normalize_images(inputs["images_uint8"])}, mode="image")
-        txt = model({"input_ids": inputs["input_ids"]}, mode="text")
+        img = model(embed, {"image": normalize_images(inputs["images_uint8"])}, "image")
+        txt = model(embed, {"input_ids": inputs["input_ids"]}, "text")
     for got, expected in ((img, want["image"]), (txt, want["text"])):
         assert sorted(got) == sorted(expected)
         for branch, values in expected.items():
             torch.testing.assert_close(got[branch], torch.tensor(values), rtol=1e-5, atol=1e-6)
     if name == "rde":
         assert cfg.recipe.branches == ("bge", "tse") and cfg.recipe.weighting.kind == "consensus"
-        assert model.recipe.sample_weight.tolist() == [1, 0, 1, 1, 0, 1, 1]
+        assert model.sample_weight.tolist() == [1, 0, 1, 1, 0, 1, 1]
     else:
         assert [t.kind for t in cfg.recipe.losses] == ["sdm", "id", "mlm"]
-        assert model.recipe.classifier.weight.shape[0] == 5
+        assert model.classifier.weight.shape[0] == 5
 
 
 def test_a_new_folder_records_its_model_and_reloads(tmp_path):

@@ -299,7 +299,8 @@ class CrossConfig:
 
 @dataclass(kw_only=True)
 class WeightingConfig:
-    """Per-sample weights of the training pairs (RDE's consensus division, trainer/recipe/consensus_division.py)."""
+    """Per-sample weights of the training pairs (RDE's consensus division,
+    trainer/recipe/consensus_division.py)."""
 
     kind: str = "none"
     """"none" or "consensus": each epoch after warmup_epochs, every training pair is scored and

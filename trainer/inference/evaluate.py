@@ -12,8 +12,10 @@ metrics.json beside the weights (or --out).
 
     tbps evaluate runs/irra-synth/best --split test --report runs/irra-synth/report
 
-also writes the report a person reads into that folder (trainer/inference/report.py): a CMC curve, a
-retrieval grid of sampled queries, the worst queries, and report.html showing all of it.
+also writes the report a person reads into that folder (trainer/inference/report.py), drawn from
+this evaluation (`run_evaluation` returns an `Evaluation`: metrics, matrices, ids), the ITM
+re-ranked row included: a CMC curve, a retrieval grid of sampled queries, the worst queries, the
+options, and report.html showing all of it.
 
 ITM re-ranking (`eval.itm_rerank=K`, a recipe with an itm term, AGA's): each query's top K
 images by the first similarity are re-scored by the ITM head on the cross-modal encoder and put
@@ -28,15 +30,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.table import Table
 
 from tbps.data_pipeline.loader import EvalLoader, LoaderConfig
 from tbps.data_pipeline.transforms import prepare_batch
-from tbps.trainer.inference.metrics import retrieval_metrics
-from tbps.trainer.running import dist
+from tbps.trainer.common import collective
+from tbps.trainer.inference.metrics import Evaluation, retrieval_metrics
+from tbps.trainer.inference.model_calls import embed_batch, has_itm_head, itm_scores, similarity
+from tbps.trainer.inference.report import write_report
+from tbps.trainer.model.weights import load_weights_folder
+from tbps.trainer.running import dist, errors
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +73,14 @@ def embed(model, cfg, tokenizer, split: str, modality: str, device, mode: str | 
                         LoaderConfig(batch_size=cfg.data.eval_batch_size,
                                      image_size=tuple(cfg.model.image_size),
                                      num_workers=min(cfg.data.num_workers, 2), augment=None),
-                        split=split, modality=modality, rank=dist.rank(),
-                        world_size=dist.world_size())
+                        split=split, modality=modality, rank=collective.rank(),
+                        world_size=collective.world_size())
     feats, pids, index, dims = {}, [], [], {}
     it = iter(loader)
     while True:
         batch = next(it, None)
         more = torch.tensor([batch is not None], dtype=torch.long, device=device)
-        if dist.world_size() > 1:
+        if collective.world_size() > 1:
             torch.distributed.all_reduce(more, op=torch.distributed.ReduceOp.MAX)
         if not bool(more):
             break
@@ -77,7 +88,7 @@ def embed(model, cfg, tokenizer, split: str, modality: str, device, mode: str | 
         if not real:
             batch = _dummy_batch(modality, cfg, tokenizer, device)
         batch = prepare_batch(batch, device)
-        out = model(batch, mode=mode or modality)
+        out = embed_batch(model, batch, mode or modality)
         dims = {name: tuple(f.shape[1:]) for name, f in out.items()}
         if real:
             for name, f in out.items():
@@ -86,39 +97,45 @@ def embed(model, cfg, tokenizer, split: str, modality: str, device, mode: str | 
             index.append(batch["index"])
     empty = torch.zeros(0, dtype=torch.long, device=device)
     local_idx = torch.cat(index) if index else empty
-    order = torch.argsort(dist.gather_varlen(local_idx))
+    order = torch.argsort(collective.gather_varlen(local_idx))
     out = {}
     for name, dim in sorted(dims.items()):
         local = torch.cat(feats[name]) if name in feats else torch.zeros(0, *dim, device=device)
-        out[name] = dist.gather_varlen(local)[order]
-    return out, dist.gather_varlen(torch.cat(pids) if pids else empty)[order]
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
+        out[name] = collective.gather_varlen(local)[order]
+    return out, collective.gather_varlen(torch.cat(pids) if pids else empty)[order]
 
 
 def evaluate(model, cfg, tokenizer, split: str, device) -> dict[str, dict[str, float]]:
     """{similarity name: metrics}; the same dict on every rank."""
+    return run_evaluation(model, cfg, tokenizer, split, device).metrics
+
+
+def run_evaluation(model, cfg, tokenizer, split: str, device) -> Evaluation:
+    """Embed, score and measure `split` once (ITM re-ranking when cfg.eval.itm_rerank is set and
+    the recipe has an ITM head); the metrics on every rank, the matrices on rank 0."""
     was_training = model.training
     model.eval()
     text, q_pids = embed(model, cfg, tokenizer, split, "text", device)
     image, g_pids = embed(model, cfg, tokenizer, split, "image", device)
-    rerank = None
-    k = cfg.eval.itm_rerank
-    if k and _unwrap(model).recipe.itm_head is not None:
-        sims = _unwrap(model).recipe.similarity(text, image)
+    k = cfg.eval.itm_rerank or 0
+    sims = rerank = None
+    if k and has_itm_head(model):
+        sims = similarity(model, text, image)
         name, first = next(iter(sims.items()))
         rerank = (f"{name}+ITM@{k}", *itm_rerank(model, cfg, tokenizer, split, device, first, k))
     model.train(was_training)
-    result = None
-    if dist.rank() == 0:
-        sims = _unwrap(model).recipe.similarity(text, image)
-        result = {name: retrieval_metrics(s, q_pids, g_pids) for name, s in sims.items()}
+    result = Evaluation(split, str(cfg.data.shards), k, {})
+    metrics = None
+    if collective.rank() == 0:
+        sims = dict(sims or similarity(model, text, image))
         if rerank is not None:
-            name, scores, cost = rerank
-            result[name] = {**retrieval_metrics(scores, q_pids, g_pids), **cost}
-    return dist.broadcast_object(result)
+            sims[rerank[0]] = rerank[1]
+        metrics = {name: retrieval_metrics(s, q_pids, g_pids) for name, s in sims.items()}
+        if rerank is not None:
+            metrics[rerank[0]].update(rerank[2])
+        result.similarities, result.query_pids, result.gallery_pids = sims, q_pids, g_pids
+    result.metrics = collective.broadcast_object(metrics)
+    return result
 
 
 @torch.no_grad()
@@ -126,15 +143,12 @@ def itm_rerank(model, cfg, tokenizer, split: str, device, sims_QG: torch.Tensor,
                pairs_per_batch: int = 256) -> tuple[torch.Tensor, dict]:
     """The query x gallery scores after ITM re-ranking of each query's top k (see the module
     docstring), and its cost. Every rank returns the same matrix."""
-    import math
-    import time
-
     t0 = time.time()
     k = min(k, sims_QG.shape[1])
     top_Qk = sims_QG.topk(k, dim=1).indices
     text, _ = embed(model, cfg, tokenizer, split, "text", device, mode="text_tokens")
     image, _ = embed(model, cfg, tokenizer, split, "image", device, mode="image_tokens")
-    Q, world, rank = sims_QG.shape[0], dist.world_size(), dist.rank()
+    Q, world, rank = sims_QG.shape[0], collective.world_size(), collective.rank()
     share = math.ceil(Q / world)
     mine = torch.arange(rank * share, min(Q, (rank + 1) * share), device=device)
     q_P = mine.repeat_interleave(k)
@@ -148,11 +162,11 @@ def itm_rerank(model, cfg, tokenizer, split: str, device, sims_QG: torch.Tensor,
             q, g = torch.zeros(1, dtype=torch.long, device=device), q.new_zeros(1)
         batch = {"text_tokens": text["tokens"][q], "eos": text["eos"][q].long(),
                  "image_tokens": image["tokens"][g]}
-        out = model(batch, mode="itm")
+        out = itm_scores(model, batch)
         if q_P[sl].numel():
             scores.append(out.float())
     local = torch.cat(scores) if scores else torch.zeros(0, device=device)
-    every = dist.gather_varlen(local).view(Q, k)
+    every = collective.gather_varlen(local).view(Q, k)
     reranked = sims_QG.clone().float()
     reranked.scatter_(1, top_Qk, 1e4 + every)       # the top k first, in ITM order
     seconds = time.time() - t0
@@ -161,8 +175,6 @@ def itm_rerank(model, cfg, tokenizer, split: str, device, sims_QG: torch.Tensor,
 
 
 def format_table(results: dict, title: str):
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("similarity")
     cols = list(next(iter(results.values())))
@@ -191,19 +203,11 @@ def main(argv=None) -> int:
                    "the ITM head (a recipe with an itm term); default: the run's eval.itm_rerank")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from tbps.trainer.running import errors
-
     dist.quiet_third_party()
     return errors.guard(lambda: _main(args), on_stop="nothing was written; run it again")
 
 
 def _main(args) -> int:
-    from accelerate import Accelerator
-    from rich.console import Console
-
-    from tbps.trainer.model.weights import load_weights_folder
-    from tbps.trainer.running.errors import check_output
-
     if args.report is not None and min(args.report_queries, args.report_worst) < 1:
         raise ValueError("--report-queries and --report-worst must be at least 1")
     overrides = [f"data.shards={args.shards}"] if args.shards else []
@@ -211,18 +215,18 @@ def _main(args) -> int:
         overrides.append(f"eval.itm_rerank={args.itm_rerank}")
     cfg, tokenizer, model = load_weights_folder(Path(args.weights), overrides)
     if args.report is not None:
-        check_output(args.report, {"shards": cfg.data.shards}, flag="--report")
+        errors.check_output(args.report, {"shards": cfg.data.shards}, flag="--report")
     acc = Accelerator(cpu=not torch.cuda.is_available())
     model = acc.prepare(model)
-    if args.report is None:
-        results = evaluate(model, cfg, tokenizer, args.split, acc.device)
-    else:
-        from tbps.trainer.inference.report import write_report
-
-        results = write_report(model, cfg, tokenizer, args.split, acc.device,
-                               Path(args.report), title=f"{args.weights} on {args.split}",
-                               queries=args.report_queries, worst=args.report_worst,
-                               seed=args.seed)
+    evaluation = run_evaluation(model, cfg, tokenizer, args.split, acc.device)
+    results = evaluation.metrics
+    if args.report is not None and acc.is_main_process:
+        options = {"weights": args.weights, **{f"--{k.replace('_', '-')}": v for k, v in
+                                               vars(args).items() if k != "weights"},
+                   "--shards": evaluation.shards, "--itm-rerank": evaluation.itm_rerank or None}
+        write_report(evaluation, Path(args.report), title=f"{args.weights} on {args.split}",
+                     queries=args.report_queries, worst=args.report_worst, seed=args.seed,
+                     options=options)
     if acc.is_main_process:
         Console().print(format_table(results, f"{args.weights} on {args.split}"))
         out = Path(args.out or args.weights) / "metrics.json"

@@ -33,9 +33,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import CLIPModel
+from transformers.utils import logging as hf_logging
 
+from tbps.data_pipeline.manifest import read_meta
+from tbps.data_pipeline.transforms import prepare_batch
+from tbps.trainer.inference.embedder import loader_batch
+from tbps.trainer.inference.model_calls import embed_batch, similarity
 from tbps.trainer.model.weights import load_weights_folder
+from tbps.trainer.running import dist, errors
 
 log = logging.getLogger(__name__)
 
@@ -116,21 +123,16 @@ def find_metrics(weights_dir: Path) -> dict | None:
 
 def _branches(cfg, tokenizer, model) -> tuple[list[str], list[str]]:
     """Branch names and similarity names of the trained model, from one dummy pass."""
-    from tbps.data_pipeline.transforms import prepare_batch
-    from tbps.trainer.inference.search import loader_batch
-
     ids = tokenizer.encode_batch(["a person"])
     image = torch.zeros(1, *cfg.model.image_size, 3, dtype=torch.uint8)
     with torch.no_grad():
-        img = model(prepare_batch(loader_batch(ids, image), "cpu"), mode="image")
-        txt = model(prepare_batch(loader_batch(ids), "cpu"), mode="text")
-        sims = model.recipe.similarity(txt, img)
+        img = embed_batch(model, prepare_batch(loader_batch(ids, image), "cpu"), "image")
+        txt = embed_batch(model, prepare_batch(loader_batch(ids), "cpu"), "text")
+        sims = similarity(model, txt, img)
     return sorted(img), list(sims)
 
 
 def _config_yaml(weights_dir: Path, sections: tuple[str, ...]) -> str:
-    import yaml
-
     try:
         raw = yaml.safe_load((weights_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -140,8 +142,6 @@ def _config_yaml(weights_dir: Path, sections: tuple[str, ...]) -> str:
 
 
 def _data_lines(cfg) -> list[str]:
-    from tbps.data_pipeline.manifest import read_meta
-
     lines = [f"- shards: `{Path(cfg.data.shards).name}` (as `data.shards` named them)"]
     try:
         meta = read_meta(cfg.data.shards)
@@ -167,7 +167,7 @@ def model_card(weights_dir: Path, cfg, tokenizer, model, info: dict, metrics: di
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     branches, sims = _branches(cfg, tokenizer, model)
     parts = [f"`{name}` ({sum(p.numel() for p in m.parameters()):,} parameters)"
-             for name, m in model.recipe.named_children()]
+             for name, m in model.named_children() if name != "encoder"]
     h, w = info["image_size"]
     method = getattr(cfg, "method", None)
     lines = [
@@ -242,15 +242,11 @@ def main(argv=None) -> int:
     p.add_argument("out", help="folder to write the transformers model into")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    from tbps.trainer.running import dist, errors
-
     dist.quiet_third_party()
 
     def run() -> int:
         errors.check_output(args.out, {"weights folder": args.weights},
                             own_marker="tbps_export.json", flag="out")
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
         print(json.dumps(export_hf(Path(args.weights), Path(args.out))))
         return 0

@@ -6,10 +6,27 @@ gallery item is correct when its person id equals the query's.
 - mAP: mean over queries of AP = (1/|G_q|) sum over correct ranks r of precision@r.
 - mINP: mean over queries of |G_q| / (rank of the last correct item).
 All in percent. A query with no correct item in the gallery is an error (the benchmarks have none).
+`Evaluation` holds what `tbps.trainer.inference.evaluate` computed, for the report to draw from.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of a split: the metrics on every rank; on rank 0 also the Q x G matrix
+    behind each metrics row (the ITM re-ranked one included) and the person ids."""
+
+    split: str
+    shards: str                                   # the shard folder embedded
+    itm_rerank: int                               # the K asked for (0: none)
+    metrics: dict[str, dict[str, float]]          # {similarity: {R1, ..., mINP[, cost]}}
+    similarities: dict[str, torch.Tensor] | None = None   # {similarity: Q x G}, rank 0
+    query_pids: torch.Tensor | None = None        # Q, rank 0
+    gallery_pids: torch.Tensor | None = None      # G, rank 0
 
 
 def retrieval_metrics(similarity, query_pids, gallery_pids, ks=(1, 5, 10),

@@ -1,15 +1,16 @@
-"""The evaluation report a person reads, and the pictures of search results.
+"""The evaluation report a person reads, drawn from what `evaluate` computed (it evaluates nothing).
 
     tbps evaluate runs/irra-synth/best --split test --report runs/irra-synth/report
 
 writes into the report folder:
-  metrics.json     the metrics per similarity (as `tbps.trainer.inference.evaluate` prints them) and the CMC curves
-  cmc.png          the CMC curve, rank 1 to 50, one line per similarity the recipe scores with
+  metrics.json     the metrics per similarity (as `tbps evaluate` prints them, the ITM re-ranked
+                   row included), the CMC curves and the command's options
+  cmc.png          the CMC curve, rank 1 to 50, one line per similarity (re-ranked included)
   retrieval.png    sampled queries (seeded) with their top 10: correct images framed green, wrong red
   worst.png        the queries whose first correct image ranks lowest, with that image at the end
-  report.html      one page with all of it: the metrics table, the curve, both grids, and every
-                   shown query's caption, person id and rank of its first correct image. No script,
-                   no network: inline style and the PNGs beside it, by relative name.
+  report.html      one page with all of it: the options, the metrics table, the curve, both grids,
+                   and every shown query's caption, person id and rank of its first correct image.
+                   No script, no network: inline style and the PNGs beside it, by relative name.
 Grids rank by the first similarity (the one checkpoints are chosen on), as the metrics do: the
 gallery sorted by descending similarity, ties in gallery order.
 """
@@ -17,131 +18,17 @@ from __future__ import annotations
 
 import html
 import json
-import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from tbps.trainer.inference.metrics import retrieval_metrics
-from tbps.trainer.running import dist
+from tbps.data_pipeline.manifest import read_manifest
+from tbps.trainer.inference.drawing import GREEN, RED, Tile, draw_rows, plot_cmc
+from tbps.trainer.inference.gallery import list_gallery, load_images
+from tbps.trainer.inference.metrics import Evaluation
 
 CMC_RANKS = 50
-GREEN, RED, GREY = (34, 139, 34), (214, 39, 40), (150, 150, 150)
-
-
-# -- pictures --------------------------------------------------------------------------------
-
-
-@dataclass
-class Tile:
-    image: np.ndarray | None          # uint8 H x W x 3; None: unreadable (drawn as a grey box)
-    label: str
-    frame: tuple[int, int, int] = GREY
-    apart: bool = False               # set apart from the tiles before it (a gap with "...")
-
-
-def _font(size: int):
-    try:
-        from matplotlib import font_manager
-
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-    except (ImportError, OSError, ValueError):
-        return ImageFont.load_default()
-
-
-def _box_size(tiles: list[Tile], height: int) -> tuple[int, int]:
-    aspects = [t.image.shape[1] / t.image.shape[0] for t in tiles if t.image is not None]
-    aspect = float(np.median(aspects)) if aspects else 0.5
-    return height, int(round(height * min(max(aspect, 1 / 3), 1.5)))
-
-
-def _fit(image: np.ndarray | None, box_hw: tuple[int, int]) -> Image.Image:
-    """The image scaled into the box, centred on white; a grey box when there is none."""
-    h, w = box_hw
-    canvas = Image.new("RGB", (w, h), (255, 255, 255) if image is not None else (210, 210, 210))
-    if image is not None:
-        im = Image.fromarray(image)
-        scale = min(w / im.width, h / im.height)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                       Image.Resampling.BILINEAR)
-        canvas.paste(im, ((w - im.width) // 2, (h - im.height) // 2))
-    return canvas
-
-
-def draw_rows(rows: list[tuple[str, list[Tile]]], out: Path, *, title: str = "",
-              height: int = 144, caption_px: int = 340) -> Path:
-    """One row per query: its caption on the left, then its tiles, each framed and labelled."""
-    border, gap, label_px, pad, apart = 5, 8, 20, 10, 28
-    bh, bw = _box_size([t for _, tiles in rows for t in tiles], height)
-    font, small, bold = _font(14), _font(12), _font(16)
-    n = max((len(t) for _, t in rows), default=1)
-    row_h = bh + 2 * border + label_px + gap
-    top = 36 if title else pad
-    width = caption_px + n * (bw + 2 * border + gap) + pad + apart + 40
-    sheet = Image.new("RGB", (width, top + len(rows) * row_h + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((pad, 8), title, fill=(0, 0, 0), font=bold)
-    for r, (caption, tiles) in enumerate(rows):
-        y = top + r * row_h
-        lines = textwrap.wrap(caption, width=max(10, (caption_px - 2 * pad) // 8))
-        draw.multiline_text((pad, y + 4), "\n".join(lines[:9]), fill=(0, 0, 0), font=font,
-                            spacing=3)
-        x = caption_px
-        for tile in tiles:
-            if tile.apart:
-                draw.text((x + 2, y + bh // 2), "...", fill=(0, 0, 0), font=bold)
-                x += apart
-            draw.rectangle([x, y, x + bw + 2 * border - 1, y + bh + 2 * border - 1],
-                           fill=tile.frame)
-            sheet.paste(_fit(tile.image, (bh, bw)), (x + border, y + border))
-            draw.text((x, y + bh + 2 * border + 3), tile.label, fill=(0, 0, 0), font=small)
-            x += bw + 2 * border + gap
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
-
-
-def draw_search_grid(gallery: Path, index, queries: list[str], results, out: Path) -> Path:
-    """Each query with its hits (rank, score), from the index's own gallery."""
-    from tbps.trainer.inference.gallery import Item, load_images
-
-    wanted = sorted({h.position for hits in results for h in hits})
-    items = [Item(**{c: index.rows[c][p] for c in ("key", "path", "id", "source")})
-             for p in wanted]
-    images = dict(zip(wanted, load_images(gallery, items)))
-    rows = [(q, [Tile(images[h.position], f"{h.rank}: {h.score:.3f}") for h in hits])
-            for q, hits in zip(queries, results)]
-    return draw_rows(rows, out)
-
-
-def plot_cmc(cmc: dict[str, list[float]], out: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    ranks = np.arange(1, len(next(iter(cmc.values()))) + 1)
-    for name, curve in cmc.items():
-        ax.plot(ranks, curve, marker="o", markersize=2.5, linewidth=1.6,
-                label=f"{name} (R1 {curve[0]:.1f}, R10 {curve[min(9, len(curve) - 1)]:.1f})")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("queries with a correct image within the rank (%)")
-    ax.set_xlim(1, ranks[-1])
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
 
 
 # -- numbers ---------------------------------------------------------------------------------
@@ -167,32 +54,25 @@ def cmc_curve(first_rank: torch.Tensor, ranks: int = CMC_RANKS) -> list[float]:
 # -- the report ------------------------------------------------------------------------------
 
 
-def write_report(model, cfg, tokenizer, split: str, device, out_dir: Path, *,
-                 title: str = "", queries: int = 8, worst: int = 8, top_k: int = 10,
-                 seed: int = 0) -> dict[str, dict[str, float]]:
-    """Evaluate on `split` and write the report folder; {similarity: metrics} on every rank."""
-    from tbps.trainer.inference.evaluate import embed
-
-    was_training = model.training
-    model.eval()
-    text, q_pids = embed(model, cfg, tokenizer, split, "text", device)
-    image, g_pids = embed(model, cfg, tokenizer, split, "image", device)
-    model.train(was_training)
-    result = None
-    if dist.rank() == 0:
-        sims = getattr(model, "module", model).recipe.similarity(text, image)
-        result = {name: retrieval_metrics(s, q_pids, g_pids) for name, s in sims.items()}
-        first = {name: ranked(s, q_pids, g_pids) for name, s in sims.items()}
-        _write_folder(Path(out_dir), cfg, split, title or split, sims, result, first,
-                      q_pids.cpu(), g_pids.cpu(), queries, worst, top_k, seed)
-    return dist.broadcast_object(result)
+def write_report(evaluation: Evaluation, out_dir: Path, *, title: str = "", queries: int = 8,
+                 worst: int = 8, top_k: int = 10, seed: int = 0, options: dict | None = None
+                 ) -> Path:
+    """Write the report folder of an evaluation (rank 0's: it holds the matrices); options:
+    {option as typed: value} of the command, shown as given. Returns the folder."""
+    ev = evaluation
+    if ev.similarities is None:
+        raise ValueError("this evaluation holds no similarities (not rank 0's): write the report "
+                         "on rank 0")
+    q_pids, g_pids = ev.query_pids.cpu(), ev.gallery_pids.cpu()
+    first = {name: ranked(s, q_pids, g_pids) for name, s in ev.similarities.items()}
+    out = Path(out_dir)
+    _write_folder(out, ev, title or ev.split, first, q_pids, g_pids, queries, worst, top_k, seed,
+                  options or {})
+    return out
 
 
 def _split_rows(shards: Path, split: str, n_queries: int, n_gallery: int):
     """Query captions and gallery items of a split, in the order `embed` returns them."""
-    from tbps.data_pipeline.manifest import read_manifest
-    from tbps.trainer.inference.gallery import list_gallery
-
     table = read_manifest(shards, columns=["index", "caption", "pid"], split=split).to_pylist()
     captions = [r["caption"] for r in sorted(table, key=lambda r: r["index"])]
     items, _ = list_gallery(shards, split)
@@ -203,12 +83,10 @@ def _split_rows(shards: Path, split: str, n_queries: int, n_gallery: int):
     return captions, items
 
 
-def _write_folder(out: Path, cfg, split, title, sims, metrics, first, q_pids, g_pids,
-                  n_queries, n_worst, top_k, seed) -> None:
-    from tbps.trainer.inference.gallery import load_images
-
-    shards = Path(cfg.data.shards)
-    captions, items = _split_rows(shards, split, len(q_pids), len(g_pids))
+def _write_folder(out: Path, ev: Evaluation, title, first, q_pids, g_pids, n_queries, n_worst,
+                  top_k, seed, options) -> None:
+    shards, sims = Path(ev.shards), ev.similarities
+    captions, items = _split_rows(shards, ev.split, len(q_pids), len(g_pids))
     main = next(iter(sims))
     rank1 = first[main]
     Q = len(captions)
@@ -246,11 +124,30 @@ def _write_folder(out: Path, cfg, split, title, sims, metrics, first, q_pids, g_
                for q in worst], out / "worst.png",
               title=f"worst queries by the rank of their first correct image ({main}); after "
                     f"the top {top_k}, that image")
-    report = {"split": split, "metrics": metrics, "cmc": cmc, "similarity": main,
+    report = {"split": ev.split, "metrics": ev.metrics, "cmc": cmc, "similarity": main,
               "sampled": [row(q) for q in sampled], "worst": [row(q) for q in worst],
-              "queries": Q, "gallery": len(items), "seed": seed}
+              "queries": Q, "gallery": len(items), "seed": seed,
+              "itm_rerank": _rerank_note(ev), "options": _plain(options)}
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     (out / "report.html").write_text(render_html(title, report))
+
+
+def _rerank_note(ev: Evaluation) -> str | None:
+    """What became of ITM re-ranking: its metrics row, or why there is none."""
+    if not ev.itm_rerank:
+        return None
+    rows = [name for name in ev.metrics if name.endswith(f"+ITM@{ev.itm_rerank}")]
+    if not rows:
+        return (f"re-ranking of the top {ev.itm_rerank} was asked for, but the recipe has no ITM "
+                "head: no re-ranked row")
+    return (f"each query's top {ev.itm_rerank} by {next(iter(ev.metrics))} re-ranked by the ITM "
+            f"head: row {rows[0]} (with its cost: seconds, queries/s)")
+
+
+def _plain(options: dict) -> dict:
+    """The options as JSON holds them (paths as text)."""
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in options.items()}
 
 
 def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
@@ -263,9 +160,14 @@ def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> s
 
 def render_html(title: str, report: dict) -> str:
     metrics = report["metrics"]
-    cols = list(next(iter(metrics.values())))
+    cols = list(dict.fromkeys(c for m in metrics.values() for c in m))   # re-ranking adds its cost
     mtable = _table(["similarity", *cols],
-                    [[n, *(f"{m[c]:.2f}" for c in cols)] for n, m in metrics.items()])
+                    [[n, *(f"{m[c]:.2f}" if c in m else "" for c in cols)]
+                     for n, m in metrics.items()])
+    otable = _table(["option", "value"], [[k, "" if v is None else v]
+                                          for k, v in report["options"].items()], numeric_from=2)
+    rerank = ("" if report["itm_rerank"] is None
+              else f'<p class="note">ITM re-ranking: {html.escape(report["itm_rerank"])}.</p>')
 
     def qtable(rows):
         return _table(["query", "caption", "person id", "first correct at"],
@@ -285,8 +187,11 @@ def render_html(title: str, report: dict) -> str:
 <p class="note">{report['queries']} text queries over {report['gallery']} gallery images of the
 {html.escape(report['split'])} split. Grids and ranks use the <b>{html.escape(report['similarity'])}</b>
 similarity; the numbers are in <a href="metrics.json">metrics.json</a>.</p>
+<h2>Options</h2>
+{otable}
 <h2>Metrics (%)</h2>
 {mtable}
+{rerank}
 <h2>CMC curve</h2>
 <img src="cmc.png" alt="CMC curve, rank 1 to {CMC_RANKS}">
 <h2>Sampled queries</h2>

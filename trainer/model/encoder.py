@@ -207,6 +207,17 @@ class DualEncoder(nn.Module):
         return TextFeatures(embeds, tokens, row_BL, eos_B, ids, rows_BlL)
 
 
+def word_positions(ids_BL: torch.Tensor, eos_B: torch.Tensor) -> torch.Tensor:
+    """True at each caption's words: after the start token, before its EOS."""
+    pos = torch.arange(ids_BL.shape[1], device=ids_BL.device)[None]
+    return (pos >= 1) & (pos < eos_B[:, None])
+
+
+def padding_mask(eos_B: torch.Tensor, length: int) -> torch.Tensor:
+    """B x length, True past each caption's EOS (the positions attention must not read)."""
+    return torch.arange(length, device=eos_B.device)[None] > eos_B[:, None]
+
+
 def _transformer(layers, x_BTD: torch.Tensor, *, causal: bool, query_B: torch.Tensor,
                  rows: str = "last"):
     """CLIP pre-LN blocks; also the attention row of token query_B[b] (head-averaged, fp32) of

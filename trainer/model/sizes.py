@@ -51,7 +51,7 @@ def overrides(name: str, *, image_size=PERSON_IMAGE_SIZE, context_length: int | 
 
 def clip_config(name: str, image_size: int = 224):
     """A transformers CLIPConfig of this size (square images, as the hub's)."""
-    from transformers import CLIPConfig      # kept off the import of this table
+    from transformers import CLIPConfig  # kept off the import of this table
 
     s = CLIP_SIZES[name]
     return CLIPConfig(

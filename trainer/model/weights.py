@@ -22,16 +22,17 @@ from tbps.data_pipeline.manifest import read_meta
 from tbps.data_pipeline.tokenizer import CaptionTokenizer
 from tbps.trainer.common.config import Config, load_config, save_config
 from tbps.trainer.model.encoder import DualEncoder
-from tbps.trainer.recipe.step import Recipe, RetrievalModel
+from tbps.trainer.model.retrieval import RetrievalModel
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CLIP_CONFIG = "clip_config.json"
 MODEL_INFO = "model.json"
-FORMAT = 2
-# tensors renamed when recipes were composed from parts
-LEGACY_NAMES = {"recipe.lhat": "recipe.sample_weight"}
+FORMAT = 3
+# tensors renamed since: "recipe.lhat" when recipes were composed from parts (format 1), the
+# heads' "recipe." prefix when they moved into the model (format 3)
+LEGACY_NAMES = {"recipe.lhat": "sample_weight"}
 
 
 def load_tokenizer(cfg: Config) -> CaptionTokenizer:
@@ -58,9 +59,8 @@ def build_model(cfg: Config, tokenizer: CaptionTokenizer, num_classes: int,
         encoder = DualEncoder.from_config(cfg.model, vocab_size=tokenizer.vocab_size,
                                           sot_id=tokenizer.sot_id, eot_id=tokenizer.eot_id,
                                           pad_id=tokenizer.pad_id)
-    recipe = Recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
-                    num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
-    return RetrievalModel(encoder, recipe)
+    return RetrievalModel(encoder, cfg, num_classes=num_classes, num_samples=num_samples,
+                          vocab_size=tokenizer.vocab_size)
 
 
 def model_info(cfg: Config, num_classes: int, num_samples: int) -> dict:
@@ -79,10 +79,10 @@ def save_weights(state_dict: dict, out_dir: Path, cfg: Config, tokenizer, clip_c
     """Rank 0 only: a self-contained weights folder. The counts default to the sizes of the
     identity classifier and of the per-sample weights in the state dict (0 without them)."""
     if num_classes is None:
-        w = state_dict.get("recipe.classifier.weight")
+        w = state_dict.get("classifier.weight")
         num_classes = 0 if w is None else int(w.shape[0])
     if num_samples is None:
-        w = state_dict.get("recipe.sample_weight")
+        w = state_dict.get("sample_weight")
         num_samples = 0 if w is None else int(w.shape[0])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,24 +120,26 @@ def load_weights_folder(folder: Path, overrides=()) -> tuple[Config, CaptionToke
             raise ValueError(f"{info_path} has format {info['format']}; this version reads up "
                              f"to {FORMAT}: update the code")
         num_classes, num_samples = info["num_classes"], info["num_samples"]
-    else:                           # written before model.json: counts from the tensors
-        state = {LEGACY_NAMES.get(k, k): v for k, v in state.items()}
-        num_classes = state["recipe.classifier.weight"].shape[0] \
-            if "recipe.classifier.weight" in state else 0
-        num_samples = state["recipe.sample_weight"].shape[0] \
-            if "recipe.sample_weight" in state else 0
+    state = {_current_name(k): v for k, v in state.items()}
+    if not info_path.is_file():     # written before model.json: counts from the tensors
+        num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
+        num_samples = state["sample_weight"].shape[0] if "sample_weight" in state else 0
         log.info("%s has no %s (written by an older version): %d classes and %d samples read "
                  "off its tensors", folder, MODEL_INFO, num_classes, num_samples)
     clip_config = CLIPConfig.from_dict(_read_json(folder / CLIP_CONFIG))
     encoder = DualEncoder.from_clip_config(clip_config, cfg.model.image_size, tokenizer.eot_id)
-    recipe = Recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
-                    num_samples=num_samples, tokenizer=tokenizer, grid_hw=encoder.grid_hw)
-    model = RetrievalModel(encoder, recipe)
+    model = RetrievalModel(encoder, cfg, num_classes=num_classes, num_samples=num_samples,
+                           vocab_size=tokenizer.vocab_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{folder / WEIGHTS} does not fit the model its config describes: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return cfg, tokenizer, model.eval()
+
+
+def _current_name(key: str) -> str:
+    key = LEGACY_NAMES.get(key, key)
+    return key[len("recipe."):] if key.startswith("recipe.") else key
 
 
 def _read_json(path: Path) -> dict:

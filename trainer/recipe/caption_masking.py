@@ -1,4 +1,4 @@
-"""Masked-language-modelling inputs: which word tokens to hide and what to put there.
+"""Caption masking (IRRA's random MLM mask, AGA's AGM) and AGA's text enrichment (TEM).
 
 Word tokens are the positions strictly between the start token and each caption's EOS. Which
 ones are hidden:
@@ -10,6 +10,10 @@ A chosen position becomes the mask token (80 %), a random word token (10 %) or s
 label is the original id, every other label is -100 (ignored). Draws come from the generators
 passed in (seeded per step by the trainer), so a resumed run masks the same tokens. No step here
 reads a value back to the host.
+
+`mask_captions` is the recipe's masking part (config recipe.caption_mask); `enrich` is TEM
+(recipe.enrich), run on the momentum model: the captions rewritten at the masked words by its
+MLM's prediction.
 """
 from __future__ import annotations
 
@@ -19,11 +23,8 @@ import math
 import torch
 
 from tbps.kernels.topk_select import topk_select
-
-
-def word_positions(ids_BL: torch.Tensor, eos_B: torch.Tensor) -> torch.Tensor:
-    pos = torch.arange(ids_BL.shape[1], device=ids_BL.device)[None]
-    return (pos >= 1) & (pos < eos_B[:, None])
+from tbps.trainer.model.encoder import word_positions
+from tbps.trainer.recipe import draws
 
 
 def random_mlm_mask(ids_BL, eos_B, *, prob: float, mask_id: int, vocab_size: int,
@@ -98,3 +99,57 @@ def _word_ids(vocab_size: int, special_ids: tuple[int, ...]) -> torch.Tensor:
     allowed = torch.ones(vocab_size, dtype=torch.bool)
     allowed[list(special_ids)] = False
     return allowed.nonzero().squeeze(1)
+
+
+def mask_captions(cm, txt, *, generator: torch.Generator, keys, mask_id: int, vocab_size: int,
+                  special_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's caption mask (cm: config CaptionMaskConfig) of the online text features:
+    (masked ids, labels). random: IRRA's, from the rank's step generator; uniform and attention
+    (AGM): k words drawn by keyed draws (trainer/recipe/draws.py), AGM weighting them by the
+    layer-aggregated EOS attention."""
+    ids = txt.input_ids_BL
+    opts = dict(mask_id=mask_id, vocab_size=vocab_size, special_ids=special_ids)
+    if cm.kind == "random":
+        return random_mlm_mask(ids, txt.eos_B, prob=cm.ratio, generator=generator, **opts)
+    score = aggregate_layers(txt.attn_rows_BlL, cm.beta) if cm.kind == "attention" else None
+    L = ids.shape[1]
+    noise = draws.exponential(*keys, L, stream=draws.AGM)
+    uniforms = (draws.uniform(*keys, L, stream=draws.MASK_KIND),
+                draws.uniform(*keys, L, stream=draws.MASK_WORD))
+    return sampled_mlm_mask(ids, txt.eos_B, score, ratio=cm.ratio, noise_BL=noise,
+                            uniforms=uniforms, **opts)
+
+
+def aggregate_layers(rows_BlL: torch.Tensor, beta: float) -> torch.Tensor:
+    """AGM's layer aggregation: a_bar^1 = a^1, a_bar^l = beta a_bar^(l-1) + (1 - beta) a^l."""
+    agg = rows_BlL[:, 0]
+    for layer in range(1, rows_BlL.shape[1]):
+        agg = beta * agg + (1.0 - beta) * rows_BlL[:, layer]
+    return agg
+
+
+def mlm_logits(model, masked_ids_BL: torch.Tensor, image_tokens_BTE: torch.Tensor) -> torch.Tensor:
+    """The MLM head's logits at every position of the masked captions, attending to the image
+    tokens through the cross-modal encoder (the mlm term and TEM)."""
+    mtxt = model.encoder.encode_text(masked_ids_BL, rows="none", length=masked_ids_BL.shape[1])
+    return model.mlm_head(model.cross_tokens(mtxt.tokens_BLE, mtxt.eos_B, image_tokens_BTE))
+
+
+def enrich(model, ec, ids_BL, masked_ids_BL, labels_BL, image_tokens_BTE, keys, special_ids
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """TEM on the momentum model (ec: config EnrichConfig): the MLM's word at each masked
+    position (argmax, or sampled by inverse CDF with one keyed uniform a word); each caption
+    replaced by its enriched version with probability ec.prob. Returns (ids, replaced_B)."""
+    seed, index = keys
+    logits = mlm_logits(model, masked_ids_BL, image_tokens_BTE).float()
+    logits[..., list(special_ids)] = float("-inf")             # never a special token
+    if ec.kind == "sample":
+        u = draws.uniform(seed, index, ids_BL.shape[1], stream=draws.TEM_WORD).float()
+        cdf = logits.softmax(-1).cumsum(-1)
+        pred = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None]).squeeze(-1)
+        pred = pred.clamp(max=logits.shape[-1] - 1)
+    else:
+        pred = logits.argmax(-1)
+    enriched = torch.where(labels_BL != -100, pred, ids_BL)
+    use_B = draws.uniform(seed, index, 1, stream=draws.TEM_CAPTION)[:, 0] < ec.prob
+    return torch.where(use_B[:, None], enriched, ids_BL), use_B

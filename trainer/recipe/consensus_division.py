@@ -11,16 +11,24 @@ Runs on one process (the trainer broadcasts the labels); seeded, so a rerun give
 Where the shards carry ground-truth noise flags, `diagnostics` scores the division (precision and
 recall of "clean") and `plot` draws the normalised losses by true label with the fitted mixture.
 
-`ConsensusWeighting` is the recipe's weighting part (recipe.weighting.kind=consensus): the trainer
-asks it each epoch whether it wants the training set scored, and hands it the scores; it returns
-each pair's weight: the consensus label (RDE) or the mean clean posterior of the branches.
+`ConsensusWeighting` is the recipe's weighting part (recipe.weighting.kind=consensus): at each
+epoch boundary the loop asks whether it wants to divide (`wants_scores`) and, if so, hands it the
+epoch's batches (`update`): it scores every pair (`per_sample_losses`, on every rank), divides on
+rank 0, and writes each pair's weight into the model's `sample_weight` on every rank: the
+consensus label (RDE) or the mean clean posterior of the branches.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from tbps.trainer.common import collective
+from tbps.trainer.model.retrieval import unwrap
+from tbps.trainer.recipe import losses
 
 
 @dataclass
@@ -55,6 +63,17 @@ class ConsensusWeighting:
     def wants_scores(self, epoch: int) -> bool:
         return epoch >= self.cfg.warmup_epochs
 
+    def update(self, model, batches, *, epoch: int, tau: float, plot_dir: Path | None) -> dict:
+        """Score this epoch's training pairs (`batches`: the epoch's device batches), divide on
+        rank 0, write the weights into the model on every rank; the values to log."""
+        t0 = time.time()
+        scores = score_pairs(model, batches, self.cfg, tau)
+        result = self.divide(scores, epoch, plot_dir) if collective.rank() == 0 else None
+        weights, logs = collective.broadcast_object(result)
+        set_weights(unwrap(model), scores["index"], weights)
+        logs["ccd_seconds"] = round(time.time() - t0, 2)
+        return logs
+
     def divide(self, scores: dict, epoch: int, plot_dir: Path | None = None
                ) -> tuple[np.ndarray, dict]:
         """scores: {"index", "noisy", <branch>: per-pair loss} (numpy, every scored pair);
@@ -75,6 +94,59 @@ class ConsensusWeighting:
                      f"recall {logs['ccd/consensus_recall']:.3f}")
         weights = division.labels if c.use == "labels" else division.clean_probability
         return weights, logs
+
+
+@torch.no_grad()
+def per_sample_losses(model, wc, batch: dict, tau: float) -> dict[str, torch.Tensor]:
+    """An entry point of the model: {branch: per-sample loss of wc.score (config
+    WeightingConfig)} of the batch, against the in-batch keys of every rank."""
+    enc = model.encoder
+    img = enc.encode_image(batch["image"], rows=model.attention_rows)
+    txt = enc.encode_text(batch["input_ids"], rows=model.attention_rows,
+                          length=batch.get("text_length"))
+    emb = {"bge": (img.embeds_BE, txt.embeds_BE)}
+    if model.has_tse:
+        emb["tse"] = model.tse(img, txt)
+    pid = batch["pid"]
+    key_ids = losses.gather_ids(pid)
+    opts = {"margin": wc.margin} if wc.score == "tal" else {}
+    out = {}
+    for b, (img_BE, txt_BE) in emb.items():
+        i2t, t2i = losses.bidirectional(img_BE, txt_BE, pid, losses.gather_keys(img_BE, txt_BE),
+                                        key_ids, kind=wc.score, tau=tau, **opts)
+        out[b] = i2t + t2i
+    return out
+
+
+@torch.no_grad()
+def score_pairs(model, batches, wc, tau: float) -> dict:
+    """Per-sample losses of the batches in eval mode (the training augmentations kept),
+    gathered once from every rank: {"index": N, "noisy": N, <branch>: N} numpy arrays on every
+    rank, in the order (batch, rank, sample). Samples the epoch leaves out are absent."""
+    was_training = model.training
+    model.eval()
+    parts = {}
+    for batch in batches:
+        out = model(per_sample_losses, wc, batch, tau)
+        out = {**out, "index": batch["index"], "noisy": batch["noisy"]}
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.detach())
+    model.train(was_training)
+    world, result = collective.world_size(), {}
+    for k, v in parts.items():
+        local = torch.stack(v)                                   # batches x B
+        dtype = torch.float32 if local.is_floating_point() else local.dtype
+        every = collective.gather_nograd(local.to(dtype)[None])   # ranks x batches x B
+        result[k] = every.view(world, *local.shape).transpose(0, 1).reshape(-1).cpu().numpy()
+    return result
+
+
+@torch.no_grad()
+def set_weights(model, index, weights) -> None:
+    """Write the weights of these training pairs into the model's per-pair weights."""
+    buf = model.sample_weight
+    buf[torch.as_tensor(index, device=buf.device)] = torch.as_tensor(weights, device=buf.device,
+                                                                      dtype=buf.dtype)
 
 
 def fit_branch(losses: np.ndarray, *, max_iter: int, tol: float, reg_covar: float,

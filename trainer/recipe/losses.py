@@ -1,4 +1,5 @@
-"""Every training loss goes through here; the similarity-matrix family through `kernels`.
+"""The loss terms (config recipe.losses) and the losses they are made of; the similarity-matrix
+family goes through `kernels`.
 
 Local loss: each rank's rows (its own samples) are scored against the keys of all ranks,
 gathered with gradient, and the person ids gathered with them; a positive may live on another
@@ -15,9 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from tbps.kernels.similarity_loss import bidirectional_similarity_loss
-from tbps.trainer.running import dist
+from tbps.trainer.common import collective
+from tbps.trainer.common.config import SIMILARITY_KINDS, TERM_PARAMS
+from tbps.trainer.recipe import draws
+from tbps.trainer.recipe.caption_masking import mlm_logits
 
-gather_with_grad, gather_nograd = dist.gather_with_grad, dist.gather_nograd
+gather_with_grad, gather_nograd = collective.gather_with_grad, collective.gather_nograd
 
 
 @dataclass
@@ -29,12 +33,12 @@ class GatheredKeys:
 
 
 def gather_keys(img_BE: torch.Tensor, txt_BE: torch.Tensor) -> GatheredKeys:
-    return GatheredKeys(dist.gather_with_grad(img_BE), dist.gather_with_grad(txt_BE))
+    return GatheredKeys(collective.gather_with_grad(img_BE), collective.gather_with_grad(txt_BE))
 
 
 def gather_ids(pid_B: torch.Tensor) -> torch.Tensor:
     """The person ids of every rank's samples (once a step: every branch's keys share them)."""
-    return dist.gather_nograd(pid_B)
+    return collective.gather_nograd(pid_B)
 
 
 def bidirectional(img_BE, txt_BE, pid_B, keys: GatheredKeys, key_ids_N, *, kind: str,
@@ -93,4 +97,118 @@ def local_mean(per_sample_B: torch.Tensor) -> torch.Tensor:
 
 
 def local_sum(per_sample_B: torch.Tensor) -> torch.Tensor:
-    return per_sample_B.sum() * dist.world_size()
+    return per_sample_B.sum() * collective.world_size()
+
+
+# -- the terms: each returns (its value, what is logged: the unweighted mean over this rank) ------
+
+@dataclass
+class TermInputs:
+    """What the step has computed when the terms run."""
+
+    img: object                      # online ImageFeatures
+    txt: object                      # online TextFeatures
+    emb: dict                        # branch -> (image_BE, text_BE)
+    keys: dict                       # branch -> GatheredKeys (every rank's embeddings)
+    pid_B: torch.Tensor
+    key_ids_N: torch.Tensor
+    tau: float
+    draw_keys: tuple                 # (step seed, sample index)
+    momentum: object = None          # recipe.momentum.Momentum
+    masked_ids_BL: torch.Tensor | None = None
+    mlm_labels_BL: torch.Tensor | None = None
+
+
+def term_names(terms) -> list[str]:
+    """Log names: the kind, or kind + position where a kind appears twice."""
+    counts = {}
+    for t in terms:
+        counts[t.kind] = counts.get(t.kind, 0) + 1
+    return [t.kind if counts[t.kind] == 1 else f"{t.kind}{i}" for i, t in enumerate(terms)]
+
+
+def reduce(per_B: torch.Tensor, w_B: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    x = per_B if w_B is None else w_B.to(per_B.dtype) * per_B
+    return local_mean(x) if reduction == "mean" else local_sum(x)
+
+
+def term(model, term_cfg, name: str, x: TermInputs, w_B, logged: dict) -> torch.Tensor:
+    """One configured term's value (weighted by w_B when given); what it logs goes in `logged`."""
+    if term_cfg.kind in SIMILARITY_KINDS:
+        return similarity_term(term_cfg, name, x, w_B, logged)
+    value, logged[name] = {"id": id_term, "mlm": mlm_term, "itm": itm_term}[term_cfg.kind](
+        model, term_cfg, x, w_B)
+    return value
+
+
+def similarity_term(t, name: str, x: TermInputs, w_B, logged: dict) -> torch.Tensor:
+    tau = t.tau if t.tau is not None else x.tau
+    opts = {p: t.param(p) for p in TERM_PARAMS[t.kind] if p != "tau"}
+    per_B = None
+    branches = t.branches_or_default()
+    for b in branches:
+        img_BE, txt_BE = x.emb[b]
+        momentum = {}
+        if t.needs_momentum():
+            m_img, m_txt = x.momentum.embeds[b]
+            momentum = dict(momentum_img_nD=m_img, momentum_txt_nD=m_txt,
+                            momentum_img_keys_ND=gather_nograd(m_img),
+                            momentum_txt_keys_ND=gather_nograd(m_txt))
+        i2t, t2i = bidirectional(img_BE, txt_BE, x.pid_B, x.keys[b], x.key_ids_N, kind=t.kind,
+                                 tau=tau, **opts, **momentum)
+        branch_B = i2t + t2i
+        logged[name if len(branches) == 1 else f"{name}_{b}"] = branch_B.detach().mean()
+        per_B = branch_B if per_B is None else per_B + branch_B
+    return reduce(per_B, w_B, t.reduction)
+
+
+def id_term(model, t, x: TermInputs, w_B):
+    logits_i, logits_t = model.classifier(x.img.embeds_BE), model.classifier(x.txt.embeds_BE)
+    if w_B is None and t.reduction == "mean":
+        value = id_loss(logits_i, logits_t, x.pid_B)
+        return value, value.detach()
+    per_B = id_loss(logits_i, logits_t, x.pid_B, reduction="none")
+    return reduce(per_B, w_B, t.reduction), per_B.detach().mean()
+
+
+def mlm_term(model, t, x: TermInputs, w_B):
+    logits = mlm_logits(model, x.masked_ids_BL, x.img.tokens_BTE)
+    labels = x.mlm_labels_BL
+    if w_B is None:
+        value = mlm_loss(logits, labels)
+        return value, value.detach()
+    value = mlm_loss(logits, labels, w_B[:, None].expand_as(labels))
+    return value, mlm_loss(logits.detach(), labels)
+
+
+def itm_term(model, t, x: TermInputs, w_B):
+    """ITM on the cross-modal encoder's first token: each pair, one hard negative text per image
+    and one hard negative image per text, drawn from the similarity softmax over every rank's
+    keys, never of the same identity (itm_negatives)."""
+    img, txt = x.img, x.txt
+    B, L = txt.input_ids_BL.shape
+    img_BE, txt_BE = x.emb["bge"]
+    k = x.keys["bge"]
+    seed, index = x.draw_keys
+    N = x.key_ids_N.shape[0]
+    neg_txt, ok_txt = itm_negatives(
+        F.normalize(img_BE.detach().float(), dim=-1), F.normalize(k.txt_NE.detach().float(), dim=-1),
+        x.pid_B, x.key_ids_N, tau=x.tau,
+        noise_BN=draws.exponential(seed, index, N, stream=draws.ITM_TEXT))
+    neg_img, ok_img = itm_negatives(
+        F.normalize(txt_BE.detach().float(), dim=-1), F.normalize(k.img_NE.detach().float(), dim=-1),
+        x.pid_B, x.key_ids_N, tau=x.tau,
+        noise_BN=draws.exponential(seed, index, N, stream=draws.ITM_IMAGE))
+    txt_tokens = F.pad(txt.tokens_BLE, (0, 0, 0, model.context_length - L))
+    all_txt = gather_with_grad(txt_tokens)
+    all_eos = gather_nograd(txt.eos_B)
+    all_img = gather_with_grad(img.tokens_BTE)
+    pos = model.cross_tokens(txt_tokens, txt.eos_B, img.tokens_BTE)[:, 0]
+    img_neg = model.cross_tokens(txt_tokens, txt.eos_B, all_img[neg_img])[:, 0]
+    txt_neg = model.cross_tokens(all_txt[neg_txt], all_eos[neg_txt], img.tokens_BTE)[:, 0]
+    logits = model.itm_head(torch.cat([pos, img_neg, txt_neg])).float()
+    labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(x.pid_B.device)
+    ce = F.cross_entropy(logits, labels, reduction="none").view(3, B)
+    valid = torch.stack([torch.ones_like(ok_img), ok_img, ok_txt]).float()
+    per_B = (ce * valid).sum(0) / valid.sum(0)
+    return reduce(per_B, w_B, t.reduction), per_B.detach().mean()

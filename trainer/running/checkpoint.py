@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tbps.trainer.running import dist
+from tbps.trainer.common import collective
 from tbps.trainer.running.errors import RankError, is_collective_failure
 
 log = logging.getLogger(__name__)
@@ -77,18 +77,18 @@ def save(acc, run_dir: Path, state: TrainState, keep: int, ema=None) -> Path:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        dist.barrier()
+        collective.barrier()
         acc.save_state(str(tmp))
         if ema is not None:              # every rank its own fragments
-            torch.save(ema.state_dict(), tmp / ema_file(dist.rank()))
-        dist.barrier()
+            torch.save(ema.state_dict(), tmp / ema_file(collective.rank()))
+        collective.barrier()
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
             _seal(tmp)
             _move_into_place(tmp, final)
             _write_atomic(root / LATEST, final.name)
             _prune(root, keep, final)
-        dist.barrier()
+        collective.barrier()
     except OSError as exc:
         good = _newest_complete(root)
         raise CheckpointError(
@@ -175,7 +175,7 @@ def universal(acc, path: Path) -> Path:
             if f.is_file() and f.name != MANIFEST:
                 shutil.copy2(f, tmp / f.name)
         os.replace(tmp, target)
-    dist.barrier()
+    collective.barrier()
     acc.deepspeed_engine_wrapped.engine._config.load_universal_checkpoint = True
     return target
 
@@ -215,7 +215,7 @@ def set_aside(run_dir: Path, resumed: Path) -> list[Path]:
 
 def _check_random_state(path: Path, state: TrainState) -> None:
     """accelerate skips a random-state file it cannot read with an info line; refuse instead."""
-    rank, world = dist.rank(), state.layout.get("world_size", dist.world_size())
+    rank, world = collective.rank(), state.layout.get("world_size", collective.world_size())
     f = path / f"random_states_{rank}.pkl"
     if rank >= world:
         return                              # this rank did not exist: a fresh random state
@@ -231,7 +231,7 @@ def _check_random_state(path: Path, state: TrainState) -> None:
 
 
 def _load_ema(path: Path, ema) -> list[str]:
-    own = path / ema_file(dist.rank())
+    own = path / ema_file(collective.rank())
     files = sorted(path.glob("ema-rank*.pt"))
     if not files:
         raise CheckpointError(f"{path} holds no EMA (ema-rank*.pt) but this run has a momentum "
@@ -249,7 +249,7 @@ def _load_ema(path: Path, ema) -> list[str]:
     ema.load_state_dicts(states)
     return [f"the EMA was saved as {len(files)} fragment file(s) ({states[0]['kind']} over "
             f"{states[0]['world_size']} ranks): put together and re-cut for this run's "
-            f"{dist.world_size()} rank(s) ({ema.kind})"]
+            f"{collective.world_size()} rank(s) ({ema.kind})"]
 
 
 def _seal(folder: Path) -> None:
@@ -272,6 +272,11 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     _fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run folder holds a complete checkpoint."""
+    return bool(_complete(Path(run_dir) / CKPT_DIR))
 
 
 def _complete(root: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""The one module that talks to accelerate, DeepSpeed and torch.distributed.
+"""The one module that talks to accelerate and DeepSpeed (the EMA reads DeepSpeed's shards
+through it too); the collectives over torch.distributed are trainer/common/collective.py.
 
 Launch (see launch/): `accelerate launch` starts the processes; this module builds the
 Accelerator the launch asked for and fills in what DeepSpeed needs from the config:
@@ -9,9 +10,6 @@ Accelerator the launch asked for and fills in what DeepSpeed needs from the conf
 - DeepSpeed's micro-batch size, accumulation and clipping are written from the config (the
   webdataset loader stays out of `prepare`, so "auto" could not be resolved).
 
-Collectives for the losses: `gather_with_grad` (autograd all_gather: each rank computes its own
-rows against every rank's keys, and the backward sums the keys' gradients back to their owners;
-`accelerator.gather` carries no gradient), `gather_nograd`, `gather_varlen`, `mean_over_ranks`.
 """
 from __future__ import annotations
 
@@ -146,81 +144,6 @@ def zero_stage(acc) -> int:
     return 0 if plugin is None else int(plugin.zero_stage)
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenation over ranks (rank order) of x, differentiable back to every rank's x.
-
-    torch.distributed.nn's all_gather: synchronous, and its backward (a reduce-scatter, done as
-    an all-to-all where the backend has none, as gloo) sums each key's gradients from every rank
-    back to its owner."""
-    if world_size() == 1:
-        return x
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)     # "use the functional collectives"
-        return torch.cat(all_gather(x.contiguous()), dim=0)
-
-
-def gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def gather_varlen(x: torch.Tensor) -> torch.Tensor:
-    """Concatenation over ranks of tensors whose first dimension differs between ranks."""
-    if world_size() == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = gather_nograd(n).tolist()
-    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = gather_nograd(padded).split(max(sizes))
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
-
-
-def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
-    """Average of scalar logs over ranks (each rank's loss covers only its own rows)."""
-    if world_size() == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}
-
-
-def all_gather_object(obj) -> list:
-    if world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def gather_varlen_list(x: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's 1-D tensor (lengths may differ), as a list in rank order."""
-    if world_size() == 1:
-        return [x]
-    sizes = all_gather_object(int(x.numel()))
-    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
-    padded[: x.numel()] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return [p[:n] for p, n in zip(parts, sizes)]
-
-
 # -- DeepSpeed ZeRO-3 specifics --------------------------------------------------------------
 
 
@@ -268,63 +191,39 @@ def inference_engine(acc, module, dtype: torch.dtype):
     return engine
 
 
-def broadcast_object(obj, src: int = 0):
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+
+def read_launch_file(path: str):
+    """An accelerate config file as accelerate reads it (its dataclass)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return load_config_from_file(path)
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
+def cpu_accelerator():
+    """A one-process CPU Accelerator (planning, tools)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
 
 
-def any_rank(flag: torch.Tensor) -> bool:
-    """True on every rank when `flag` (a bool tensor on the training device) is true on any:
-    one all-reduce and one host read."""
-    if world_size() == 1:
-        return bool(flag)
-    t = flag.to(torch.int32).reshape(1)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def cpu_adam(param_groups: list[dict], *, lr: float, betas, eps: float, adamw: bool):
+    """DeepSpeed's CPU Adam, for ZeRO with the optimizer state offloaded to the CPU (DeepSpeed
+    refuses a torch optimizer there)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, eps=eps, adamw_mode=adamw)
 
 
-class StopAgreement:
-    """Every rank's stop request (a signal it got), agreed on at every optimizer step without
-    waiting for it: `poll(local)` starts an all-reduce (MAX) of this step's flag and returns the
-    result of the previous step's, which has long arrived. Every rank calls it once a step, so
-    all see the same answer at the same step and stop together, one step after the request
-    reached the last of them. The flag travels as a CPU tensor over gloo (the default group on
-    CPU; a gloo side group next to NCCL), so reading it never waits for the GPU."""
-
-    def __init__(self, timeout_s: float):
-        self.group, self.pending = None, None
-        if world_size() > 1:
-            if dist.get_backend() == "gloo":
-                self.group = dist.group.WORLD
-            else:
-                self.group = dist.new_group(backend="gloo",
-                                            timeout=datetime.timedelta(seconds=timeout_s))
-
-    def poll(self, local: bool) -> bool:
-        if self.group is None:
-            return local
-        agreed = self._result()
-        flag = torch.tensor([int(local)], dtype=torch.int32)
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group,
-                                        async_op=True), flag)
-        return agreed
-
-    def close(self) -> bool:
-        """Wait for the last all-reduce (before a stop or the end); its result."""
-        return self._result()
-
-    def _result(self) -> bool:
-        if self.pending is None:
-            return False
-        work, flag = self.pending
-        self.pending = None
-        work.wait()
-        return bool(flag.item())
+# TEMPORARY while the inference and tools modules move to trainer/common/collective.py
+from tbps.trainer.common.collective import (  # noqa: E402, F401
+    all_gather_object,
+    any_rank,
+    barrier,
+    broadcast_object,
+    gather_nograd,
+    gather_varlen,
+    gather_varlen_list,
+    gather_with_grad,
+    rank,
+    world_size,
+)

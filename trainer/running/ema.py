@@ -3,8 +3,8 @@
     ema = ShardedEMA(acc, model, factory=lambda: build_model(...), modules=("encoder",),
                      momentum=0.995, momentum_end=1.0, total_steps=T)
     ...after each optimizer step:  ema.update(step)
-    image_features, _ = ema({"image": pixels}, mode="features")      # the EMA encoder
-    out = ema(request, mode="momentum", step=info)     # the recipe's momentum work (trainer/recipe/step.py)
+    image_features, _ = ema(features, {"image": pixels})    # an entry point, on the EMA copy
+    step's momentum part: model(momentum_forward, ...) on `ema.module` (trainer/recipe/momentum.py)
 
 Layout. The EMA keeps, for each chosen parameter, an fp32 copy of the *fragment* of it that this
 rank owns, so the ranks' fragments tile every parameter exactly once:
@@ -18,9 +18,8 @@ Each rank stores about 1/world of the fp32 EMA (4 bytes a parameter over world r
 is ema <- m ema + (1 - m) theta with m constant or rising from m0 to 1 on a cosine.
 
 Forward. `ema.module` is a model of the same architecture (built by `factory`, the parts not
-chosen dropped, the containers in `keep_roots` kept so their code runs) holding the EMA in the
-training dtype, in eval mode; `ema(batch, mode=...)` runs its forward without gradient, like
-the online model's. Under DDP / ZeRO-1/2 every
+chosen dropped) holding the EMA in the training dtype, in eval mode; `ema(entry, *args)` runs
+its forward without gradient, like the online model's. Under DDP / ZeRO-1/2 every
 `refresh_every` steps the fragments are all-gathered into it (params x the training dtype's bytes
 of traffic); under ZeRO-3 it is a second
 DeepSpeed engine without optimizer whose partitions are overwritten from the local fragments
@@ -43,6 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tbps.trainer.common import collective
+from tbps.trainer.model.sizes import CLIP_SIZES, clip_config
 from tbps.trainer.running import dist
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,7 @@ def momentum_at(step: int, *, m0: float, m_end: float, total_steps: int) -> floa
 class ShardedEMA:
     def __init__(self, acc, model: nn.Module, *, factory, modules: tuple[str, ...],
                  momentum: float, momentum_end: float | None = None, total_steps: int = 0,
-                 refresh_every: int = 1, compute_dtype: torch.dtype | None = None,
-                 keep_roots: tuple[str, ...] = ("recipe",)):
+                 refresh_every: int = 1, compute_dtype: torch.dtype | None = None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1), got {momentum}")
         if refresh_every < 1:
@@ -81,10 +81,9 @@ class ShardedEMA:
         self.kind = "zero3" if self.stage == 3 else "zero12" if self.stage in (1, 2) else "flat"
         self.fragments = self._layout()
         self.shadow = [self._source(f).detach().float().clone() for f in self.fragments]
-        self.layouts = dist.all_gather_object([(f.name, f.start, f.numel) for f in self.fragments])
+        self.layouts = collective.all_gather_object([(f.name, f.start, f.numel) for f in self.fragments])
         self.compute_dtype = compute_dtype or _training_dtype(acc)
         self.online = online
-        self.keep_roots = keep_roots
         self.module = self._build_compute_copy(factory)
         self._refreshed_at = None
         self.refresh(force=True)
@@ -101,7 +100,7 @@ class ShardedEMA:
         return chosen
 
     def _layout(self) -> list[Fragment]:
-        rank, world = dist.rank(), dist.world_size()
+        rank, world = collective.rank(), collective.world_size()
         frags = []
         if self.kind == "zero3":
             for name, p in self.params.items():
@@ -155,7 +154,7 @@ class ShardedEMA:
 
     def _build_compute_copy(self, factory) -> nn.Module:
         with dist.plain_init(self.acc):
-            tree = _prune(factory(), self.modules, self.keep_roots)
+            tree = _prune(factory(), self.modules)
         for p in tree.parameters():
             p.requires_grad_(False)
         if self.kind == "zero3":
@@ -163,8 +162,8 @@ class ShardedEMA:
         return tree.to(device=self.acc.device, dtype=self.compute_dtype).eval()
 
     @torch.no_grad()
-    def __call__(self, batch: dict, mode: str = "features", **kwargs):
-        return self.module(batch, mode=mode, **kwargs)
+    def __call__(self, entry, *args, **kwargs):
+        return self.module(entry, *args, **kwargs)
 
     @torch.no_grad()
     def refresh(self, force: bool = False) -> None:
@@ -187,7 +186,7 @@ class ShardedEMA:
         """The whole EMA on every rank (an all-gather of the fragments)."""
         local = torch.cat([e.to(dtype) for e in self.shadow]) if self.shadow else \
             torch.zeros(0, dtype=dtype, device=self.acc.device)
-        flat = dist.gather_varlen_list(local)
+        flat = collective.gather_varlen_list(local)
         out = {n: torch.zeros(p.ds_numel if self.kind == "zero3" else p.numel(), dtype=dtype,
                               device=local.device) for n, p in self.params.items()}
         for layout, values in zip(self.layouts, flat):
@@ -202,21 +201,21 @@ class ShardedEMA:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "world_size": dist.world_size(), "modules": self.modules,
+        return {"kind": self.kind, "world_size": collective.world_size(), "modules": self.modules,
                 "fragments": [(f.name, f.start, f.numel) for f in self.fragments],
                 "shadow": [e.cpu() for e in self.shadow]}
 
     def same_layout(self, state: dict) -> bool:
         mine = [(f.name, f.start, f.numel) for f in self.fragments]
         return (state["kind"], state["world_size"], list(map(tuple, state["fragments"]))) == \
-            (self.kind, dist.world_size(), mine)
+            (self.kind, collective.world_size(), mine)
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's own state, saved under the same layout."""
         if not self.same_layout(state):
             raise ValueError(f"the checkpoint's EMA was cut for {state['kind']} over "
                              f"{state['world_size']} ranks; this run is {self.kind} over "
-                             f"{dist.world_size()}: load every rank's state with "
+                             f"{collective.world_size()}: load every rank's state with "
                              "load_state_dicts to re-cut it")
         for ema, saved in zip(self.shadow, state["shadow"]):
             ema.copy_(saved)
@@ -273,10 +272,9 @@ def _training_dtype(acc) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
 
 
-def _prune(model: nn.Module, modules: tuple[str, ...], keep_roots: tuple[str, ...] = ()
-           ) -> nn.Module:
+def _prune(model: nn.Module, modules: tuple[str, ...]) -> nn.Module:
     """`model` with every submodule that holds none of the chosen ones set to None; the
-    containers in `keep_roots` stay (their children pruned alike) so their methods can run."""
+    root stays, with its code."""
     keep = set(modules)
 
     def walk(module: nn.Module, prefix: str) -> None:
@@ -284,7 +282,7 @@ def _prune(model: nn.Module, modules: tuple[str, ...], keep_roots: tuple[str, ..
             path = f"{prefix}{name}"
             if path in keep:
                 continue
-            if any(k.startswith(path + ".") for k in keep) or path in keep_roots:
+            if any(k.startswith(path + ".") for k in keep):
                 walk(child, path + ".")
             else:
                 setattr(module, name, None)
@@ -295,28 +293,14 @@ def _prune(model: nn.Module, modules: tuple[str, ...], keep_roots: tuple[str, ..
 
 # -- memory table (README) ---------------------------------------------------------------------
 
-CLIP_SIZES = {
-    "CLIP ViT-B/16": dict(vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12, patch_size=16, image_size=224),
-                          text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                                    num_attention_heads=8), projection_dim=512),
-    "CLIP ViT-L/14": dict(vision=dict(hidden_size=1024, intermediate_size=4096,
-                                      num_hidden_layers=24, num_attention_heads=16, patch_size=14,
-                                      image_size=224),
-                          text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                    num_attention_heads=12), projection_dim=768),
-}
-
-
 def memory_table(ranks=(1, 8, 64)) -> list[dict]:
     """Per-rank fp32 EMA of both encoders (and of the image encoder alone), from parameter
     counts of the architectures built on the meta device (no weights needed)."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel  # kept off start-up: the table is a README tool
 
     rows = []
-    for name, size in CLIP_SIZES.items():
-        config = CLIPConfig(vision_config=size["vision"], text_config=size["text"],
-                            projection_dim=size["projection_dim"])
+    for name in CLIP_SIZES:
+        config = clip_config(name)
         with torch.device("meta"):
             clip = CLIPModel(config)
         image = sum(p.numel() for p in clip.vision_model.parameters()) + \
@@ -324,7 +308,7 @@ def memory_table(ranks=(1, 8, 64)) -> list[dict]:
         both = image + sum(p.numel() for p in clip.text_model.parameters()) + \
             clip.text_projection.weight.numel()
         for label, count in (("image + text encoders", both), ("image encoder", image)):
-            rows.append({"model": name, "ema_of": label, "parameters": count,
+            rows.append({"model": f"CLIP {name}", "ema_of": label, "parameters": count,
                          "unsharded_MiB": 4 * count / 2**20,
                          **{f"ranks_{w}_MiB": 4 * count / w / 2**20 for w in ranks}})
     return rows

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -22,6 +23,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from tbps.trainer.common import collective
 
 
 class Monitor:
@@ -88,6 +91,58 @@ class Monitor:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+    def open_run(self, cfg, meta: dict, info: dict, run_dir: Path, resumed: list[str] | None
+                 ) -> None:
+        """The run's opening: config.yaml, the config event, the summary lines, what a resume
+        did, TensorBoard's hyper-parameters."""
+        from tbps.trainer.common.config import save_config
+
+        if self.enabled:
+            save_config(cfg, Path(run_dir) / "config.yaml")
+            self.log("config", echo=False, config=cfg.to_dict(), **info)
+            self.print_lines(run_summary(cfg, meta, info, run_dir))
+            if resumed:
+                self.log("resumed", echo=False, notes=resumed)
+                self.print_lines(resumed)
+        if cfg.train.tensorboard:
+            flat = {f"{sec}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                    for sec, fields in cfg.to_dict().items() if isinstance(fields, dict)
+                    for k, v in fields.items()}
+            flat["method"] = str(cfg.method)
+            self.acc.init_trackers("tensorboard", config=flat)
+
+
+class LoggedSums:
+    """The step's logged values summed on the device (float64) between logging steps: no host
+    read per step. A step's micro-batches are held apart until the step is known to be applied
+    (`commit`) or skipped (`discard`). `mean_over_ranks` makes the one all-reduce and the one
+    read."""
+
+    def __init__(self):
+        self.keys, self.total, self.count = None, None, 0
+        self.pending, self.pending_count = None, 0
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        if self.keys is None:
+            self.keys = sorted(out)
+        row = torch.stack([out[k].detach().reshape(()).double() for k in self.keys])
+        self.pending = row if self.pending is None else self.pending + row
+        self.pending_count += 1
+
+    def commit(self) -> None:
+        if self.pending is not None:
+            self.total = self.pending if self.total is None else self.total + self.pending
+            self.count += self.pending_count
+        self.pending, self.pending_count = None, 0
+
+    def discard(self) -> None:
+        self.pending, self.pending_count = None, 0
+
+    def mean_over_ranks(self) -> dict[str, float]:
+        if self.total is None:
+            return {"loss": 0.0}
+        return dict(zip(self.keys, collective.mean_tensor(self.total / self.count).tolist()))
 
 
 def run_summary(cfg, meta: dict, info: dict, run_dir: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Parameter groups (per-module learning rates) and the warm-up + cosine schedule.
+"""Parameter groups (per-module learning rates), the warm-up + cosine schedule, the temperature.
 
 Groups follow IRRA/RDE: the encoders at `lr`; the method's new modules at
 `lr x new_module_lr_mult`; biases at `lr x bias_lr_mult` with no weight decay. The schedule is a
@@ -47,3 +47,14 @@ def set_lr(optimizer, base_lr: float, factor: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = base_lr * group.get("lr_mult", 1.0) * factor
     return base_lr * factor
+
+
+def tau_at(cfg, steps_per_epoch: int, step: int) -> float:
+    """The similarity temperature at `step`: loss.tau, or annealed linearly from
+    loss.tau_start over loss.tau_anneal_epochs."""
+    lc = cfg.loss
+    if lc.tau_start is None:
+        return lc.tau
+    span = lc.tau_anneal_epochs * steps_per_epoch
+    frac = 1.0 if span <= 0 else min(1.0, step / span)
+    return lc.tau_start + (lc.tau - lc.tau_start) * frac

@@ -38,8 +38,17 @@ from pathlib import Path
 
 import torch
 
+from tbps.data_pipeline.manifest import read_manifest, read_meta, split_info
 from tbps.trainer.common.config import Config, load_config
+from tbps.trainer.model.encoder import DualEncoder
+from tbps.trainer.model.retrieval import RetrievalModel
+from tbps.trainer.model.sizes import clip_config, size_of_hub_id
+from tbps.trainer.model.weights import build_model, load_tokenizer
+from tbps.trainer.recipe.momentum import momentum_modules
+from tbps.trainer.recipe.step import Recipe, StepInfo
+from tbps.trainer.running import dist
 from tbps.trainer.running import precision as precision_mod
+from tbps.trainer.running.ema import ShardedEMA
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +58,6 @@ BF16_ACTIVATION_RATIO = 0.59     # bf16 autocast / fp32 saved bytes a sample, Vi
 # precision flags from the launch's mixed_precision; train_batch_size is dropped
 AUTO_FIELDS = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                "gradient_clipping", "train_batch_size", "bf16.enabled", "fp16.enabled"}
-KNOWN_CLIPS = {"openai/clip-vit-base-patch16": "CLIP ViT-B/16",
-               "openai/clip-vit-large-patch14": "CLIP ViT-L/14"}
 
 
 @dataclass
@@ -83,12 +90,10 @@ class Layout:
 
 def layout_from_launch(path: str) -> Layout:
     """The layout an accelerate config file describes (ranks, machines, ZeRO, offload)."""
-    from accelerate.commands.config.config_args import load_config_from_file
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"--launch {path}: no such accelerate config file")
     try:
-        c = load_config_from_file(path)
+        c = dist.read_launch_file(path)
     except Exception as exc:                        # noqa: BLE001 (yaml / dataclass errors)
         raise ValueError(f"--launch {path} is not an accelerate config accelerate can read "
                          f"({type(exc).__name__}: {exc})") from None
@@ -173,8 +178,6 @@ def _auto_keys(tree: dict, prefix: str = "") -> list[str]:
 
 def check_shards(cfg: Config, lay: Layout) -> tuple[list[str], dict]:
     """Problems with the shards for this layout, and the manifest's metadata."""
-    from tbps.data_pipeline.manifest import read_meta, split_info
-
     root = Path(cfg.data.shards)
     meta = read_meta(root)
     problems = []
@@ -206,9 +209,6 @@ def check_shards(cfg: Config, lay: Layout) -> tuple[list[str], dict]:
 
 def check_tokenizer(cfg: Config):
     """The tokenizer, checked on the shards' own captions (an end token in every one)."""
-    from tbps.data_pipeline.manifest import read_manifest
-    from tbps.trainer.model.weights import load_tokenizer
-
     tok = load_tokenizer(cfg)
     captions = read_manifest(cfg.data.shards, columns=["caption"], split="train")
     sample = [str(c) for c in captions["caption"].to_pylist()[:64]]
@@ -223,65 +223,66 @@ def check_tokenizer(cfg: Config):
 def build_for_plan(cfg: Config, tok, meta: dict):
     """The run's model with random weights (a pretrained model's shapes from its config, no
     download of weights)."""
-    from tbps.trainer.model.encoder import DualEncoder
-    from tbps.trainer.model.weights import build_model
-    from tbps.trainer.recipe.step import Recipe, RetrievalModel
-
     num_classes = meta["num_classes"]
     num_samples = meta["splits"]["train"]["num_samples"]
     torch.manual_seed(0)
     if not cfg.model.pretrained:
         return build_model(cfg, tok, num_classes, num_samples)
-    clip_config = pretrained_config(cfg.model.pretrained)
-    clip_config.text_config.vocab_size = max(clip_config.text_config.vocab_size, tok.vocab_size)
-    encoder = DualEncoder.from_clip_config(clip_config, tuple(cfg.model.image_size), tok.eot_id)
-    recipe = Recipe(cfg, embed_dim=encoder.embed_dim, num_classes=num_classes,
-                    num_samples=num_samples, tokenizer=tok, grid_hw=encoder.grid_hw)
-    return RetrievalModel(encoder, recipe)
+    config = pretrained_config(cfg.model.pretrained)
+    config.text_config.vocab_size = max(config.text_config.vocab_size, tok.vocab_size)
+    encoder = DualEncoder.from_clip_config(config, tuple(cfg.model.image_size), tok.eot_id)
+    return RetrievalModel(encoder, cfg, num_classes=num_classes, num_samples=num_samples,
+                          vocab_size=tok.vocab_size)
 
 
 def pretrained_config(name: str):
     """A pretrained CLIP's architecture: its config.json (a local folder or the hub cache), else
     the known sizes of the OpenAI checkpoints."""
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig  # kept off start-up (the dry run's only)
 
     try:
         return CLIPConfig.from_pretrained(name)
     except OSError:
-        if name not in KNOWN_CLIPS:
+        if size_of_hub_id(name) is None:
             raise ValueError(f"model.pretrained={name}: its config.json is neither a local folder "
                              "nor in the Hugging Face cache (offline); download it first") from None
-    from tbps.trainer.running.ema import CLIP_SIZES
-
-    size = CLIP_SIZES[KNOWN_CLIPS[name]]
-    return CLIPConfig(vision_config=size["vision"], projection_dim=size["projection_dim"],
-                      text_config={**size["text"], "vocab_size": 49408,
-                                   "max_position_embeddings": 77})
+    config = clip_config(size_of_hub_id(name))
+    config.text_config.vocab_size, config.text_config.max_position_embeddings = 49408, 77
+    return config
 
 
 # -- activations and memory --------------------------------------------------------------------
 
 
-def synthetic_batch(cfg: Config, tok, batch: int) -> dict:
-    """A training batch of the configured shapes: random images, captions of full length."""
+def synthetic_batch(cfg, tok, batch: int, *, num_classes: int | None = None,
+                    full_length: bool = False, seed: int = 0) -> dict:
+    """A CPU training batch of the configured shapes: random images; captions of 20-60 tokens
+    (full_length: all of context_length); two samples an identity (of num_classes: random ids)."""
+    g = torch.Generator().manual_seed(seed)
     h, w = cfg.model.image_size
     L = cfg.model.context_length
-    g = torch.Generator().manual_seed(0)
-    words = [i for i in range(tok.vocab_size) if i not in set(tok.special_ids)]
-    pick = torch.tensor(words)[torch.randint(len(words), (batch, L - 2), generator=g)]
-    ids = torch.cat([torch.full((batch, 1), tok.sot_id), pick, torch.full((batch, 1), tok.eot_id)],
-                    dim=1)
-    return {"image": torch.randn(batch, 3, h, w, generator=g), "input_ids": ids,
-            "pid": torch.arange(batch) // 2, "index": torch.arange(batch),
-            "image_id": torch.arange(batch), "noisy": torch.zeros(batch, dtype=torch.bool),
-            "text_length": L}
+    if full_length:
+        lengths = torch.full((batch,), L - 1)
+    else:
+        lengths = torch.randint(min(20, L - 2), min(60, L - 1), (batch,), generator=g)
+    words = torch.tensor(sorted(set(range(tok.vocab_size)) - set(tok.special_ids)))
+    ids = words[torch.randint(len(words), (batch, L), generator=g)]
+    ids[:, 0] = tok.sot_id
+    pos = torch.arange(L)[None, :]
+    ids = torch.where(pos == lengths[:, None], tok.eot_id, ids)
+    ids = torch.where(pos > lengths[:, None], tok.pad_id, ids)
+    if num_classes:
+        pid = torch.randint(0, num_classes, ((batch + 1) // 2,), generator=g).repeat(2)[:batch]
+    else:
+        pid = torch.arange(batch) // 2
+    return {"image": torch.randn(batch, 3, h, w, generator=g), "input_ids": ids, "pid": pid,
+            "index": torch.arange(batch), "image_id": torch.arange(batch),
+            "noisy": torch.zeros(batch, dtype=torch.bool), "text_length": int(lengths.max()) + 1}
 
 
 def saved_bytes(model, cfg: Config, tok, batch: int, dtype: torch.dtype, ema=None) -> int:
     """Bytes of the tensors autograd keeps for the backward of one training forward (each
     storage once; the parameters themselves excluded)."""
-    from tbps.trainer.recipe.step import StepInfo
-
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -291,13 +292,13 @@ def saved_bytes(model, cfg: Config, tok, batch: int, dtype: torch.dtype, ema=Non
             seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
         return t
 
-    data = synthetic_batch(cfg, tok, batch)
+    data = synthetic_batch(cfg, tok, batch, full_length=True)
     info = StepInfo(epoch=0, step=0, tau=cfg.loss.tau, generator=torch.Generator().manual_seed(0),
-                    momentum=ema)
+                    momentum_model=None if ema is None else ema.module)
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        out = model(data, mode="train", step=info)
+        out = model(Recipe(cfg, tok).train_losses, data, info)
     del out
     return sum(seen.values())
 
@@ -458,8 +459,6 @@ def _ema(cfg: Config, model, prec: dict):
         return None, 0
     from accelerate import Accelerator
 
-    from tbps.trainer.recipe.step import momentum_modules
-    from tbps.trainer.running.ema import ShardedEMA
 
     modules = tuple(dict.fromkeys(momentum_modules(cfg) + tuple(cfg.ema.modules)))
     acc = Accelerator(cpu=True)

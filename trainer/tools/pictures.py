@@ -24,14 +24,14 @@ import logging
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tbps.trainer.recipe import draws
-from tbps.trainer.recipe.caption_masking import sampled_mlm_mask, word_positions
-from tbps.trainer.recipe.step import aggregate_layers, awm_weights, drop_patches
+from tbps.trainer.model.encoder import word_positions
+from tbps.trainer.recipe.caption_masking import enrich, mask_captions
+from tbps.trainer.recipe.token_selection import awm_weights, drop_patches, patch_scores
 
 log = logging.getLogger(__name__)
 DRAWS = 2000
@@ -39,57 +39,42 @@ DRAWS = 2000
 
 @torch.no_grad()
 def awm_view(model, batch: dict, ratio: float, score: str, seed: int = 0) -> dict:
-    """Per pair: the patch scores (grid), the AWM drop weights, and the kept patches of one draw."""
+    """Per pair: the patch scores (grid), the AWM drop weights, and the kept patches of one draw
+    (the model standing in for the momentum model)."""
     enc = model.encoder
     img = enc.encode_image(batch["image"], rows="last")
     txt = enc.encode_text(batch["input_ids"], rows="none")
-    if score == "cls":
-        scores = img.attn_BK
-    else:
-        scores = F.cosine_similarity(img.tokens_BTE[:, 1:].float(), txt.embeds_BE.float()[:, None],
-                                     dim=-1)
+    scores = patch_scores(score, img, txt.embeds_BE)
     weights = awm_weights(scores)
-    n_drop = math.floor(ratio * scores.shape[1])
-    keep = drop_patches(weights, n_drop, seed, batch["index"])
+    keep = drop_patches(weights, math.floor(ratio * scores.shape[1]), seed, batch["index"])
     return {"scores": scores, "weights": weights, "keep": keep, "grid": enc.grid_hw,
             "patch": enc.patch_size}
 
 
 @torch.no_grad()
-def agm_view(model, batch: dict, ratio: float, beta: float, seed: int = 0) -> dict:
+def agm_view(model, tokenizer, batch: dict, ratio: float, beta: float, seed: int = 0) -> dict:
     """Per caption: each word's AGM mask probability (share of DRAWS keyed draws), and one
     draw's masked positions with TEM's argmax replacements (when the model has an MLM head)."""
-    recipe, enc = model.recipe, model.encoder
-    txt = enc.encode_text(batch["input_ids"], rows="all")
+    txt = model.encoder.encode_text(batch["input_ids"], rows="all")
     ids, eos = txt.input_ids_BL, txt.eos_B
-    score = aggregate_layers(txt.attn_rows_BlL, beta)
     B, L = ids.shape
+    agm = SimpleNamespace(kind="attention", ratio=ratio, beta=beta)
+    opts = dict(generator=None, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
+                special_ids=tuple(tokenizer.special_ids))
     rep = lambda t: t.repeat_interleave(DRAWS, dim=0)           # noqa: E731
+    many = SimpleNamespace(input_ids_BL=rep(ids), eos_B=rep(eos), attn_rows_BlL=rep(txt.attn_rows_BlL))
     index = torch.arange(B * DRAWS, device=ids.device)
-    opts = dict(ratio=ratio, mask_id=recipe.mask_id, vocab_size=recipe.vocab_size,
-                special_ids=recipe.special_ids)
-    _, labels = sampled_mlm_mask(rep(ids), rep(eos), rep(score),
-                                 noise_BL=draws.exponential(seed, index, L, stream=draws.AGM),
-                                 uniforms=(draws.uniform(seed, index, L, stream=draws.MASK_KIND),
-                                           draws.uniform(seed, index, L, stream=draws.MASK_WORD)),
-                                 **opts)
+    _, labels = mask_captions(agm, many, keys=(seed, index), **opts)
     prob = (labels != -100).float().view(B, DRAWS, L).mean(1)
-    one = index[::DRAWS]
-    masked, labels1 = sampled_mlm_mask(
-        ids, eos, score, noise_BL=draws.exponential(seed + 1, one, L, stream=draws.AGM),
-        uniforms=(draws.uniform(seed + 1, one, L, stream=draws.MASK_KIND),
-                  draws.uniform(seed + 1, one, L, stream=draws.MASK_WORD)), **opts)
-    chosen = labels1 != -100
+    one = (seed + 1, index[::DRAWS])
+    masked, labels1 = mask_captions(agm, txt, keys=one, **opts)
     enriched = None
-    if recipe.mlm_head is not None:
-        img = enc.encode_image(batch["image"], rows="none")
-        mtxt = enc.encode_text(masked, rows="none", length=L)
-        pad = torch.arange(L, device=ids.device)[None] > mtxt.eos_B[:, None]
-        logits = recipe.mlm_head(recipe.cross(mtxt.tokens_BLE, img.tokens_BTE, pad)).float()
-        logits[..., list(recipe.special_ids)] = float("-inf")
-        enriched = torch.where(chosen, logits.argmax(-1), ids)
+    if model.mlm_head is not None:
+        img = model.encoder.encode_image(batch["image"], rows="none")
+        enriched, _ = enrich(model, SimpleNamespace(kind="argmax", prob=1.0), ids, masked, labels1,
+                             img.tokens_BTE, one, opts["special_ids"])
     return {"ids": ids, "eos": eos, "words": word_positions(ids, eos), "prob": prob,
-            "chosen": chosen, "enriched": enriched}
+            "chosen": labels1 != -100, "enriched": enriched}
 
 
 def _words(tokenizer, ids) -> list[str]:
@@ -231,7 +216,7 @@ def main(argv=None) -> int:
     score = args.score or rc.image_tokens.score
     awm = awm_view(model, batch, rc.image_tokens.ratio, score)
     draw_awm(raw, awm, captions, out / "awm.png")
-    agm = agm_view(model, batch, rc.caption_mask.ratio, rc.caption_mask.beta)
+    agm = agm_view(model, tokenizer, batch, rc.caption_mask.ratio, rc.caption_mask.beta)
     rows = draw_agm(tokenizer, agm, out / "agm.png")
     info = {"weights": str(args.weights), "split": args.split,
             "awm": {"ratio": rc.image_tokens.ratio, "score": score,

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,43 +31,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from tbps.trainer.inference import search
+from tbps.data_pipeline.tokenizer import train_word_level
+from tbps.kernels.environment import environment
+from tbps.trainer.common.config import load_config
+from tbps.trainer.inference.approximate import approximate_topk, load_faiss, write_approximate
+from tbps.trainer.inference.embedder import load_embedder
+from tbps.trainer.inference.exact_topk import exact_topk
+from tbps.trainer.inference.search import QUERY_CHUNK
+from tbps.trainer.inference.search_index import build_index
+from tbps.trainer.model.sizes import overrides
+from tbps.trainer.model.weights import build_model, save_weights
 
 CAPTIONS = ["a woman in a red coat carrying a black backpack", "a man in blue jeans and white shoes",
             "a girl with long black hair wearing a yellow dress", "an old man with a grey hat"]
-MODELS = {
-    "synth": [],
-    "vit-b16": ["model.image_size=[384, 128]", "model.patch_size=16", "model.vision_width=768",
-                "model.vision_layers=12", "model.vision_heads=12", "model.text_width=512",
-                "model.text_layers=12", "model.text_heads=8", "model.embed_dim=512"],
-}
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+MODELS = {"synth": [], "vit-b16": overrides("ViT-B/16")}
 
 
 def _weights(name: str, root: Path) -> Path:
-    from tbps.data_pipeline.tokenizer import train_word_level
-    from tbps.trainer.common.config import load_config
-    from tbps.trainer.model.weights import build_model, save_weights
-
     tok = train_word_level(CAPTIONS * 4, root / "tok")
     cfg = load_config(Path(__file__).parents[2] / "launch/configs/irra_synth.yaml",
                       ["train.precision=fp32", *MODELS[name]])
@@ -80,11 +60,9 @@ def _weights(name: str, root: Path) -> Path:
 
 
 def bench_embedding(name: str, n_images: int, batch_size: int) -> dict:
-    from PIL import Image
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        embedder = search.load_embedder(_weights(name, root))
+        embedder = load_embedder(_weights(name, root))
         h, w = embedder.image_size
         rng = np.random.default_rng(0)
         (root / "photos").mkdir()
@@ -92,11 +70,11 @@ def bench_embedding(name: str, n_images: int, batch_size: int) -> dict:
             small = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
             Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(
                 root / "photos" / f"{i:06d}.jpg", quality=90)
-        search.build_index(embedder, root / "photos", root / "warm", batch_size=batch_size,
-                           progress=False)          # warm-up (allocations, one-time set-up)
+        build_index(embedder, root / "photos", root / "warm", batch_size=batch_size,
+                    progress=False)                 # warm-up (allocations, one-time set-up)
         t0 = time.perf_counter()
-        search.build_index(embedder, root / "photos", root / "idx", batch_size=batch_size,
-                           progress=False)
+        build_index(embedder, root / "photos", root / "idx", batch_size=batch_size,
+                    progress=False)
         images_s = n_images / (time.perf_counter() - t0)
         texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(256)]
         embedder.texts(texts[:32])
@@ -157,8 +135,8 @@ def bench_search(size: int, dim: int, n_queries: int, approximate: bool, kind: s
         return {"t2i": t["bge"] @ i["bge"].T}
 
     def exact():
-        parts = [search.exact_topk(similarity, {"bge": torch.from_numpy(queries[q:q + 256])}, g,
-                                   "t2i", 10)[1] for q in range(0, n_queries, search.QUERY_CHUNK)]
+        parts = [exact_topk(similarity, {"bge": torch.from_numpy(queries[q:q + QUERY_CHUNK])}, g,
+                            "t2i", 10)[1] for q in range(0, n_queries, QUERY_CHUNK)]
         return torch.cat(parts)
 
     exact()                                            # warm-up
@@ -169,12 +147,12 @@ def bench_search(size: int, dim: int, n_queries: int, approximate: bool, kind: s
     if approximate:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            search._write_approximate(Path(tmp), {"bge": gallery})
+            write_approximate(Path(tmp), {"bge": gallery})
             row["approx_build_s"] = time.perf_counter() - t0
             q = {"bge": torch.from_numpy(queries)}
-            search.approximate_topk(Path(tmp), q, {"bge": 1.0}, 10)
+            approximate_topk(Path(tmp), q, {"bge": 1.0}, 10)
             t0 = time.perf_counter()
-            _, got = search.approximate_topk(Path(tmp), q, {"bge": 1.0}, 10)
+            _, got = approximate_topk(Path(tmp), q, {"bge": 1.0}, 10)
             row["approx_queries_per_s"] = n_queries / (time.perf_counter() - t0)
         hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, top)]
         row["approx_recall_at_10"] = float(np.mean(hits)) / 10
@@ -205,18 +183,17 @@ def main(argv=None) -> int:
         if min(sizes + [args.images, args.queries, args.dim, args.batch_size]) < 1:
             raise ValueError("--sizes, --images, --queries, --dim and --batch-size must be >= 1")
         if not args.no_approximate:
-            search._faiss()
+            load_faiss()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"command": "tbps bench search " + " ".join(argv or sys.argv[1:]),
-              "commit": _commit(), "load_average": list(os.getloadavg()),
-              "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
-              "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "python": platform.python_version(), "embedding": [], "search": []}
+    env = environment("tbps bench search", argv)
+    result = {**env, "load_average": list(os.getloadavg()),
+              "device": torch.cuda.get_device_name() if device == "cuda" else env["cpu"],
+              "embedding": [], "search": []}
     if not args.no_approximate:
-        import faiss
+        import faiss  # optional (the search extra): only for the approximate index
 
         result["faiss"] = faiss.__version__
     for name in models:
@@ -230,12 +207,13 @@ def main(argv=None) -> int:
         row = bench_search(size, args.dim, args.queries, not args.no_approximate,
                            args.embeddings)
         result["search"].append(row)
-        line = f"search {args.embeddings} {size:>7,} x {args.dim}: exact {row['exact_queries_per_s']:9.1f} queries/s"
+        line = (f"search {args.embeddings} {size:>7,} x {args.dim}: exact "
+                f"{row['exact_queries_per_s']:9.1f} queries/s")
         if "approx_queries_per_s" in row:
             line += (f"; HNSW {row['approx_queries_per_s']:9.1f} queries/s, recall@10 "
                      f"{row['approx_recall_at_10']:.3f}, build {row['approx_build_s']:.1f} s")
         print(line, flush=True)
-    print(f"device: {result['device']}, {result['torch_threads']} torch threads, load average "
+    print(f"device: {result['device']}, {result['threads']} torch threads, load average "
           f"{result['load_average'][0]:.1f} at the start")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

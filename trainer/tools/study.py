@@ -38,7 +38,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import yaml
 
+from tbps.kernels.environment import environment as machine_record
 from tbps.trainer.tools import study_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -355,26 +355,10 @@ def predict(todo: list[Job], rows: list[dict], stored: dict) -> tuple[float, lis
 
 
 def environment(argv: list[str]) -> dict:
-    import torch
-    import transformers
-
-    cpu = "unknown"
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines
-                   if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    device = (f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-              else f"CPU only, {os.cpu_count()} cores")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return {"device": device, "cpu": cpu, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "commit": commit + (" (with uncommitted changes)" if dirty else ""),
-            "command": "tbps study run " + " ".join(argv)}
+    """This invocation's environment record, with the device it trains on."""
+    env = machine_record("tbps study run", argv)
+    device = f"GPU: {env['gpu']}" if env["gpu"] else f"CPU only, {env['cores']} cores"
+    return {"device": device, **env}
 
 
 def _minutes(s: float) -> str:
