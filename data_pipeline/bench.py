@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from tbps.data_pipeline.partition import ranges_of
 from tbps.data_pipeline.schema import IMAGE_EXTS
 from tbps.data_pipeline.tar_reader import read_pieces
 from tbps.data_pipeline.transforms import TrainAugment, normalize_images
+from tbps.kernels.environment import environment
 
 TARGET_RATIO = 0.40
 
@@ -52,16 +52,6 @@ def _drain(source) -> float:
 def _spread(values: list[float], digits: int = 1) -> dict:
     return {"median": round(statistics.median(values), digits),
             "min": round(min(values), digits), "max": round(max(values), digits)}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def stage_times(root: Path, info, tokenizer, n: int, batch_size: int, image_size) -> dict:
@@ -134,9 +124,8 @@ def run_bench(shard_dir, tokenizer, *, samples: int = 2000, batch_size: int = 64
         "loader_to_decode_ratio": _spread(ratios, 3), "target_ratio": TARGET_RATIO,
         "normalize_on_cpu_us": round(t_norm * 1e6, 1),
         "jpeg_decoder": "simplejpeg" if stages.simplejpeg is not None else "PIL",
-        "cpu": cpu_model(), "cores_used": 1, "torch": torch.__version__,
-        "numpy": np.__version__, "pillow": __import__("PIL").__version__,
-        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cores_used": 1, "numpy": np.__version__, "pillow": __import__("PIL").__version__,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"), **environment("tbps bench data"),
     })
     return result
 

@@ -112,7 +112,7 @@ def launch(kernel, grid, args, consts, configs, key=None):
     cfg = configs[0]
     if len(configs) > 1:
         if key not in _chosen:
-            import triton.testing
+            import triton.testing  # only with Triton, only when benchmarking
 
             times = [triton.testing.do_bench(lambda c=c: kernel[grid(c)](*args, **consts, **c),
                                              warmup=2, rep=8) for c in configs]

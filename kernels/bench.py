@@ -389,7 +389,7 @@ def plot(rows, env, path):
     import matplotlib  # heavy: only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use('Agg')
 
     panels = sorted({(r.op, r.mode) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.6), squeeze=False)

@@ -249,6 +249,19 @@ def _pair_dots(A, B, rows, row_in, cols, ok, D, stride_a, stride_b, BLOCK_R: tl.
 
 
 @triton.jit
+def _positive_tile(Q, K, PERM, rows, row_in, lo, hi, t0, D, stride_q, stride_k, inv_tau,
+                   BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The rows' positives t0 .. t0 + BLOCK_P of their sorted range [lo, hi): (in range, key
+    column, scaled score)."""
+    j = lo[:, None] + t0 + tl.arange(0, BLOCK_P)[None, :]
+    ok = j < hi[:, None]
+    col = tl.load(PERM + j, mask=ok, other=0)
+    z = _pair_dots(Q, K, rows, row_in, col, ok, D, stride_q, stride_k, BLOCK_R, BLOCK_P,
+                   BLOCK_D) * inv_tau
+    return ok, col, z
+
+
+@triton.jit
 def _similarity_rows_kernel(
     # pointers: STATS (splits, 6, n) from the stats kernel; LOSS (n,), ROWV (9, n) and RANGE
     # (2, n: each row's positives in the sorted ids, for the backward) written
@@ -291,11 +304,8 @@ def _similarity_rows_kernel(
     tl.store(RANGE + n + rows, hi, mask=row_in)
     m_pos, l_pos, a_pos, s_pos = ninf, zero, zero, zero
     for t0 in range(0, tl.max(hi - lo, 0), BLOCK_P):
-        j = lo[:, None] + t0 + tl.arange(0, BLOCK_P)[None, :]
-        ok = j < hi[:, None]
-        col = tl.load(PERM + j, mask=ok, other=0)
-        z = _pair_dots(Q, K, rows, row_in, col, ok, D, stride_q, stride_k, BLOCK_R, BLOCK_P,
-                       BLOCK_D) * inv_tau
+        ok, col, z = _positive_tile(Q, K, PERM, rows, row_in, lo, hi, t0, D, stride_q, stride_k,
+                                    inv_tau, BLOCK_R, BLOCK_P, BLOCK_D)
         m_pos, l_pos, a_pos = _online(m_pos, l_pos, a_pos, tl.where(ok, z * _LOG2E, float("-inf")),
                                       z, True)
         s_pos += tl.sum(tl.where(ok, z, 0.0), 1)
@@ -444,11 +454,8 @@ def _similarity_grad_pos_kernel(
     w6 = tl.load(rv + 7 * stride_rowv, mask=row_in, other=0.0) * scale
     lse_mom = tl.load(rv + 8 * stride_rowv, mask=row_in, other=0.0)
     for t0 in range(0, tl.max(hi - lo, 0), BLOCK_P):
-        j = lo[:, None] + t0 + tl.arange(0, BLOCK_P)[None, :]
-        ok = j < hi[:, None]
-        col = tl.load(PERM + j, mask=ok, other=0)
-        z = _pair_dots(Q, K, rows, row_in, col, ok, D, stride_q, stride_k, BLOCK_R, BLOCK_P,
-                       BLOCK_D) * inv_tau
+        ok, col, z = _positive_tile(Q, K, PERM, rows, row_in, lo, hi, t0, D, stride_q, stride_k,
+                                    inv_tau, BLOCK_R, BLOCK_P, BLOCK_D)
         g = (tl.exp(tl.minimum(z - lse_pos[:, None], 0.0)) * (c0[:, None] + c1[:, None] * z)
              + w5[:, None])
         if HAS_MOMENTUM:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tbps.kernels.environment import environment
+from tbps.trainer.model.encoder import padding_mask
 
 
 def load(weights: Path, shards: str | None):
@@ -43,7 +44,7 @@ def load(weights: Path, shards: str | None):
 
     overrides = [f"data.shards={shards}"] if shards else []
     cfg, tok, model = load_weights_folder(weights, [*overrides, "data.num_workers=0"])
-    if model.recipe.itm_head is None:
+    if model.itm_head is None:
         raise ValueError(f"{weights}: the recipe has no itm term, so there is no ITM head to probe")
     model.eval()
     feats = {}
@@ -62,8 +63,7 @@ def load(weights: Path, shards: str | None):
 
 def first_token(cross, d, ti, ii):
     """The cross-modal encoder's first token for captions ti with images ii (what ITM reads)."""
-    pad = torch.arange(d["txt"].shape[1])[None] > d["eos"][ti][:, None]
-    return cross(d["txt"][ti], d["img"][ii], pad)[:, 0]
+    return cross(d["txt"][ti], d["img"][ii], padding_mask(d["eos"][ti], d["txt"].shape[1]))[:, 0]
 
 
 def score(cross, head, d, ti, ii):
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         results = {}                                   # other settings: start again
     results.update(settings, environment=environment("python launch/itm_probe.py", argv))
     test = TestSet(feats["test"], args.tau, args.k, seed=args.seed)
-    results["trained"] = test.evaluate(model.recipe.cross, model.recipe.itm_head)
+    results["trained"] = test.evaluate(model.cross, model.itm_head)
     results.setdefault("fresh", {})
     for init in args.inits.split(","):
         for kind in args.negatives.split(","):

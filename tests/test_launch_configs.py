@@ -54,7 +54,7 @@ def test_deepspeed_json_has_only_autos_that_are_filled(path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_config_loads(path):
-    from tbps.trainer.common.config import load_config
+    from tbps.trainer.common.config_files import load_config
 
     cfg = load_config(path)
     if path.stem in ("irra_synth", "rde_synth", "amns_synth", "aga_synth"):   # CPU recipes

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.tools import study as noise_study
 from tbps.trainer.tools import study_report as noise_report
 

@@ -11,7 +11,7 @@ once and the ranks are left training; on SIGTERM it terminates the ranks (SIGKIL
 whatever they were writing) and exits 1 whatever they did. This wrapper:
 - starts `accelerate launch` with SIGUSR1 ignored and outside the terminal's process group;
 - turns SIGTERM, SIGUSR1, SIGHUP and the first Ctrl-C into a stop request (SIGUSR1) to every rank:
-  the ranks agree on a step (trainer/running/dist.py StopAgreement), write a checkpoint and exit 3;
+  the ranks agree on a step (trainer/common/collective.py StopAgreement), write a checkpoint and exit 3;
   a second Ctrl-C terminates the launcher (no checkpoint);
 - exits with the code the ranks chose (each writes it into $TRAINER_EXIT_DIR): 0 done, 1 a
   fault, 2 bad input, 3 stopped on request (continue with train.resume=latest); the launcher's
@@ -59,7 +59,7 @@ def _launcher_preexec() -> None:
 def _ranks(pid: int) -> list[int]:
     """The launcher's child processes: the ranks (torch elastic starts them directly)."""
     try:
-        import psutil
+        import psutil  # optional: without it the ranks are found by /proc
 
         return [c.pid for c in psutil.Process(pid).children()]
     except Exception:                                 # noqa: BLE001 (psutil absent or gone)
@@ -99,7 +99,7 @@ def run(args: list[str]) -> int:
 
 def _has_cuda() -> bool:
     try:
-        import torch
+        import torch  # the wrapper starts without torch
 
         return torch.cuda.is_available()
     except ImportError:

@@ -30,7 +30,7 @@ Faults: SIGTERM / SIGUSR1 to any rank (or to `tbps launch`, which forwards them)
 at the same step within two steps, after a checkpoint (exit code 3); a step whose loss is not
 finite on some rank is skipped (trainer/running/stepping.py); a collective that waits longer than
 train.collective_timeout_s ends the run with an error naming it (exit code 1). Exit codes:
-trainer/running/errors.py.
+trainer/common/errors.py.
 """
 from __future__ import annotations
 
@@ -46,16 +46,17 @@ from tbps.data_pipeline.loader import LoaderConfig, TrainLoader
 from tbps.data_pipeline.manifest import read_meta
 from tbps.data_pipeline.seeds import seed_of
 from tbps.data_pipeline.transforms import TrainAugment, prepare_batch
-from tbps.trainer.common import collective
-from tbps.trainer.common.config import Config, load_config, parse_overrides
+from tbps.trainer.common import collective, dist, errors
+from tbps.trainer.common.config import Config
+from tbps.trainer.common.config_files import load_config, parse_overrides
+from tbps.trainer.common.errors import Stopped
 from tbps.trainer.model.weights import build_model, load_tokenizer
 from tbps.trainer.recipe.consensus_division import ConsensusWeighting
 from tbps.trainer.recipe.momentum import momentum_modules
 from tbps.trainer.recipe.step import Recipe, StepInfo
-from tbps.trainer.running import checkpoint, dist, errors, precision, resume, signals
+from tbps.trainer.running import checkpoint, precision, resume, signals
 from tbps.trainer.running.checkpoint import TrainState
 from tbps.trainer.running.ema import ShardedEMA
-from tbps.trainer.running.errors import Stopped
 from tbps.trainer.running.monitor import LoggedSums, Monitor
 from tbps.trainer.running.optim import build_optimizer, param_groups, set_lr, tau_at
 from tbps.trainer.running.outputs import Outputs
@@ -228,7 +229,7 @@ class Run:
         return {**prepare_batch(batch, self.acc.device), "text_length": length}
 
     def unwrap(self):
-        return self.acc.unwrap_model(self.model)
+        return dist.unwrap(self.model)
 
     def layout(self) -> dict:
         return resume.run_layout(self.cfg, self.acc, batches_per_epoch=self.loader.num_batches,

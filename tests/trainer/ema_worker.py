@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer
-from tbps.trainer.common import collective
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common import collective, dist
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.model.retrieval import features
 from tbps.trainer.model.weights import build_model
 from tbps.trainer.recipe.step import Recipe, StepInfo
-from tbps.trainer.running import dist
 from tbps.trainer.running.ema import ShardedEMA
 
 STEPS, RESUME_AT, B = 6, 3, 4

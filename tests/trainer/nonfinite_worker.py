@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.train import Run
 from tests.trainer.conftest import REPO, TINY_MODEL
 

@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.tokenizer import CaptionTokenizer
-from tbps.trainer.common import collective
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common import collective, dist
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.model.weights import build_model
 from tbps.trainer.recipe import losses
 from tbps.trainer.recipe.momentum import momentum_modules
 from tbps.trainer.recipe.step import Recipe, StepInfo
-from tbps.trainer.running import dist
 
 B = 4            # per rank
 SMALL = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width=32",

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.manifest import read_meta
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common import collective, dist
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.inference.evaluate import evaluate
 from tbps.trainer.model.weights import build_model, load_tokenizer
-from tbps.trainer.running import dist
 
 OVERRIDES = ["method=aga", "eval.itm_rerank=12", "model.vision_width=32", "model.text_width=32",
              "model.embed_dim=32", "model.vision_layers=1", "model.text_layers=1",
@@ -40,7 +40,7 @@ def main(out_dir: str, shards: str) -> None:
     model, _ = acc.prepare(model, optimizer)
     dist.register_external_parameters(acc, model)
     result = evaluate(model, cfg, tok, "test", acc.device)
-    if dist.rank() == 0:
+    if collective.rank() == 0:
         (Path(out_dir) / "result.json").write_text(json.dumps(result))
     acc.wait_for_everyone()
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from tbps.trainer.common.errors import RankError
 from tbps.trainer.running import checkpoint
 from tbps.trainer.running.checkpoint import CheckpointError, TrainState
-from tbps.trainer.running.errors import RankError
 
 
 class FakeAcc:
@@ -95,6 +95,20 @@ def test_damage_the_manifest_cannot_see_is_an_error_not_a_half_load(tmp_path):
     (path / "optimizer.bin").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="step-00000010 cannot be loaded.*damaged"):
         checkpoint.load(FakeAcc(), path)
+
+
+def test_a_checkpoint_from_before_the_heads_moved_says_so(tmp_path):
+    """Checkpoints of the layout where the heads lived under `recipe.`: a clear message."""
+    path = _save(tmp_path, 10)
+
+    class OldKeysAcc(FakeAcc):
+        def load_state(self, folder):
+            model = nn.ModuleDict({"classifier": nn.Linear(2, 2)})
+            model.load_state_dict({"recipe.classifier.weight": torch.zeros(2, 2),
+                                   "recipe.classifier.bias": torch.zeros(2)})
+
+    with pytest.raises(CheckpointError, match="heads under `recipe.`.*resume it with that version"):
+        checkpoint.load(OldKeysAcc(), path)
 
 
 def test_a_truncated_random_state_is_not_ignored(tmp_path):

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tbps.trainer.common.config import Config, load_config, parse_overrides
+from tbps.trainer.common.config import Config
+from tbps.trainer.common.config_files import load_config, parse_overrides
 
 STUDY_FILES = ("noise_study", "_ablations")      # study and method files, not training configs
 CONFIGS = sorted(p for p in (Path(__file__).parents[2] / "launch" / "configs").glob("*.yaml")
@@ -106,7 +107,7 @@ def test_itc_without_momentum_targets_needs_no_momentum_model():
 
 
 def test_a_saved_config_reloads_to_the_same_recipe(tmp_path):
-    from tbps.trainer.common.config import save_config
+    from tbps.trainer.common.config_files import save_config
 
     cfg = load_config(None, ["method=rde", "recipe.caption_mask.kind=attention",
                              "recipe.losses=[{kind: tal, branches: [bge, tse]}, {kind: mlm}]"])
@@ -129,3 +130,12 @@ def test_old_style_configs_are_read_as_the_recipe_they_meant(tmp_path):
     r = load_config(tmp_path / "rde.yaml").recipe
     assert r.weighting.kind == "none" and r.tse.dim == 64 and r.losses[0].margin == 0.2
     assert r.weighting.warmup_epochs == 2 and r.losses[0].reduction == "sum"
+
+
+def test_the_similarity_kinds_are_the_kernels_kinds():
+    """Which kind reads which parameter is said once (config.TERM_PARAMS); the kernels compute
+    exactly the similarity kinds it lists."""
+    from tbps.kernels.similarity_loss import KINDS
+    from tbps.trainer.common.config import SIMILARITY_KINDS, TERM_KINDS, TERM_PARAMS
+
+    assert set(KINDS) == set(SIMILARITY_KINDS) and set(TERM_PARAMS) == set(TERM_KINDS)

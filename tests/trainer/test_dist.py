@@ -1,6 +1,6 @@
 """Where DeepSpeed's ops are compiled: a folder per DeepSpeed (and torch, Python, CUDA) version,
 since torch's default folder would load a build of another DeepSpeed after an upgrade."""
-from tbps.trainer.running import dist
+from tbps.trainer.common import dist
 
 
 def test_each_deepspeed_version_builds_its_ops_apart(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tbps.data_pipeline.tokenizer import PROBE, train_word_level
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.model.weights import build_model
 from tbps.trainer.recipe.step import Recipe, StepInfo
 from tests.distributed import free_port, init_gloo

@@ -119,7 +119,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(stopped, tiny_shards):
     first = steps[0]
     assert first["step"] == 2 * state["step"] + 1
     layout = state["layout"]
-    from tbps.trainer.common.config import load_config
+    from tbps.trainer.common.config_files import load_config
     from tbps.trainer.running.resume import lr_at as _lr_at
 
     cfg = load_config(REPO / "launch/configs/irra_synth.yaml", TINY_MODEL)
@@ -202,7 +202,7 @@ def test_a_non_finite_loss_skips_the_step_and_k_in_a_row_stop(tmp_path, tiny_sha
     """One process, precision auto on a (mocked) CPU without bf16: fp32. Steps 3, 5, 6 and 7
     get a NaN loss: step 3 is skipped (weights and Adam's state untouched) and the run goes on;
     5-7 are three in a row, which stops it."""
-    from tbps.trainer.common.config import load_config
+    from tbps.trainer.common.config_files import load_config
     from tbps.trainer.running import precision
     from tbps.trainer.train import Run
 

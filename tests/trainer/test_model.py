@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPModel
 
 from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
-from tbps.trainer.common.config import ModelConfig, load_config
+from tbps.trainer.common.config import ModelConfig
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.inference.export import export_hf
 from tbps.trainer.model.encoder import DualEncoder
 from tbps.trainer.model.weights import load_weights_folder, save_weights

@@ -222,7 +222,7 @@ SMALL = ["model.image_size=[32, 16]", "model.vision_width=32", "model.text_width
 
 
 def small_model(tok, overrides, num_samples=8):
-    from tbps.trainer.common.config import load_config
+    from tbps.trainer.common.config_files import load_config
     from tbps.trainer.model.weights import build_model
 
     torch.manual_seed(0)

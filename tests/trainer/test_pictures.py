@@ -9,7 +9,7 @@ import torch
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory, tiny_shards):
     from tbps.data_pipeline.manifest import read_meta
-    from tbps.trainer.common.config import load_config
+    from tbps.trainer.common.config_files import load_config
     from tbps.trainer.model.weights import build_model, load_tokenizer, save_weights
     from tests.trainer.conftest import REPO, TINY_MODEL
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.running import plan
 from tbps.trainer.train import main
 from tests.trainer.conftest import REPO, TINY_MODEL

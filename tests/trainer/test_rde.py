@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tbps.data_pipeline.tokenizer import PROBE, CaptionTokenizer, train_word_level
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.model.weights import build_model
 from tbps.trainer.recipe import consensus_division as ccd
 from tbps.trainer.recipe.step import Recipe, StepInfo

@@ -1,11 +1,12 @@
-"""Every recipe command the README shows builds and trains two steps (the momentum model and
-the division included), here in one process on the tiny synthetic shards."""
+"""Every preset and every recipe command the README shows builds and trains two steps (the
+momentum model and the division included), here in one process on the tiny synthetic shards."""
 import json
 import re
 import shlex
 
 import pytest
 
+from tbps.trainer.common.config import presets
 from tests.trainer.conftest import REPO, TINY_MODEL
 
 pytestmark = pytest.mark.slow
@@ -25,11 +26,21 @@ def test_readme_recipes_are_the_ones_tested():
 
 @pytest.mark.parametrize("args", readme_recipes(), ids=lambda a: " ".join(a[1:])[:60] or a[0])
 def test_readme_recipe_trains_two_steps(tmp_path, tiny_shards, args):
-    from tbps.trainer.common.config import load_config, parse_overrides
+    from tbps.trainer.common.config_files import parse_overrides
+
+    _two_steps(tmp_path, tiny_shards, REPO / args[1], parse_overrides(args[2:]))
+
+
+@pytest.mark.parametrize("preset", presets())
+def test_every_preset_trains_two_steps(tmp_path, tiny_shards, preset):
+    _two_steps(tmp_path, tiny_shards, REPO / "launch/configs/irra_synth.yaml", [f"method={preset}"])
+
+
+def _two_steps(tmp_path, tiny_shards, config, overrides):
+    from tbps.trainer.common.config_files import load_config
     from tbps.trainer.train import Run
 
-    config, overrides = args[1], parse_overrides(args[2:])
-    cfg = load_config(REPO / config, overrides + [
+    cfg = load_config(config, overrides + [
         f"data.shards={tiny_shards}", f"train.output_dir={tmp_path / 'run'}", *TINY_MODEL,
         "train.max_steps=2", "eval.select_split=none", "eval.final_split=none",
         "recipe.weighting.warmup_epochs=0"])

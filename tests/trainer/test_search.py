@@ -22,7 +22,7 @@ from tests.trainer.conftest import REPO, TINY_MODEL
 
 def make_weights(out: Path, shards: Path, preset: str = "irra_synth.yaml", seed: int = 0) -> Path:
     """An untrained tiny model saved as a weights folder (what training writes)."""
-    from tbps.trainer.common.config import load_config
+    from tbps.trainer.common.config_files import load_config
     from tbps.trainer.model.weights import build_model, load_tokenizer, save_weights
 
     cfg = load_config(REPO / "launch/configs" / preset, [f"data.shards={shards}", *TINY_MODEL])

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tbps.kernels._dispatch import interpreting
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.tools import step_timing
 from tests.trainer.conftest import REPO, TINY_MODEL
 

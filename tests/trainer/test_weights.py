@@ -46,6 +46,24 @@ def test_a_new_folder_records_its_model_and_reloads(tmp_path):
         torch.testing.assert_close(a, b, msg=n)
 
 
+def test_a_format_2_folder_with_heads_under_recipe_loads(tmp_path):
+    """Format 2 saved the heads and the pair weights under `recipe.`; they load as they were."""
+    from safetensors.torch import load_file, save_file
+
+    cfg, tok, model = load_weights_folder(LEGACY / "rde")
+    save_weights(model.state_dict(), tmp_path / "w", cfg, tok, model.encoder.clip.config)
+    weights = tmp_path / "w" / "model.safetensors"
+    state = {(k if k.startswith("encoder.") else f"recipe.{k}"): v
+             for k, v in load_file(str(weights)).items()}
+    assert "recipe.sample_weight" in state and "recipe.tse_image.fc.weight" in state
+    save_file(state, str(weights))
+    info = json.loads((tmp_path / "w" / MODEL_INFO).read_text())
+    (tmp_path / "w" / MODEL_INFO).write_text(json.dumps({**info, "format": 2}))
+    _, _, again = load_weights_folder(tmp_path / "w")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
 def test_a_damaged_or_incomplete_folder_is_named(tmp_path):
     cfg, tok, model = load_weights_folder(LEGACY / "irra")
     save_weights(model.state_dict(), tmp_path / "w", cfg, tok, model.encoder.clip.config)

@@ -7,9 +7,11 @@ rank's keys, and the backward sums the keys' gradients back to their owners.
 from __future__ import annotations
 
 import datetime
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 
 def world_size() -> int:
@@ -28,9 +30,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     back to its owner."""
     if world_size() == 1:
         return x
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)     # "use the functional collectives"

@@ -104,7 +104,7 @@ def plot_cmc(cmc: dict[str, list[float]], out: Path, title: str) -> Path:
     import matplotlib  # here: matplotlib stays off start-up
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use('Agg')
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     ranks = np.arange(1, len(next(iter(cmc.values()))) + 1)

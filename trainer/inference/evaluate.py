@@ -36,18 +36,16 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 
 from tbps.data_pipeline.loader import EvalLoader, LoaderConfig
 from tbps.data_pipeline.transforms import prepare_batch
-from tbps.trainer.common import collective
+from tbps.trainer.common import collective, dist, errors
 from tbps.trainer.inference.metrics import Evaluation, retrieval_metrics
 from tbps.trainer.inference.model_calls import embed_batch, has_itm_head, itm_scores, similarity
 from tbps.trainer.inference.report import write_report
 from tbps.trainer.model.weights import load_weights_folder
-from tbps.trainer.running import dist, errors
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +214,7 @@ def _main(args) -> int:
     cfg, tokenizer, model = load_weights_folder(Path(args.weights), overrides)
     if args.report is not None:
         errors.check_output(args.report, {"shards": cfg.data.shards}, flag="--report")
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = dist.local_accelerator()
     model = acc.prepare(model)
     evaluation = run_evaluation(model, cfg, tokenizer, args.split, acc.device)
     results = evaluation.metrics

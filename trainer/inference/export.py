@@ -39,10 +39,10 @@ from transformers.utils import logging as hf_logging
 
 from tbps.data_pipeline.manifest import read_meta
 from tbps.data_pipeline.transforms import prepare_batch
+from tbps.trainer.common import dist, errors
 from tbps.trainer.inference.embedder import loader_batch
 from tbps.trainer.inference.model_calls import embed_batch, similarity
 from tbps.trainer.model.weights import load_weights_folder
-from tbps.trainer.running import dist, errors
 
 log = logging.getLogger(__name__)
 

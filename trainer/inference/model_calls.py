@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from tbps.trainer.common.dist import unwrap
 from tbps.trainer.model import retrieval
-from tbps.trainer.model.retrieval import unwrap
 
 
 def embed_batch(model, batch: dict, mode: str) -> dict[str, torch.Tensor]:

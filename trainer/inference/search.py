@@ -40,17 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 
+from tbps.trainer.common import dist, errors
 from tbps.trainer.inference.approximate import approximate_topk
 from tbps.trainer.inference.drawing import draw_search_grid
 from tbps.trainer.inference.embedder import Embedder, load_embedder
 from tbps.trainer.inference.exact_topk import exact_topk
 from tbps.trainer.inference.gallery import gallery_kind
 from tbps.trainer.inference.search_index import HEADER, Index, build_index, load_index
-from tbps.trainer.running import dist, errors
 
 QUERY_CHUNK = 256
 
@@ -127,7 +126,7 @@ def _read_queries(args) -> list[str]:
 
 
 def _cmd_index(args) -> int:
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = dist.local_accelerator()
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     gallery_kind(Path(args.gallery))          # a missing gallery fails before the model loads

@@ -91,15 +91,6 @@ class RetrievalModel(nn.Module):
         return names
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP, a DeepSpeed engine (`.module`) or torch.compile (`_orig_mod`)."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 # -- inference entry points: model(entry, ...) ----------------------------------------------------
 
 def embed(model: RetrievalModel, batch: dict, modality: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,8 @@ from transformers import CLIPConfig
 
 from tbps.data_pipeline.manifest import read_meta
 from tbps.data_pipeline.tokenizer import CaptionTokenizer
-from tbps.trainer.common.config import Config, load_config, save_config
+from tbps.trainer.common.config import Config
+from tbps.trainer.common.config_files import load_config, save_config
 from tbps.trainer.model.encoder import DualEncoder
 from tbps.trainer.model.retrieval import RetrievalModel
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tbps.trainer.common import collective
-from tbps.trainer.model.retrieval import unwrap
+from tbps.trainer.common.dist import unwrap
 from tbps.trainer.recipe import losses
 
 
@@ -151,7 +151,7 @@ def set_weights(model, index, weights) -> None:
 
 def fit_branch(losses: np.ndarray, *, max_iter: int, tol: float, reg_covar: float,
                threshold: float, seed: int = 0) -> BranchFit:
-    from sklearn.mixture import GaussianMixture
+    from sklearn.mixture import GaussianMixture  # heavy: only when dividing
 
     losses = np.asarray(losses, dtype=np.float64)
     span = losses.max() - losses.min()
@@ -194,10 +194,10 @@ def diagnostics(division: Division, noisy: np.ndarray) -> dict[str, float]:
 
 
 def plot(division: Division, noisy: np.ndarray, path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # plots only: kept off start-up
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use('Agg')
 
     noisy = np.asarray(noisy, dtype=bool)
     fig, axes = plt.subplots(1, len(division.branches), figsize=(5 * len(division.branches), 3.6))

@@ -29,13 +29,15 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from tbps.trainer.common import collective
-from tbps.trainer.running.errors import RankError, is_collective_failure
+from tbps.trainer.common.errors import RankError, is_collective_failure
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +159,6 @@ def universal(acc, path: Path) -> Path:
     path = Path(path)
     target = path.with_name(path.name + ".universal")
     if acc.is_main_process and not (target / STATE_FILE).is_file():
-        import subprocess
-        import sys
 
         tmp = path.with_name(path.name + ".universal.partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -192,6 +192,11 @@ def load(acc, path: Path, ema=None) -> tuple[TrainState, list[str]]:
     except Exception as exc:                        # noqa: BLE001 (re-raised below)
         if is_collective_failure(exc):
             raise
+        if '"recipe.' in str(exc) or "'recipe." in str(exc):
+            raise CheckpointError(
+                f"{path} was written by a version whose model kept its heads under `recipe.` "
+                "(before weights format 3): resume it with that version; its best/ and final/ "
+                "weights folders load in this one") from None
         raise CheckpointError(f"{path} cannot be loaded: {type(exc).__name__}: {exc}. The "
                               "checkpoint is damaged; resume from an older one with "
                               "train.resume=<its folder>") from None

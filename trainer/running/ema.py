@@ -42,9 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tbps.trainer.common import collective
+from tbps.trainer.common import collective, dist
 from tbps.trainer.model.sizes import CLIP_SIZES, clip_config
-from tbps.trainer.running import dist
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +167,7 @@ class ShardedEMA:
     @torch.no_grad()
     def refresh(self, force: bool = False) -> None:
         """Write the EMA into the compute copy (gathering it, except under ZeRO-3)."""
-        inner = getattr(self.module, "module", self.module)
+        inner = dist.unwrap(self.module)
         params = dict(inner.named_parameters())
         if self.kind == "zero3":
             for f, ema in zip(self.fragments, self.shadow):

@@ -25,6 +25,7 @@ from rich.progress import (
 )
 
 from tbps.trainer.common import collective
+from tbps.trainer.common.config_files import save_config
 
 
 class Monitor:
@@ -96,7 +97,6 @@ class Monitor:
                  ) -> None:
         """The run's opening: config.yaml, the config event, the summary lines, what a resume
         did, TensorBoard's hyper-parameters."""
-        from tbps.trainer.common.config import save_config
 
         if self.enabled:
             save_config(cfg, Path(run_dir) / "config.yaml")

@@ -9,11 +9,10 @@ import logging
 import time
 from pathlib import Path
 
-from tbps.trainer.common import collective
+from tbps.trainer.common import collective, dist
 from tbps.trainer.inference.evaluate import evaluate, format_table
 from tbps.trainer.inference.export import export_hf
 from tbps.trainer.model.weights import load_weights_folder, save_weights
-from tbps.trainer.running import dist
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ counted: the CUDA context and allocator slack (about 1-2 GiB a GPU), NCCL buffer
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -39,14 +40,15 @@ from pathlib import Path
 import torch
 
 from tbps.data_pipeline.manifest import read_manifest, read_meta, split_info
-from tbps.trainer.common.config import Config, load_config
+from tbps.trainer.common import dist
+from tbps.trainer.common.config import Config
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.model.encoder import DualEncoder
 from tbps.trainer.model.retrieval import RetrievalModel
 from tbps.trainer.model.sizes import clip_config, size_of_hub_id
 from tbps.trainer.model.weights import build_model, load_tokenizer
 from tbps.trainer.recipe.momentum import momentum_modules
 from tbps.trainer.recipe.step import Recipe, StepInfo
-from tbps.trainer.running import dist
 from tbps.trainer.running import precision as precision_mod
 from tbps.trainer.running.ema import ShardedEMA
 
@@ -457,11 +459,8 @@ def _ema(cfg: Config, model, prec: dict):
     """The momentum model the run would build (for its activations) and its parameter count."""
     if not cfg.needs_momentum():
         return None, 0
-    from accelerate import Accelerator
-
-
     modules = tuple(dict.fromkeys(momentum_modules(cfg) + tuple(cfg.ema.modules)))
-    acc = Accelerator(cpu=True)
+    acc = dist.cpu_accelerator()
     dtype = torch.float32
     ema = ShardedEMA(acc, model, factory=lambda: _clone(model), modules=modules,
                      momentum=cfg.ema.momentum, compute_dtype=dtype)
@@ -469,8 +468,6 @@ def _ema(cfg: Config, model, prec: dict):
 
 
 def _clone(model):
-    import copy
-
     return copy.deepcopy(model)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tbps.trainer.common import collective
+from tbps.trainer.common import collective, dist
 from tbps.trainer.common.config import Config
-from tbps.trainer.running import checkpoint, dist
+from tbps.trainer.running import checkpoint
 from tbps.trainer.running.checkpoint import TrainState
 from tbps.trainer.running.optim import lr_factor
 

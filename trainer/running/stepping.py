@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tbps.trainer.common import collective
-from tbps.trainer.running import dist
+from tbps.trainer.common import collective, dist
 
 
 class Stepper:

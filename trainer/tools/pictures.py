@@ -23,13 +23,17 @@ import json
 import logging
 import math
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from tbps.data_pipeline.loader import EvalLoader, LoaderConfig, TrainLoader
+from tbps.data_pipeline.transforms import normalize_images
 from tbps.trainer.model.encoder import word_positions
+from tbps.trainer.model.weights import load_weights_folder
 from tbps.trainer.recipe.caption_masking import enrich, mask_captions
 from tbps.trainer.recipe.token_selection import awm_weights, drop_patches, patch_scores
 
@@ -82,10 +86,10 @@ def _words(tokenizer, ids) -> list[str]:
 
 
 def draw_awm(batch, view, captions: list[str], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # plots only: kept off start-up
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use('Agg')
 
     B = batch["image"].shape[0]
     gh, gw = view["grid"]
@@ -117,10 +121,10 @@ def draw_awm(batch, view, captions: list[str], path: Path) -> None:
 
 
 def draw_agm(tokenizer, view, path: Path) -> list[dict]:
-    import matplotlib
+    import matplotlib  # plots only: kept off start-up
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use('Agg')
 
     rows, lines = [], []
     cmap = matplotlib.colormaps["Reds"]
@@ -165,13 +169,11 @@ def draw_agm(tokenizer, view, path: Path) -> list[dict]:
 
 
 def _wrap(text: str, width: int) -> str:
-    import textwrap
 
     return "\n".join(textwrap.wrap(text, width))
 
 
 def first_pairs(cfg, tokenizer, split: str, n: int) -> dict:
-    from tbps.data_pipeline.loader import EvalLoader, LoaderConfig, TrainLoader
 
     lc = LoaderConfig(batch_size=n, image_size=tuple(cfg.model.image_size), num_workers=0,
                       augment=None)
@@ -194,8 +196,6 @@ def main(argv=None) -> int:
                    help="AWM's patch score (default: the recipe's recipe.image_tokens.score)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from tbps.data_pipeline.transforms import normalize_images
-    from tbps.trainer.model.weights import load_weights_folder
 
     try:
         if args.n < 1:

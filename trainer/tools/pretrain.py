@@ -37,7 +37,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tbps.data_pipeline.synthetic import META_FILE, PRETRAIN_SEED
+from tbps.trainer.common.config_files import load_config
+from tbps.trainer.inference.evaluate import evaluate
+from tbps.trainer.model.weights import build_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 RECORD = "pretrain.json"
@@ -174,11 +179,6 @@ def zero_shot(backbone: str | Path, shards: str | Path, split: str = "test") -> 
 
 
 def _evaluate_untuned(backbone: Path, shards: Path, split: str) -> dict:
-    import torch
-
-    from tbps.trainer.common.config import load_config
-    from tbps.trainer.inference.evaluate import evaluate
-    from tbps.trainer.model.weights import build_model, load_tokenizer
 
     info = backbone / "tbps_export.json"
     size = json.loads(info.read_text())["image_size"] if info.is_file() else [96, 32]

@@ -35,7 +35,7 @@ from PIL import Image
 
 from tbps.data_pipeline.tokenizer import train_word_level
 from tbps.kernels.environment import environment
-from tbps.trainer.common.config import load_config
+from tbps.trainer.common.config_files import load_config
 from tbps.trainer.inference.approximate import approximate_topk, load_faiss, write_approximate
 from tbps.trainer.inference.embedder import load_embedder
 from tbps.trainer.inference.exact_topk import exact_topk

@@ -50,11 +50,11 @@ from tbps.kernels import similarity_loss as similarity_module
 from tbps.kernels import topk_select as topk_module
 from tbps.kernels.bench import device_record
 from tbps.kernels.environment import environment
-from tbps.trainer.common.config import load_config, parse_overrides
+from tbps.trainer.common import collective, errors
+from tbps.trainer.common.config_files import load_config, parse_overrides
 from tbps.trainer.model.sizes import CONTEXT_LENGTH, overrides
 from tbps.trainer.model.weights import build_model
 from tbps.trainer.recipe.step import Recipe, StepInfo
-from tbps.trainer.running import dist, errors
 from tbps.trainer.running.optim import build_optimizer
 from tbps.trainer.running.plan import synthetic_batch
 from tbps.trainer.train import Run
@@ -173,7 +173,7 @@ def time_phases(cfg, steps: int, warmup: int) -> dict:
         if run.ema is not None:
             result["ema"] = ema_refresh_cost(run.ema, acc.device)
         run.monitor.close()
-        dist.barrier()
+        collective.barrier()
     return result
 
 
@@ -232,7 +232,7 @@ def phases_main(argv=None) -> int:
     code = errors.guard(run, on_stop="nothing was written; run it again")
     if code:
         return code
-    if dist.rank() == 0:
+    if collective.rank() == 0:
         result.update(environment("tbps bench step", argv), config=args.config, overrides=rest)
         print_phases(result)
         if args.out:

@@ -46,8 +46,11 @@ from pathlib import Path
 
 import yaml
 
+from tbps.data_pipeline.manifest import read_meta
+from tbps.data_pipeline.synthetic import META_FILE
 from tbps.kernels.environment import environment as machine_record
 from tbps.trainer.tools import study_report
+from tbps.trainer.tools.pretrain import PretrainSettings, ensure_backbone, zero_shot
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -203,8 +206,6 @@ def shards_dir(data: Path, rate: float, noise_seed: int) -> Path:
 
 def prepare_data(study: Study, data: Path) -> None:
     """The benchmark (stopping if the folder holds another one) and its shards."""
-    from tbps.data_pipeline.manifest import read_meta
-    from tbps.data_pipeline.synthetic import META_FILE
 
     b, synth = study.benchmark, data / "synth"
     flags = {"seed": b["seed"], "train-ids": b["train_ids"], "val-ids": b["val_ids"],
@@ -238,7 +239,6 @@ def prepare_backbone(study: Study, out: Path, data: Path) -> tuple[Path | None, 
     """The backbone folder and its untuned test metrics on the clean shards (None: scratch)."""
     if not study.backbone:
         return None, None
-    from tbps.trainer.tools.pretrain import PretrainSettings, ensure_backbone, zero_shot
 
     if "folder" in study.backbone:
         backbone = Path(study.backbone["folder"])

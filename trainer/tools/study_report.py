@@ -17,6 +17,7 @@ seeds t = 4.30: an interval that excludes 0 is a difference beyond the seed spre
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -73,7 +74,7 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] 
     """Two-sided t-interval of the mean; None with fewer than two values."""
     if len(values) < 2:
         return None
-    from scipy.stats import t
+    from scipy.stats import t  # heavy: only for intervals
 
     m, s = statistics.fmean(values), statistics.stdev(values)
     half = t.ppf(0.5 + level / 2, len(values) - 1) * s / math.sqrt(len(values))
@@ -261,10 +262,10 @@ def plot(rows: list[dict], methods: list[str], rates: list[float], out: Path,
          noise_seed: int = 0) -> list[Path]:
     """r1_vs_noise.png (R1 and mAP against the noise rate, mean ± std) and, where a division
     runs, division.png (its precision and recall by epoch)."""
-    import matplotlib
+    import matplotlib  # plots only: kept off start-up
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use('Agg')
     import matplotlib.ticker  # noqa: F401
 
     out.mkdir(parents=True, exist_ok=True)
@@ -448,7 +449,6 @@ def merge(pieces: list[dict], only: list[str] | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    import argparse
 
     p = argparse.ArgumentParser(prog="tbps study report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -72,7 +72,11 @@ def build_accelerator(cfg, run_dir: str):
     if deepspeed:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", deepspeed_build_dir())
     quiet_third_party()
-    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate import (  # kept off start-up; read after the env is set
+        Accelerator,
+        DistributedDataParallelKwargs,
+        InitProcessGroupKwargs,
+    )
 
     timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
     group = InitProcessGroupKwargs(timeout=timeout)
@@ -111,6 +115,7 @@ def plain_init(acc):
     if plugin is None:
         yield
         return
+    # kept off start-up; read after the env is set
     from transformers.integrations import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
@@ -139,6 +144,17 @@ def offloads_optimizer(acc) -> bool:
     return (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP, a DeepSpeed engine (`.module`) or torch.compile (`_orig_mod`)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if inner is None:
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
 def zero_stage(acc) -> int:
     plugin = acc.state.deepspeed_plugin
     return 0 if plugin is None else int(plugin.zero_stage)
@@ -153,16 +169,17 @@ def register_external_parameters(acc, model) -> None:
     them, here the root: DeepSpeed would otherwise hand over its empty placeholder."""
     if zero_stage(acc) != 3:
         return
+    # kept off start-up; read after the env is set
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-    root = getattr(model, "module", model)
+    root = unwrap(model)
     for param in root.external_parameters():
         register_external_parameter(root, param)
 
 
 def local_fp32_partition(param) -> torch.Tensor:
     """This rank's partition of a ZeRO-3 parameter, from the optimizer's fp32 master copy."""
-    from deepspeed.utils import safe_get_local_fp32_param
+    from deepspeed.utils import safe_get_local_fp32_param  # kept off start-up; read after the env is set
 
     return safe_get_local_fp32_param(param).view(-1)
 
@@ -175,7 +192,7 @@ def set_local_partition(param, values: torch.Tensor) -> None:
 def inference_engine(acc, module, dtype: torch.dtype):
     """A ZeRO-3 DeepSpeed engine without optimizer (a partitioned module for no-grad forwards,
     e.g. an EMA copy): it partitions `module` like the training engine partitions its model."""
-    import deepspeed
+    import deepspeed  # kept off start-up; read after the env is set
 
     train_cfg = acc.state.deepspeed_plugin.deepspeed_config
     zero = {k: v for k, v in train_cfg.get("zero_optimization", {}).items()
@@ -194,6 +211,7 @@ def inference_engine(acc, module, dtype: torch.dtype):
 
 def read_launch_file(path: str):
     """An accelerate config file as accelerate reads it (its dataclass)."""
+    # kept off start-up; read after the env is set
     from accelerate.commands.config.config_args import load_config_from_file
 
     return load_config_from_file(path)
@@ -201,29 +219,22 @@ def read_launch_file(path: str):
 
 def cpu_accelerator():
     """A one-process CPU Accelerator (planning, tools)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # kept off start-up (DeepSpeed's env is set first)
 
     return Accelerator(cpu=True)
+
+
+def local_accelerator():
+    """A plain Accelerator for the launch this process is part of (the GPU where there is
+    one): evaluation and indexing, every rank a share."""
+    from accelerate import Accelerator  # kept off start-up (DeepSpeed's env is set first)
+
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def cpu_adam(param_groups: list[dict], *, lr: float, betas, eps: float, adamw: bool):
     """DeepSpeed's CPU Adam, for ZeRO with the optimizer state offloaded to the CPU (DeepSpeed
     refuses a torch optimizer there)."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # kept off start-up; read after the env is set
 
     return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, eps=eps, adamw_mode=adamw)
-
-
-# TEMPORARY while the inference and tools modules move to trainer/common/collective.py
-from tbps.trainer.common.collective import (  # noqa: E402, F401
-    all_gather_object,
-    any_rank,
-    barrier,
-    broadcast_object,
-    gather_nograd,
-    gather_varlen,
-    gather_varlen_list,
-    gather_with_grad,
-    rank,
-    world_size,
-)

@@ -21,6 +21,9 @@ import os
 import pickle
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+import yaml
 
 OS_HINTS = {errno.ENOENT: "check the path", errno.EACCES: "check its permissions",
             errno.ENOSPC: "free some space and run the command again",
@@ -45,12 +48,11 @@ class CollectiveError(RuntimeError):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (or a full disk): answered without a traceback."""
-    import yaml
 
     kinds = [ValueError, OSError, FloatingPointError, EOFError, pickle.UnpicklingError,
              yaml.YAMLError]
     try:
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError  # optional for this check
 
         kinds.append(SafetensorError)
     except ImportError:
@@ -72,7 +74,6 @@ def check_output(out, inputs: dict, *, own_marker: str | None = None, flag: str 
     """Refuse an output folder that is, holds or lies inside one of the command's inputs
     ({what: path}), or that holds files this command did not write (own_marker: a file its
     own output always has, which makes writing over it fine)."""
-    from pathlib import Path
 
     out = Path(out).resolve()
     for what, path in inputs.items():
@@ -92,7 +93,7 @@ def is_collective_failure(exc: BaseException) -> bool:
     if isinstance(exc, CollectiveError):
         return True
     try:
-        from torch.distributed import DistError
+        from torch.distributed import DistError  # every CLI imports errors: torch off its start-up
     except ImportError:                             # pragma: no cover (old torch)
         DistError = ()                              # noqa: N806
     if DistError and isinstance(exc, DistError):
@@ -105,7 +106,7 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 def _rank() -> int:
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # every CLI imports errors: torch off its start-up
 
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank()
