@@ -14,6 +14,7 @@ on a machine without a GPU, exactly the launches a GPU run makes and compile the
 Nothing here touches CUDA at import time.
 """
 import contextlib
+import functools
 import logging
 import os
 
@@ -85,6 +86,33 @@ def forced(impl: str):
         yield
     finally:
         _forced = before
+
+
+_interceptors: list = []
+
+
+def interceptable(region: str):
+    """Decorator of the kernels' public ops: within `intercepted(wrap)`, a call runs
+    `wrap(op, region)(*args, **kwargs)` instead of the op (benchmarks time an op's share of a
+    training step this way); otherwise the op itself, at the cost of one list check."""
+    def decorate(op):
+        @functools.wraps(op)
+        def call(*args, **kwargs):
+            if not _interceptors:
+                return op(*args, **kwargs)
+            return _interceptors[-1](op, region)(*args, **kwargs)
+        return call
+    return decorate
+
+
+@contextlib.contextmanager
+def intercepted(wrap):
+    """Within: every call of an `interceptable` op goes through wrap(op, region)."""
+    _interceptors.append(wrap)
+    try:
+        yield
+    finally:
+        _interceptors.remove(wrap)
 
 
 def compiled(x: torch.Tensor) -> bool:

@@ -762,6 +762,7 @@ def similarity_loss(query_nD, key_ND, query_ids_n, key_ids_N, *, kind, tau, marg
                                         float(lam), float(eps), float(alpha), float(gamma))
 
 
+@_dispatch.interceptable("similarity")
 def bidirectional_similarity_loss(img_nD, txt_nD, ids_n, img_keys_ND, txt_keys_ND, key_ids_N, *,
                                   momentum_img_nD=None, momentum_txt_nD=None,
                                   momentum_img_keys_ND=None, momentum_txt_keys_ND=None, **kwargs):

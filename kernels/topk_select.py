@@ -226,6 +226,7 @@ def topk_select_reference(scores_BL, valid_BL, k, features_BLD=None, *, weights_
 
 
 # --------------------------------------------------------------------------- public API
+@_dispatch.interceptable("selection")
 def topk_select(scores_BL, valid_BL, k, features_BLD=None, *, weights_BL=None, sample=False,
                 generator=None, impl="auto") -> TopK:
     """Top-k of scores_BL over the positions where valid_BL is True (None: all valid), ordered by

@@ -34,7 +34,6 @@ step.json, prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -46,8 +45,6 @@ from pathlib import Path
 import torch
 
 from tbps.kernels import _dispatch
-from tbps.kernels import similarity_loss as similarity_module
-from tbps.kernels import topk_select as topk_module
 from tbps.kernels.bench import device_record
 from tbps.kernels.environment import environment
 from tbps.trainer.common import collective, errors
@@ -68,8 +65,7 @@ TINY = ["model.pretrained=null", "model.image_size=[64,32]", "model.patch_size=8
         "model.text_width=64", "model.text_layers=1", "model.text_heads=2", "model.embed_dim=64",
         "model.context_length=16", "model.cross_layers=1", "model.cross_heads=2",
         "recipe.tse.dim=64"]
-OPS = {"similarity": ("similarity_loss", "bidirectional_similarity_loss"),
-       "selection": ("topk_select",)}
+REGIONS = ("similarity", "selection")      # the kernels' interceptable ops (kernels/_dispatch.py)
 
 
 def _sync(device: torch.device) -> None:
@@ -288,7 +284,7 @@ class Stamps(list):
     def __init__(self, clock):
         super().__init__()
         self.clock = clock
-        self.dtypes = {region: set() for region in OPS}
+        self.dtypes = {region: set() for region in REGIONS}
 
     def region_ms(self, name: str) -> float:
         """Forward (input stamp to output stamp) plus backward (output's backward stamp to the
@@ -334,26 +330,6 @@ def timed(fn, region: str, stamps: Stamps):
     return wrapper
 
 
-@contextlib.contextmanager
-def stamped(stamps: Stamps):
-    """Within: the kernels' ops, under the names the trainer's modules imported them by, stamp
-    `stamps` (`timed`); the ops themselves have no region hook to do it from inside."""
-    undo = []
-    for region, names in OPS.items():
-        for name in names:
-            original = getattr(similarity_module, name, None) or getattr(topk_module, name)
-            wrapped = timed(original, region, stamps)
-            for key, module in list(sys.modules.items()):
-                if key.startswith("tbps.trainer.") and getattr(module, name, None) is original:
-                    setattr(module, name, wrapped)
-                    undo.append((module, name, original))
-    try:
-        yield
-    finally:
-        for module, name, original in undo:
-            setattr(module, name, original)
-
-
 def time_kernel_steps(preset: str, impl: str, args, device) -> dict:
     """One row: `preset`'s step with impl "kernels" or "reference", from the same weights."""
     cfg = load_config(Path(args.configs) / f"{preset}.yaml",
@@ -372,7 +348,8 @@ def time_kernel_steps(preset: str, impl: str, args, device) -> dict:
     steps, first_loss = [], None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with _dispatch.forced(kernels if impl == "kernels" else "reference"), stamped(stamps):
+    with _dispatch.forced(kernels if impl == "kernels" else "reference"), \
+            _dispatch.intercepted(lambda op, region: timed(op, region, stamps)):
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 stamps.clear()
