@@ -166,8 +166,8 @@ def _decode_into(group: list[dict], out_BHWC: np.ndarray, scratch: np.ndarray,
         placed.append(s)
     if repeat_bad and len(placed) < len(group):
         if not placed:
-            raise RuntimeError("a whole batch of undecodable images; run `python -m "
-                               "data_pipeline verify` on the shards")
+            raise RuntimeError("a whole batch of undecodable images; run `tbps verify` on the "
+                               "shards")
         stats.add("padded", len(group) - len(placed))
         for i in range(len(placed), len(group)):
             out_BHWC[i] = out_BHWC[i % len(placed)]
