@@ -37,7 +37,7 @@ def rerank(run: Path, k: int) -> dict:
         subprocess.run([sys.executable, "-m", "tbps.trainer.inference.evaluate", str(run / "best"), "--split",
                         "test", "--itm-rerank", str(k), "--out", str(tmp)], check=True, cwd=REPO,
                        env=env, stdout=subprocess.DEVNULL)
-        (tmp / "metrics.json").replace(out)
+        (tmp / "evaluation.json").replace(out)
         tmp.rmdir()
     return json.loads(out.read_text())["metrics"]
 

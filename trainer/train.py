@@ -60,7 +60,7 @@ from tbps.trainer.running.ema import ShardedEMA
 from tbps.trainer.running.monitor import LoggedSums, Monitor
 from tbps.trainer.running.optim import build_optimizer, param_groups, set_lr, tau_at
 from tbps.trainer.running.outputs import Outputs
-from tbps.trainer.running.stepping import Stepper
+from tbps.trainer.running.stepping import Stepper, check_weights
 
 log = logging.getLogger("trainer")
 
@@ -291,6 +291,7 @@ class Run:
         return self.state.step >= self.total_steps
 
     def _save_checkpoint(self) -> Path:
+        check_weights(self.model, "a checkpoint", self.run_dir, self.state.step)
         self.state.layout = self.layout()
         return checkpoint.save(self.acc, self.run_dir, self.state, self.cfg.train.keep_checkpoints,
                                self.ema)

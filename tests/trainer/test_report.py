@@ -55,7 +55,7 @@ def test_report_html_shows_existing_files_and_every_sampled_query(report_dir, we
     assert data["options"]["--report-queries"] == 5 and data["options"]["--split"] == "test"
     assert data["itm_rerank"] is None and "--report-worst" in page
     # the metrics beside the weights are the same as without --report
-    assert json.loads((weights / "metrics.json").read_text())["metrics"] == data["metrics"]
+    assert json.loads((weights / "evaluation.json").read_text())["metrics"] == data["metrics"]
 
 
 def test_first_correct_rank_gives_the_metrics_recall():
@@ -104,7 +104,7 @@ def test_grid_draws_unreadable_images_as_grey_boxes(tmp_path):
 
 
 def test_model_card_names_the_metrics(report_dir, weights, tmp_path):
-    metrics = json.loads((weights / "metrics.json").read_text())["metrics"]
+    metrics = json.loads((weights / "evaluation.json").read_text())["metrics"]
     export_hf(weights, tmp_path / "hf")
     card = (tmp_path / "hf" / "README.md").read_text()
     for name, m in metrics.items():
@@ -117,13 +117,22 @@ def test_model_card_names_the_metrics(report_dir, weights, tmp_path):
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
     for f in weights.iterdir():
-        if f.is_file() and f.name != "metrics.json":
+        if f.is_file() and f.name != "evaluation.json":
             (run / "best" / f.name).write_bytes(f.read_bytes())
     shutil.copytree(weights / "tokenizer", run / "best" / "tokenizer")
     (run / "metrics.json").write_text(json.dumps({"split": "test", "best": {"t2i": {
         "R1": 12.345, "R5": 50.0, "R10": 70.0, "mAP": 20.0, "mINP": 10.0}}}))
     export_hf(run / "best", run / "hf")
     assert "| t2i | 12.35 | 50.00 | 70.00 | 20.00 | 10.00 |" in (run / "hf" / "README.md").read_text()
+
+
+def test_evaluate_writes_its_own_file_not_a_runs_metrics(weights, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"epochs": 3, "history": [], "best_epoch": 2}')
+    assert evaluate.main([str(weights), "--split", "test", "--out", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == 2
+    assert json.loads((run / "evaluation.json").read_text())["split"] == "test"
 
 
 def test_report_bad_input_exit_2(weights, tmp_path, capsys):

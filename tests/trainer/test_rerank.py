@@ -66,7 +66,7 @@ def test_the_report_shows_the_reranked_row_of_the_one_evaluation(itm_weights, tm
     # embeddings and tokens of the queries and the gallery, once each: the report embeds nothing
     assert sorted(passes) == ["image", "image", "text", "text"]
     data = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    printed = json.loads((tmp_path / "m" / "metrics.json").read_text())["metrics"]
+    printed = json.loads((tmp_path / "m" / "evaluation.json").read_text())["metrics"]
     assert list(data["metrics"]) == ["t2i", "t2i+ITM@5"] == list(data["cmc"])
     assert data["metrics"] == printed          # the re-ranking's own timing included: one run
     row = data["metrics"]["t2i+ITM@5"]

@@ -5,7 +5,8 @@
 Exit codes of every command (train, evaluate, export, bench, search, quickstart, the dry run):
   0  done;
   1  a fault: another rank died or stopped answering (the message says which collective timed
-     out), or a bug (with its traceback: bugs are not hidden);
+     out), the weights became non-finite (`TrainingFault`), or a bug (with its traceback: bugs
+     are not hidden);
   2  bad input: a missing or damaged file, a wrong value, an impossible combination; one
      paragraph on stderr naming the thing and what to do, no traceback;
   3  stopped on request (SIGTERM, SIGUSR1, Ctrl-C); the message says how to continue.
@@ -36,6 +37,11 @@ OS_HINTS = {errno.ENOENT: "check the path", errno.EACCES: "check its permissions
 class Stopped(Exception):
     """Stopped on request (a scheduler's SIGTERM / SIGUSR1, Ctrl-C); the message says how to
     continue."""
+
+
+class TrainingFault(RuntimeError):
+    """The run cannot go on for a reason that is not bad input (its weights became
+    non-finite): one paragraph naming what to do, exit code 1, no traceback."""
 
 
 class RankError(ValueError):
@@ -147,6 +153,10 @@ def guard(fn: Callable[[], int | None], *, on_stop: str = "run the command again
                 f"{setting}: its own log says why (out of memory, a crash, a hung data loader "
                 "or a paused process). Fix that and continue from the last complete checkpoint "
                 "with train.resume=latest.")
+            return 1
+        if isinstance(exc, TrainingFault):
+            if rank == 0:
+                say(f"error: {exc}")
             return 1
         if isinstance(exc, user_errors()):
             LAST["rank_specific"] = isinstance(exc, RankError)

@@ -8,7 +8,7 @@ Every test caption is a query over every test image (one per image). Each rank e
 of both (the eval loaders split samples so each is embedded exactly once), the embeddings are
 gathered by sample index, and rank 0 computes the similarity per branch (the recipe names them:
 "t2i", or RDE's BGE / TSE / BGE+TSE) and `retrieval_metrics`. Prints a table and writes
-metrics.json beside the weights (or --out).
+evaluation.json beside the weights (or into --out): its own file, never a run's metrics.json.
 
     tbps evaluate runs/irra-synth/best --split test --report runs/irra-synth/report
 
@@ -48,6 +48,7 @@ from tbps.trainer.inference.report import write_report
 from tbps.trainer.model.weights import load_weights_folder
 
 log = logging.getLogger(__name__)
+EVALUATION_FILE = "evaluation.json"          # what `tbps evaluate` writes
 
 
 def _dummy_batch(modality: str, cfg, tokenizer, device) -> dict:
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("weights", help="a weights folder of a run (best/ or final/)")
     p.add_argument("--split", default="test")
     p.add_argument("--shards", help="shard folder (default: the one the run trained on)")
-    p.add_argument("--out", help="where to write metrics.json (default: the weights folder)")
+    p.add_argument("--out", help=f"folder to write {EVALUATION_FILE} into (default: the weights "
+                                 "folder)")
     p.add_argument("--report", metavar="DIR", help="also write the evaluation report (report.html, "
                    "cmc.png, retrieval.png, worst.png, metrics.json) into DIR")
     p.add_argument("--report-queries", type=int, default=8, metavar="N",
@@ -227,7 +229,7 @@ def _main(args) -> int:
                      options=options)
     if acc.is_main_process:
         Console().print(format_table(results, f"{args.weights} on {args.split}"))
-        out = Path(args.out or args.weights) / "metrics.json"
+        out = Path(args.out or args.weights) / EVALUATION_FILE
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"split": args.split, "metrics": results}, indent=1))
         print(json.dumps({"split": args.split, "metrics": results}))

@@ -18,7 +18,7 @@ points are filled by bilinear interpolation. Where no such S exists the export s
 reports the error of the approximate grid.
 
 Beside the weights it writes README.md, the model card: what the model is, the recipe and its
-parts, the data it was trained on, the test metrics (from a metrics.json of
+parts, the data it was trained on, the test metrics (from the evaluation.json of
 `tbps evaluate` in the weights folder, or the run's metrics.json above it), and how
 to load and query it.
 """
@@ -41,6 +41,7 @@ from tbps.data_pipeline.manifest import read_meta
 from tbps.data_pipeline.transforms import prepare_batch
 from tbps.trainer.common import dist, errors
 from tbps.trainer.inference.embedder import loader_batch
+from tbps.trainer.inference.evaluate import EVALUATION_FILE
 from tbps.trainer.inference.model_calls import embed_batch, similarity
 from tbps.trainer.model.weights import load_weights_folder
 
@@ -104,8 +105,11 @@ def export_hf(weights_dir: Path, out_dir: Path) -> dict:
 
 def find_metrics(weights_dir: Path) -> dict | None:
     """{"split", "metrics": {similarity: {R1, ...}}, "source"} of the weights, or None: the
-    folder's own metrics.json (`tbps evaluate`), else the run's (`best`/`final`)."""
-    own, run = weights_dir / "metrics.json", weights_dir.parent / "metrics.json"
+    folder's own evaluation.json (`tbps evaluate`; metrics.json where an older version wrote
+    it), else the run's metrics.json (`best`/`final`)."""
+    own = next((weights_dir / n for n in (EVALUATION_FILE, "metrics.json")
+                if (weights_dir / n).is_file()), weights_dir / EVALUATION_FILE)
+    run = weights_dir.parent / "metrics.json"
     try:
         if own.is_file():
             data = json.loads(own.read_text())

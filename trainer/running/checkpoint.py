@@ -279,6 +279,11 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def newest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder (None: none yet)."""
+    return _newest_complete(Path(run_dir) / CKPT_DIR)
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether the run folder holds a complete checkpoint."""
     return bool(_complete(Path(run_dir) / CKPT_DIR))

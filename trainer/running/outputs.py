@@ -13,6 +13,7 @@ from tbps.trainer.common import collective, dist
 from tbps.trainer.inference.evaluate import evaluate, format_table
 from tbps.trainer.inference.export import export_hf
 from tbps.trainer.model.weights import load_weights_folder, save_weights
+from tbps.trainer.running.stepping import check_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,11 @@ class Outputs:
         s.history.append({"epoch": s.epoch, "split": split, "R1": score})
         if s.best_score is None or score > s.best_score:
             s.best_score, s.best_epoch = score, s.epoch
-            self.save_weights(model, "best", {"epoch": s.epoch, "split": split, "R1": score})
+            self.save_weights(model, "best", {"epoch": s.epoch, "split": split, "R1": score},
+                              step=s.step)
 
-    def save_weights(self, model, name: str, extra: dict) -> None:
+    def save_weights(self, model, name: str, extra: dict, *, step: int) -> None:
+        check_weights(model, f"{name}/", self.run_dir, step)
         state_dict = self.acc.get_state_dict(model)
         if self.acc.is_main_process:
             save_weights(state_dict, self.run_dir / name, self.cfg, self.tokenizer,
@@ -71,7 +74,7 @@ class Outputs:
 
     def finish(self, model, s, monitor) -> dict:
         """final/, the test metrics of best and final (metrics.json, printed), the export."""
-        self.save_weights(model, "final", {"epoch": s.epoch, "step": s.step})
+        self.save_weights(model, "final", {"epoch": s.epoch, "step": s.step}, step=s.step)
         split = self.cfg.eval.final_split
         report = {"epochs": s.epoch, "steps": s.step, "best_epoch": s.best_epoch,
                   "select_split": self.select_split, "history": s.history}

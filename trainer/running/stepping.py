@@ -2,7 +2,9 @@
 the EMA, and the policy for steps whose loss was not finite.
 
 A step whose loss is not finite on some rank is skipped on every rank (no update at all);
-train.max_nonfinite_steps in a row stop the run with a message. Under DeepSpeed its engine has
+train.max_nonfinite_steps in a row stop the run with a message. Weights that became non-finite
+are never written (`check_weights` before every checkpoint and weights folder): the run ends with
+exit 1 naming the last checkpoint, all of whose weights were checked. Under DeepSpeed its engine has
 already decided inside backward (it skips a step whose gradients are not finite and agrees
 across ranks); otherwise one all-reduce of a flag and one host read per optimizer step.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from tbps.trainer.common import collective, dist
+from tbps.trainer.common.errors import TrainingFault
+from tbps.trainer.running import checkpoint
 
 
 class Stepper:
@@ -67,3 +71,29 @@ class Stepper:
                 f"epoch {epoch}; train.max_nonfinite_steps={k}); the weights were not updated by "
                 "them. Lower optim.lr, use train.precision=fp32, or check the data; continue from "
                 "the last checkpoint with train.resume=latest")
+
+
+@torch.no_grad()
+def weights_finite(model) -> bool:
+    """Whether every parameter is finite on every rank: each rank checks what it holds (its
+    ZeRO-3 partition, else the parameter); one all-reduce."""
+    params = list(model.parameters())
+    bad = torch.zeros((), dtype=torch.bool, device=params[0].device if params else "cpu")
+    for p in params:
+        held = getattr(p, "ds_tensor", None)
+        held = p if held is None else held
+        if held.is_floating_point() and held.numel():
+            bad |= ~torch.isfinite(held).all()
+    return not collective.any_rank(bad)
+
+
+def check_weights(model, what: str, run_dir, step: int) -> None:
+    """Refuse to write `what` from non-finite weights (TrainingFault: exit 1)."""
+    if weights_finite(model):
+        return
+    good = checkpoint.newest(run_dir)
+    raise TrainingFault(
+        f"the weights hold non-finite values at step {step}: {what} is not written (nor any "
+        "later result). The last checkpoint, whose weights were finite: "
+        f"{good or 'none yet'}. Lower optim.lr, use train.precision=fp32 or check the data, then "
+        + (f"continue with train.resume={good}" if good else "start the run again"))
