@@ -82,10 +82,12 @@ def _ustar_members(fh):
     size_of_file = os.fstat(fh.fileno()).st_size
     while True:
         header = fh.read(512)
-        if len(header) < 512 or header == _EMPTY_BLOCK:
-            if 0 < len(header) < 512:
-                raise tarfile.ReadError("unexpected end of data in a header")
+        if header == _EMPTY_BLOCK:                  # the end-of-archive block
             return
+        if len(header) < 512:                       # a tar always ends with that block
+            raise tarfile.ReadError("unexpected end of data in a header" if header else
+                                    "unexpected end of data: no end-of-archive block (the tar "
+                                    "was cut at a block boundary)")
         kind = header[156:157]
         if kind in (b"x", b"g", b"L", b"K"):
             raise _ExtendedHeader

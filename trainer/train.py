@@ -122,6 +122,7 @@ class Run:
                                model.encoder.clip.config, self.meta)
         self.stopper = collective.StopAgreement(cfg.train.collective_timeout_s)
         self.state, notes = TrainState(), None
+        self.data_problems = {}                   # the loader's counts so far, every rank's
         if found:
             self.state, notes = resume.resume(self.acc, cfg, self.run_dir, found, self.ema,
                                               self.layout())
@@ -155,7 +156,7 @@ class Run:
                 self.outputs.evaluate_epoch(self.model, s, self.monitor)
             self._save_checkpoint()
         self.stopper.close()
-        report = self.outputs.finish(self.model, s, self.monitor)
+        report = self.outputs.finish(self.model, s, self.monitor, self.data_problems)
         self.monitor.close()
         collective.barrier()                      # no rank leaves while another still works
         self.acc.end_training()
@@ -188,9 +189,9 @@ class Run:
                 self._stop()
             if self._done():
                 break
-        stats = self.loader.stats.snapshot()
-        if any(stats.values()):
-            self.monitor.log("data", echo=True, epoch=s.epoch, **stats)
+        self.data_problems = self._data_problems()
+        if any(self.data_problems.values()):
+            self.monitor.log("data", echo=True, epoch=s.epoch, **self.data_problems)
 
     def train_step(self, batch: dict, mark=None):
         """One micro-batch (trainer/running/stepping.py); `mark(phase)`, for benchmarks.
@@ -286,6 +287,12 @@ class Run:
         if self.ema is not None:
             values["ema_momentum"] = self.ema.momentum(s.step - 1)
         self.monitor.step(s.step, values)
+
+    def _data_problems(self) -> dict:
+        """The loader's counts so far (corrupt shards, bad samples and images, padded samples),
+        summed over the ranks: a problem counts whichever rank met it."""
+        every = collective.all_gather_object(self.loader.stats.snapshot())
+        return {k: sum(d[k] for d in every) for k in every[0]}
 
     def _done(self) -> bool:
         return self.state.step >= self.total_steps

@@ -73,6 +73,19 @@ def test_extended_header_inside_a_sample_restarts_at_that_sample(tmp_path):
         assert all(s["json"] == b"json" + s["__key__"][1:].encode() for s in got)
 
 
+def test_a_tar_cut_at_a_block_boundary_is_a_read_error_too(tmp_path):
+    path = tmp_path / "whole.tar"
+    _tar(path, [(f"s{k}.{ext}", bytes(700), False) for k in range(3) for ext in ("jpg", "json")])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[:512 * 12])          # s0, s1 whole; s2 and the end gone
+    got = []
+    with pytest.raises(tarfile.ReadError, match="no end-of-archive block"):
+        for sample in _read_range(cut, 0, 3):
+            got.append(sample["__key__"])
+    assert got == ["s0"]          # s1 may have had more members: not taken as whole
+    assert [s["__key__"] for s in _read_range(path, 0, 3)] == ["s0", "s1", "s2"]
+
+
 def test_truncated_tar_ends_with_a_read_error_after_the_whole_samples(tmp_path):
     path = tmp_path / "whole.tar"
     _tar(path, [(f"s{k}.{ext}", bytes(700), False) for k in range(3) for ext in ("jpg", "json")])

@@ -72,12 +72,14 @@ class Outputs:
                          num_samples=self.meta["splits"]["train"]["num_samples"])
         collective.barrier()
 
-    def finish(self, model, s, monitor) -> dict:
-        """final/, the test metrics of best and final (metrics.json, printed), the export."""
+    def finish(self, model, s, monitor, data_problems: dict) -> dict:
+        """final/, the test metrics of best and final (metrics.json, printed), the export; the
+        data problems of the run (every rank's) in metrics.json and the done event."""
         self.save_weights(model, "final", {"epoch": s.epoch, "step": s.step}, step=s.step)
         split = self.cfg.eval.final_split
         report = {"epochs": s.epoch, "steps": s.step, "best_epoch": s.best_epoch,
-                  "select_split": self.select_split, "history": s.history}
+                  "select_split": self.select_split, "history": s.history,
+                  "data_problems": data_problems}
         if split in self.splits:
             report["final"] = evaluate(model, self.cfg, self.tokenizer, split, self.acc.device)
             if s.best_epoch is not None:
