@@ -60,7 +60,7 @@ def test_evaluate_cli_reproduces_the_run_figures(tmp_path, ddp_run):
                            "--split", "test", "--out", str(tmp_path)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads((tmp_path / "metrics.json").read_text())["metrics"]["t2i"]
+    got = json.loads((tmp_path / "evaluation.json").read_text())["metrics"]["t2i"]
     want = json.loads((ddp_run / "metrics.json").read_text())["best"]["t2i"]
     assert got == pytest.approx(want, abs=1e-6)
     assert "R1" in proc.stdout and "mINP" in proc.stdout
