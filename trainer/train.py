@@ -54,7 +54,7 @@ from tbps.trainer.model.weights import build_model, load_tokenizer
 from tbps.trainer.recipe.consensus_division import ConsensusWeighting
 from tbps.trainer.recipe.momentum import momentum_modules
 from tbps.trainer.recipe.step import Recipe, StepInfo
-from tbps.trainer.running import checkpoint, precision, resume, signals
+from tbps.trainer.running import checkpoint, lock, precision, resume, signals
 from tbps.trainer.running.checkpoint import TrainState
 from tbps.trainer.running.ema import ShardedEMA
 from tbps.trainer.running.monitor import LoggedSums, Monitor
@@ -95,6 +95,15 @@ class Run:
             log.warning(choice.warning)
         wanted = resume.resume_choice(cfg, self.run_dir)
         resume.check_run_dir(cfg, self.run_dir, wanted, self.acc.is_main_process)
+        self.lock = lock.take(self.run_dir, self.acc.is_main_process)   # one writer a folder
+        try:
+            self._build(wanted, choice.reason)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, wanted: str | None, precision_reason: str) -> None:
+        cfg = self.cfg
         # which checkpoint, before anything is built (a wrong train.resume fails at once)
         found = checkpoint.find(self.run_dir, wanted) if wanted else None
         torch.manual_seed(cfg.train.seed)              # same initial weights on every rank
@@ -128,11 +137,17 @@ class Run:
                                               self.layout())
         self.state.layout = self.layout()
         self.monitor = Monitor(self.acc, self.run_dir, self.total_steps, self.state.step)
-        self.monitor.open_run(cfg, self.meta, self._summary(choice.reason), self.run_dir, notes)
+        self.monitor.open_run(cfg, self.meta, self._summary(precision_reason), self.run_dir, notes)
 
     # -- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> dict:
         cfg, s = self.cfg, self.state
         while s.epoch < cfg.train.epochs and not self._done():
             t0 = time.time()
@@ -278,6 +293,7 @@ class Run:
                 "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())}
 
     def _log_step(self, sums: LoggedSums, lr: float, info: StepInfo) -> None:
+        self.lock.touch()
         if not sums.count:
             return
         s = self.state
@@ -299,6 +315,7 @@ class Run:
 
     def _save_checkpoint(self) -> Path:
         check_weights(self.model, "a checkpoint", self.run_dir, self.state.step)
+        self.lock.touch()
         self.state.layout = self.layout()
         return checkpoint.save(self.acc, self.run_dir, self.state, self.cfg.train.keep_checkpoints,
                                self.ema)
