@@ -42,7 +42,8 @@ FAULT_GRACE_S = 5.0
 def _chosen(folder: str, launcher_rc: int) -> int:
     """The wrapper's exit code from what the ranks wrote: a fault (1) first, then bad input,
     then a stop; the launcher's own code where no rank wrote one."""
-    codes = {_read_code(os.path.join(folder, name)) for name in os.listdir(folder)}
+    codes = {_read_code(os.path.join(folder, name)) for name in os.listdir(folder)
+             if "." not in name}
     for code in (1, 2, 3):
         if code in codes:
             return code
@@ -94,7 +95,23 @@ def run(args: list[str]) -> int:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-        return _chosen(folder, rc)
+        code = _chosen(folder, rc)
+        if rc != 0 and code in (1, 2):              # the launcher's report was printed last
+            _say_last(folder, code)
+        return code
+
+
+def _say_last(folder: str, code: int) -> None:
+    """The ranks' own messages and the exit code, as the last thing on the screen."""
+    messages = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".message"):
+            with open(os.path.join(folder, name)) as fh:
+                text = fh.read().strip()
+            if text and text not in messages:
+                messages.append(text)
+    lines = messages or ["a rank failed with the traceback above (a bug: please report it)"]
+    print("\n".join(["", *lines, f"tbps launch: exit code {code}"]), file=sys.stderr, flush=True)
 
 
 def _has_cuda() -> bool:

@@ -86,6 +86,7 @@ class Run:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
+        new_folder = not self.run_dir.exists()
         signals.catch_stop_signals()
         choice = precision.resolve(cfg.train.precision)
         cfg.train.precision = choice.precision
@@ -100,6 +101,9 @@ class Run:
             self._build(wanted, choice.reason)
         except BaseException:
             self.lock.release()
+            if new_folder and self.acc.is_main_process and self.run_dir.is_dir() and \
+                    not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()                # a set-up that failed leaves no folder
             raise
 
     def _build(self, wanted: str | None, precision_reason: str) -> None:
@@ -355,7 +359,8 @@ def main(argv=None) -> int:
     signals.catch_stop_signals()
     code = errors.guard(lambda: _main(argv), timeout_field="train.collective_timeout_s",
                         on_stop="continue with the same command and train.resume=latest")
-    return signals.exit_code(code, same_on_every_rank=not errors.LAST["rank_specific"])
+    return signals.exit_code(code, same_on_every_rank=not errors.LAST["rank_specific"],
+                             message=errors.LAST["message"])
 
 
 def command(argv=None) -> int:

@@ -1,6 +1,7 @@
 """Bad input never ends in a traceback: every trainer command answers a missing or damaged file,
 a wrong value or an impossible combination with one paragraph naming it and exit code 2, and
 refuses to write into its own input."""
+import json
 import logging
 import os
 import shutil
@@ -87,6 +88,26 @@ def test_train_resume_without_a_checkpoint(capsys, tiny_shards, tmp_path):
     _check(capsys, code, "no complete checkpoint under")
 
 
+def _model_json(w, num_classes):
+    (w / "model.json").write_text(json.dumps({"format": 3, "num_classes": num_classes,
+                                              "num_samples": 0}))
+
+
+def _clip_size(w, hidden):
+    data = json.loads((w / "clip_config.json").read_text())
+    data["vision_config"]["hidden_size"] = hidden
+    (w / "clip_config.json").write_text(json.dumps(data))
+
+
+def _reshaped_tensor(w):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(w / "model.safetensors"))
+    key = "encoder.clip.text_projection.weight"
+    state[key] = state[key][:, :-1].contiguous()
+    save_file(state, str(w / "model.safetensors"))
+
+
 @pytest.mark.parametrize("damage, want", [
     (lambda w: (w / "model.safetensors").write_bytes(b"\0" * 100), "model.safetensors cannot be read"),
     (lambda w: (w / "clip_config.json").write_text("{"), "clip_config.json is damaged"),
@@ -94,7 +115,13 @@ def test_train_resume_without_a_checkpoint(capsys, tiny_shards, tmp_path):
     (lambda w: (w / "config.yaml").write_text("model: [1,"), "config.yaml is not valid YAML"),
     (lambda w: (w / "tokenizer" / "tokenizer.json").write_text("xx"), "could not load a tokenizer"),
     (lambda w: shutil.rmtree(w), "is not a weights folder: model.safetensors is missing"),
-], ids=["weights", "clip-config", "model-json", "config", "tokenizer", "missing"])
+    (lambda w: _model_json(w, -5), "num_classes is -5, not a whole number"),
+    (lambda w: _model_json(w, 1e13), "num_classes is 10000000000000.0, not a whole number"),
+    (lambda w: _model_json(w, "many"), "num_classes is 'many', not a whole number"),
+    (lambda w: _clip_size(w, 2**40), "vision_config.hidden_size is 1099511627776"),
+    (lambda w: _reshaped_tensor(w), "tensors of another shape: encoder.clip.text_projection"),
+], ids=["weights", "clip-config", "model-json", "config", "tokenizer", "missing",
+        "classes-negative", "classes-huge", "classes-text", "hidden-huge", "tensor-shape"])
 def test_evaluate_and_export_refuse_damaged_weights(capsys, weights, tmp_path, damage, want):
     from tbps.trainer.inference.evaluate import main as evaluate
     from tbps.trainer.inference.export import main as export
@@ -114,6 +141,16 @@ def test_export_never_writes_over_its_input_or_foreign_files(capsys, weights, tm
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     _check(capsys, export([str(weights), str(tmp_path / "mine")]), "did not write")
+
+
+def test_a_run_that_fails_at_set_up_leaves_no_folder(capsys, tmp_path, tiny_shards):
+    from tbps.trainer.train import main
+
+    run = tmp_path / "run"
+    code = main(["--config", CONFIG, f"data.shards={tiny_shards}", *TINY_MODEL,
+                 f"train.output_dir={run}", "data.tokenizer=" + str(tmp_path / "no-tokenizer")])
+    _check(capsys, code, "no-tokenizer")
+    assert not run.exists()
 
 
 def test_bench_and_search_refuse_bad_input(capsys, weights, tmp_path):

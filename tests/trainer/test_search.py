@@ -230,6 +230,7 @@ def test_bad_input_is_one_error_paragraph_and_exit_2(tmp_path, tiny_shards, irra
                          "--batch-size", 0),
         "no search index": ("query", gallery, "a man"),
         "no query": ("query", tmp_path / "idx"),
+        "query 2 is empty": ("query", tmp_path / "idx", "a man", "  "),
         "--top-k must be": ("query", tmp_path / "idx", "a man", "--top-k", 0),
         "scores with": ("query", tmp_path / "idx", "a man", "--similarity", "TSE"),
         "no approximate part": ("query", tmp_path / "idx", "a man", "--approximate"),
@@ -242,7 +243,9 @@ def test_bad_input_is_one_error_paragraph_and_exit_2(tmp_path, tiny_shards, irra
         assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
     (tmp_path / "idx" / TABLE).write_bytes(b"PAR1 broken")
     rc, _, err = run(capsys, "query", tmp_path / "idx", "a man")
-    assert rc == 2 and "damaged" in err
+    assert rc == 2 and "damaged" in err and f"remove {tmp_path / 'idx'}" in err
+    rc, _, err = run(capsys, "index", irra_weights, gallery, "--out", tmp_path / "idx")
+    assert rc == 2 and "damaged" in err and f"remove {tmp_path / 'idx'}" in err
     proc = subprocess.run([sys.executable, "-m", "tbps.trainer.inference.search", "index", str(corrupt),
                            str(gallery), "--out", str(tmp_path / "y")], capture_output=True,
                           text=True, cwd=REPO, timeout=300)

@@ -121,10 +121,12 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-LAST = {"rank_specific": False}        # how the last guarded command failed
+LAST = {"rank_specific": False, "message": None}   # how the last guarded command failed
 
 
 def say(text: str) -> None:
+    """One paragraph on stderr; kept (LAST["message"]) for the launcher to repeat last."""
+    LAST["message"] = text
     print(text, file=sys.stderr, flush=True)
 
 
@@ -132,7 +134,7 @@ def guard(fn: Callable[[], int | None], *, on_stop: str = "run the command again
           timeout_field: str | None = None) -> int:
     """Run a command's body and turn how it ended into an exit code and one paragraph."""
     rank = _rank()
-    LAST["rank_specific"] = False
+    LAST["rank_specific"], LAST["message"] = False, None
     try:
         return fn() or 0
     except Stopped as exc:

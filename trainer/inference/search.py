@@ -122,6 +122,9 @@ def _read_queries(args) -> list[str]:
         queries += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not queries:
         raise ValueError("no query: give sentences after the index, or --file with one a line")
+    blank = [i + 1 for i, q in enumerate(queries) if not q.strip()]
+    if blank:
+        raise ValueError(f"query {blank[0]} is empty: a query is a sentence describing a person")
     return queries
 
 

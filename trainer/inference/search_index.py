@@ -61,13 +61,18 @@ def load_index(folder: Path) -> Index:
             flat = table[f"emb_{b}"].combine_chunks().flatten().to_numpy()
             emb[b] = torch.from_numpy(flat.reshape(len(table), d).copy())
     except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as any library's error
-        raise ValueError(f"the index in {folder} is damaged ({type(exc).__name__}: {exc}); build "
-                         "it again with `tbps search index`") from None
+        raise ValueError(f"the index in {folder} is damaged ({type(exc).__name__}: {exc}); "
+                         f"{_rebuild(folder)}") from None
     if header.get("format") != FORMAT or header.get("count") != len(table):
         raise ValueError(f"the index in {folder} is of another format or incomplete (format "
                          f"{header.get('format')!r}, {header.get('count')} rows announced, "
-                         f"{len(table)} found); build it again")
+                         f"{len(table)} found); {_rebuild(folder)}")
     return Index(header, rows, emb)
+
+
+def _rebuild(folder: Path) -> str:
+    return (f"remove {folder} (it is made from the gallery: nothing else is lost) and index "
+            f"again with `tbps search index WEIGHTS GALLERY --out {folder}`")
 
 
 def _write_index(folder: Path, header: dict, rows: dict[str, list], emb: dict[str, np.ndarray]

@@ -297,19 +297,36 @@ def _load_clip(name: str) -> tuple[CLIPModel, torch.Tensor | None]:
     cannot hold that table, so it is read from the file and every other tensor is checked)."""
     path = Path(name) / "model.safetensors"
     if not path.is_file():
-        return CLIPModel.from_pretrained(name), None
+        return _checked(name, *CLIPModel.from_pretrained(name, output_loading_info=True)), None
     with safe_open(str(path), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         table = f.get_tensor(POSITIONS) if POSITIONS in shapes else None
     vc = CLIPConfig.from_pretrained(name).vision_config
     if table is None or table.shape[0] == 1 + (vc.image_size // vc.patch_size) ** 2:
-        return CLIPModel.from_pretrained(name), None
-    clip = CLIPModel.from_pretrained(name, ignore_mismatched_sizes=True)
+        return _checked(name, *CLIPModel.from_pretrained(name, output_loading_info=True)), None
+    clip = _checked(name, *CLIPModel.from_pretrained(name, ignore_mismatched_sizes=True,
+                                                     output_loading_info=True))
     have = {k: tuple(v.shape) for k, v in clip.state_dict().items()}
     wrong = [k for k, s in shapes.items() if k != POSITIONS and k in have and have[k] != s]
     if wrong:
         raise ValueError(f"{name}: stored tensors do not fit its config.json: {wrong[:5]}")
     return clip, table
+
+
+def _checked(name: str, clip: CLIPModel, info: dict) -> CLIPModel:
+    """The loaded CLIP, or a ValueError naming the tensors the folder or hub id did not supply
+    (transformers would start them random, silently) or supplied but the model has not."""
+    ok = lambda k: k.endswith("position_ids") or k == POSITIONS      # noqa: E731
+    missing = [k for k in info.get("missing_keys", ()) if not ok(k)]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not ok(k)]
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+    mismatched = [k for k in mismatched if not ok(k)]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"model.pretrained={name}: its tensors do not make a CLIP of its "
+                         f"config: missing {sorted(missing)[:5]}, unexpected "
+                         f"{sorted(unexpected)[:5]}, of another shape {sorted(mismatched)[:5]}"
+                         " (a weights folder of this project is best/ or final/ of a run)")
+    return clip
 
 
 def _exported_for(name: str, image_size: tuple[int, int]) -> bool:

@@ -42,7 +42,10 @@ def load_tokenizer(cfg: Config) -> CaptionTokenizer:
     if name != "auto":
         return CaptionTokenizer.from_pretrained(name, context_length=length)
     if cfg.model.pretrained:
-        return CaptionTokenizer.from_pretrained(cfg.model.pretrained, context_length=length)
+        source = Path(cfg.model.pretrained)
+        if is_weights_folder(source):                 # this project's best/ or final/
+            source = source / "tokenizer"
+        return CaptionTokenizer.from_pretrained(source, context_length=length)
     folder = read_meta(cfg.data.shards).get("tokenizer")
     if folder is None:
         raise ValueError(f"data.tokenizer is 'auto' but the shards in {cfg.data.shards} carry no "
@@ -50,8 +53,19 @@ def load_tokenizer(cfg: Config) -> CaptionTokenizer:
     return CaptionTokenizer.from_pretrained(Path(cfg.data.shards) / folder, context_length=length)
 
 
+def is_weights_folder(path) -> bool:
+    """Whether `path` is a weights folder this project wrote (best/, final/)."""
+    path = Path(path)
+    return all((path / n).is_file() for n in (WEIGHTS, CLIP_CONFIG, "config.yaml"))
+
+
 def build_model(cfg: Config, tokenizer: CaptionTokenizer, num_classes: int,
                 num_samples: int) -> RetrievalModel:
+    """The model a run trains: from model.pretrained (a hub id, a transformers folder or one of
+    this project's weights folders) or random at the configured size; the recipe's heads."""
+    if cfg.model.pretrained and is_weights_folder(cfg.model.pretrained):
+        return _from_weights_folder(Path(cfg.model.pretrained), cfg, tokenizer, num_classes,
+                                    num_samples)
     if cfg.model.pretrained:
         encoder = DualEncoder.from_pretrained(cfg.model.pretrained, cfg.model,
                                               vocab_size=tokenizer.vocab_size,
@@ -120,22 +134,100 @@ def load_weights_folder(folder: Path, overrides=()) -> tuple[Config, CaptionToke
         if info.get("format", 0) > FORMAT:
             raise ValueError(f"{info_path} has format {info['format']}; this version reads up "
                              f"to {FORMAT}: update the code")
-        num_classes, num_samples = info["num_classes"], info["num_samples"]
+        num_classes = _count(info, "num_classes", info_path, 10**7)
+        num_samples = _count(info, "num_samples", info_path, 10**10)
     state = {_current_name(k): v for k, v in state.items()}
     if not info_path.is_file():     # written before model.json: counts from the tensors
         num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 0
         num_samples = state["sample_weight"].shape[0] if "sample_weight" in state else 0
         log.info("%s has no %s (written by an older version): %d classes and %d samples read "
                  "off its tensors", folder, MODEL_INFO, num_classes, num_samples)
-    clip_config = CLIPConfig.from_dict(_read_json(folder / CLIP_CONFIG))
-    encoder = DualEncoder.from_clip_config(clip_config, cfg.model.image_size, tokenizer.eot_id)
+    encoder = DualEncoder.from_clip_config(_clip_config(folder), cfg.model.image_size,
+                                           tokenizer.eot_id)
     model = RetrievalModel(encoder, cfg, num_classes=num_classes, num_samples=num_samples,
                            vocab_size=tokenizer.vocab_size)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{folder / WEIGHTS} does not fit the model its config describes: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _load_state(model, state, folder / WEIGHTS)
     return cfg, tokenizer, model.eval()
+
+
+def _from_weights_folder(folder: Path, cfg: Config, tokenizer, num_classes: int,
+                         num_samples: int) -> RetrievalModel:
+    """A run's start from one of this project's weights folders: its encoder exactly, and the
+    heads of this recipe that it holds with the same shapes (the others start fresh: the
+    recipe's new modules; so do the pair weights)."""
+    info = _read_json(folder / MODEL_INFO) if (folder / MODEL_INFO).is_file() else {}
+    size = info.get("image_size")
+    if size is not None and tuple(size) != tuple(cfg.model.image_size):
+        raise ValueError(f"model.pretrained={folder} was trained at {tuple(size)}; set "
+                         f"model.image_size={list(size)} to start from it")
+    encoder = DualEncoder.from_clip_config(_clip_config(folder), cfg.model.image_size,
+                                           tokenizer.eot_id)
+    model = RetrievalModel(encoder, cfg, num_classes=num_classes, num_samples=num_samples,
+                           vocab_size=tokenizer.vocab_size)
+    try:
+        state = {_current_name(k): v for k, v in load_file(str(folder / WEIGHTS)).items()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{folder / WEIGHTS} cannot be read ({exc})") from None
+    own = model.state_dict()
+    fresh = {k for k in set(own) | set(state) if not k.startswith("encoder.")}
+    state = {k: v for k, v in state.items() if k.startswith("encoder.") or
+             (k in own and own[k].shape == v.shape and k != "sample_weight")}
+    _load_state(model, state, folder / WEIGHTS, allowed=fresh)
+    kept = sorted({k.split(".")[0] for k in state if not k.startswith("encoder.")})
+    log.info("started from %s: its encoder%s", folder,
+             f" and heads {', '.join(kept)}" if kept else "")
+    return model
+
+
+def _load_state(model, state: dict, source: Path, allowed: set[str] = frozenset()) -> None:
+    """Load `state` into `model`: a tensor missing, unexpected (outside `allowed`) or of
+    another shape is an error naming the tensors (exit 2)."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the model's: {tuple(own[k].shape)})"
+             for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{source} does not fit the model its config describes: tensors of "
+                         f"another shape: {'; '.join(wrong[:5])}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in allowed]
+    unexpected = [k for k in unexpected if k not in allowed]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit the model its config describes: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+
+# limits a weights folder's config is checked against before anything is built
+CLIP_LIMITS = {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 256,
+               "num_attention_heads": 512, "patch_size": 1024, "image_size": 16384,
+               "vocab_size": 10**7, "max_position_embeddings": 65536}
+
+
+def _clip_config(folder: Path) -> CLIPConfig:
+    """clip_config.json, its sizes checked (whole, positive, within CLIP_LIMITS) before a model
+    of them is built."""
+    path = folder / CLIP_CONFIG
+    data = _read_json(path)
+    for part in ("vision_config", "text_config"):
+        sub = data.get(part, {})
+        if not isinstance(sub, dict):
+            raise ValueError(f"{path}: {part} is not an object; use another weights folder")
+        for key, top in CLIP_LIMITS.items():
+            if key in sub and not (isinstance(sub[key], int) and not isinstance(sub[key], bool)
+                                   and 0 < sub[key] <= top):
+                raise ValueError(f"{path}: {part}.{key} is {sub[key]!r}, not a whole number in "
+                                 f"1..{top}; the folder is damaged or not this project's")
+    try:
+        return CLIPConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} does not describe a CLIP ({exc})") from None
+
+
+def _count(info: dict, key: str, path: Path, top: int) -> int:
+    value = info.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+        raise ValueError(f"{path}: {key} is {value!r}, not a whole number in 0..{top:,}; the "
+                         "folder is damaged or not this project's")
+    return value
 
 
 def _current_name(key: str) -> str:

@@ -34,7 +34,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
 
 from tbps.trainer.common import collective
 from tbps.trainer.common.errors import RankError, is_collective_failure
@@ -46,6 +48,10 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 DS_FOLDER = "pytorch_model"              # accelerate's name for DeepSpeed's own files
+_multiarray = getattr(np, "_core", None) or np.core
+# what accelerate's random states hold beside tensors: numpy's generator state (an array)
+_NUMPY_GLOBALS = [_multiarray.multiarray._reconstruct, np.ndarray, np.dtype,
+                  type(np.dtype(np.uint32))]
 
 
 class CheckpointError(RankError):
@@ -132,8 +138,8 @@ def verify(path: Path) -> list[str]:
         json.loads((path / STATE_FILE).read_text())
     except (ValueError, OSError) as exc:
         return [f"{STATE_FILE} cannot be read ({exc})"]
-    if not (path / MANIFEST).is_file():
-        return []                        # written before manifests: nothing to compare with
+    if not (path / MANIFEST).is_file():  # written before manifests: no sizes to compare with
+        return _contents(path)
     try:
         sizes = json.loads((path / MANIFEST).read_text())["files"]
     except (ValueError, OSError, KeyError, TypeError) as exc:
@@ -145,6 +151,33 @@ def verify(path: Path) -> list[str]:
             problems.append(f"{name} is missing")
         elif f.stat().st_size != size:
             problems.append(f"{name} has {f.stat().st_size} bytes, {size} were written")
+    return problems or _contents(path)
+
+
+def safe_load(f: Path):
+    """torch.load of a file accelerate or this project pickled, as tensors and plain values
+    only (numpy arrays allowed, for the random states): a file that would run code on load
+    raises instead (pickle.UnpicklingError)."""
+    with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+        return torch.load(f, weights_only=True, map_location="cpu", mmap=True)
+
+
+def _contents(path: Path) -> list[str]:
+    """Files that a resume would unpickle or map, read here without running anything: the
+    pickles outside DeepSpeed's own folder through `safe_load` (tensor data mapped, not read),
+    safetensors by their header. DeepSpeed's own files (DS_FOLDER) are left to DeepSpeed."""
+    problems = []
+    for f in sorted(path.iterdir()):
+        try:
+            if f.suffix in (".pkl", ".bin", ".pt", ".pth"):
+                safe_load(f)
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+        except Exception as exc:                    # noqa: BLE001 (any refusal or damage)
+            problems.append(f"{f.name} cannot be read as tensors and plain values "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): damaged, "
+                            "or holding code that loading would run")
     return problems
 
 
@@ -228,7 +261,7 @@ def _check_random_state(path: Path, state: TrainState) -> None:
         raise RankError(f"{f} is missing: the checkpoint is incomplete; resume from an older one "
                         "with train.resume=<its folder>")
     try:
-        torch.load(f, weights_only=False)
+        safe_load(f)
     except Exception as exc:                        # noqa: BLE001 (any unpickling failure)
         raise RankError(f"{f} cannot be read ({type(exc).__name__}: {exc}): the checkpoint is "
                         "damaged; resume from an older one with train.resume=<its folder>") \

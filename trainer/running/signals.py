@@ -80,15 +80,21 @@ def ignore_stop_requests() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def exit_code(code: int, *, same_on_every_rank: bool = True) -> int:
+def exit_code(code: int, *, same_on_every_rank: bool = True, message: str | None = None
+              ) -> int:
     """The exit code a rank should end with. Under the wrapper each rank writes the code it
     means into $TRAINER_EXIT_DIR and ends a stop (3), or bad input every rank met (2), with 0, so
     that the launcher ends quietly instead of printing its failure report over the message; the
-    wrapper then exits with the code. Without the wrapper the code is the exit code."""
+    wrapper then exits with the code, after repeating `message` (what the rank said) where the
+    launcher printed its own report. Without the wrapper the code is the exit code."""
     folder = os.environ.get(EXIT_DIR)
     if not folder:
         return code
+    rank = os.environ.get("RANK", "0")
     with contextlib.suppress(OSError):
-        with open(os.path.join(folder, f"rank-{os.environ.get('RANK', '0')}"), "w") as fh:
+        if message:
+            with open(os.path.join(folder, f"rank-{rank}.message"), "w") as fh:
+                fh.write(message)
+        with open(os.path.join(folder, f"rank-{rank}"), "w") as fh:
             fh.write(str(code))
     return 0 if code == 3 or (code == 2 and same_on_every_rank) else code
