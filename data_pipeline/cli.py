@@ -11,7 +11,9 @@
 Real data:  --format cuhk-pedes --root data/CUHK-PEDES (reid_raw.json + imgs/),
             --format icfg-pedes --root data/ICFG-PEDES (ICFG-PEDES.json + imgs/),
             --format rstpreid   --root data/RSTPReid   (data_captions.json + imgs/).
-Noisy correspondence (RDE protocol on the train split): --noise-rate 0.5 --noise-seed 0.
+Noisy correspondence (RDE protocol on the train split): --noise-rate 0.5 --noise-seed 0, or
+--noise-index CUHK-PEDES_0.5.npy (RDE's noiseindex/ files: the paper's exact noisy pairs);
+--write-noise-index FILE.npy saves the noise applied in that layout, for another code to load.
 
 Exit codes: 0 done; 1 `verify` found problems; 2 bad input (a missing or damaged file, a wrong
 value, an impossible combination: one paragraph on stderr saying what and what to do); 3 stopped
@@ -93,8 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--shard-size", type=_positive, default=DEFAULT_SHARD_SIZE)
     s.add_argument("--resize", type=_size, help="HEIGHTxWIDTH to resize images to")
-    s.add_argument("--noise-rate", type=float, default=0.0)
-    s.add_argument("--noise-seed", type=int, default=0)
+    s.add_argument("--noise-rate", type=float, help="default 0 (no noise)")
+    s.add_argument("--noise-seed", type=int, help="default 0")
+    s.add_argument("--noise-index", metavar="FILE.npy",
+                   help="the noisy pairs from an index file in RDE's layout (its noiseindex/*.npy): "
+                        "pair i takes the caption of train pair FILE[i]; instead of --noise-rate "
+                        "and --noise-seed")
+    s.add_argument("--write-noise-index", metavar="FILE.npy",
+                   help="also save the train split's noise in that layout")
     s.add_argument("--shuffle-seed", type=int, default=0)
     s.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     s.add_argument("--tokenizer", choices=["word-level", "synthetic-vocab", "none"],
@@ -215,12 +223,22 @@ def _synth_config_of(folder: str):
 def _shard(args) -> int:
     from tbps.data_pipeline.sharding import ShardOptions, shard_dataset  # PIL, pyarrow: lazy
 
+    if args.noise_index is not None:
+        given = [f for f, v in (("--noise-rate", args.noise_rate), ("--noise-seed", args.noise_seed))
+                 if v is not None]
+        if given:
+            raise ValueError(f"--noise-index {args.noise_index} fixes the noisy pairs, so "
+                             f"{' and '.join(given)} cannot be given with it; drop one or the other")
+        noise = dict(noise_index=args.noise_index, noise_seed=None)
+    else:
+        noise = dict(noise_rate=0.0 if args.noise_rate is None else args.noise_rate,
+                     noise_seed=0 if args.noise_seed is None else args.noise_seed)
     opts = ShardOptions(shard_size=args.shard_size, resize=args.resize,
-                        shuffle_seed=args.shuffle_seed, noise_rate=args.noise_rate,
-                        noise_seed=args.noise_seed, on_error=args.on_error,
-                        tokenizer=args.tokenizer)
+                        shuffle_seed=args.shuffle_seed, on_error=args.on_error,
+                        tokenizer=args.tokenizer, **noise)
     summary = shard_dataset(args.format, args.root, args.out, opts, workers=args.workers,
-                            progress=not args.quiet, overwrite=args.overwrite)
+                            progress=not args.quiet, overwrite=args.overwrite,
+                            write_noise_to=args.write_noise_index)
     print(json.dumps(summary))
     return 0
 

@@ -3,6 +3,8 @@
     tbps shard --format cuhk-pedes --root data/CUHK-PEDES --out shards/cuhk
     tbps shard --format rstpreid --root data/RSTPReid --out shards/rstp \
         --resize 384x128 --noise-rate 0.5 --noise-seed 0 --workers 8
+    tbps shard --format cuhk-pedes --root data/CUHK-PEDES --out shards/cuhk-n50 \
+        --noise-index RDE/noiseindex/CUHK-PEDES_0.5.npy    # the paper's noisy pairs (noise.py)
 
 Output:
     OUT/<split>/shard-NNNNNN.tar   samples "<key>.<jpg|png>" + "<key>.json" (schema.Record fields)
@@ -37,7 +39,7 @@ import re
 import shutil
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,13 @@ from PIL import Image
 
 from tbps.data_pipeline import readers
 from tbps.data_pipeline.manifest import MANIFEST, write_manifest
-from tbps.data_pipeline.noise import apply_noise
+from tbps.data_pipeline.noise import (
+    apply_source,
+    noise_source,
+    noisy_fraction,
+    read_noise_index,
+    write_noise_index,
+)
 from tbps.data_pipeline.progress import progress_bar
 from tbps.data_pipeline.schema import DEFAULT_SHARD_SIZE, SPLITS, Record, sample_key, shard_name
 from tbps.data_pipeline.synth_vocab import train_shared_tokenizer
@@ -80,9 +88,14 @@ class ShardOptions:
     shuffle_seed: int = 0
     """Seed of the order in which train samples are spread over the shards."""
     noise_rate: float = 0.0
-    """Fraction of train pairs whose captions are permuted (RDE protocol); 0 for none."""
-    noise_seed: int = 0
-    """Seed of the noise permutation; noisy sets are nested across rates for one seed."""
+    """Fraction of train pairs whose captions are permuted (RDE protocol); 0 for none. With
+    noise_index, set from the file: the realised fraction of pairs holding another's caption."""
+    noise_seed: int | None = 0
+    """Seed of the noise permutation; noisy sets are nested across rates for one seed. None with
+    noise_index."""
+    noise_index: str | None = None
+    """A noise index file in RDE's layout (`noise.read_noise_index`) that fixes the noisy pairs
+    instead of noise_rate and noise_seed."""
     on_error: str = "fail"
     """"fail": stop on a malformed record; "skip": drop it and report it."""
     tokenizer: str = "word-level"
@@ -97,7 +110,7 @@ class ShardOptions:
             raise ValueError(f"resize must be (height, width) of at least 8, got {self.resize}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if not 0.0 <= self.noise_rate < 1.0:
+        if self.noise_index is None and not 0.0 <= self.noise_rate < 1.0:
             raise ValueError(f"noise_rate must be in [0, 1), got {self.noise_rate}")
         if self.on_error not in readers.ON_ERROR:
             raise ValueError(f"on_error must be one of {readers.ON_ERROR}, got {self.on_error!r}")
@@ -107,8 +120,10 @@ class ShardOptions:
 
 def shard_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike,
                   options: ShardOptions = ShardOptions(), *, workers: int = 1,
-                  progress: bool = True, overwrite: bool = False) -> dict:
-    """Read, (noise,) plan, write shards in parallel, then the manifest. Returns a summary."""
+                  progress: bool = True, overwrite: bool = False,
+                  write_noise_to: str | os.PathLike | None = None) -> dict:
+    """Read, (noise,) plan, write shards in parallel, then the manifest. Returns a summary.
+    write_noise_to: also save the train split's noise as an index file there."""
     t0 = time.time()
     root, out = Path(root), Path(out)
     _check_not_input(root, out)
@@ -120,8 +135,7 @@ def shard_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike,
                          "entries" + (", all malformed" if report.entries else "") + "): nothing "
                          f"to shard. Check that --root {root} is the dataset folder and --format "
                          f"{fmt} its format.")
-    if "train" in records and options.noise_rate > 0:
-        records["train"] = apply_noise(records["train"], options.noise_rate, options.noise_seed)
+    records, options, noise_meta = _add_noise(records, options, write_noise_to)
     plan = _plan(records, options)
     fingerprint = _fingerprint(fmt, options, plan)
     _prepare_out(out, fingerprint, fmt, options, overwrite)
@@ -144,14 +158,45 @@ def shard_dataset(fmt: str, root: str | os.PathLike, out: str | os.PathLike,
         train_shared_tokenizer(out / TOKENIZER_DIR)
         meta["tokenizer"] = TOKENIZER_DIR
     meta["annotation_report"] = {"problems": dict(report.counts), "entries": report.entries}
+    if noise_meta:
+        meta["noise_index"] = noise_meta
     write_manifest(out, rows, meta)
     return {"out": str(out), "seconds": round(time.time() - t0, 2),
             "splits": {s: {"samples": v["num_samples"], "shards": len(v["shards"])}
                        for s, v in meta["splits"].items()},
-            "skipped_records": dict(report.counts)}
+            "skipped_records": dict(report.counts),
+            **({"noise_index": noise_meta} if noise_meta else {})}
 
 
 # -- planning -----------------------------------------------------------------------------------
+
+
+def _add_noise(records: dict[str, list[Record]], options: ShardOptions, write_to) -> tuple:
+    """The train split with its noise (seeded, or from an index file), the options with the
+    realised rate where a file gave it, and the file's provenance for the manifest."""
+    train = records.get("train", [])
+    if options.noise_index is None and options.noise_rate == 0 and write_to is None:
+        return records, options, None
+    if not train:
+        if options.noise_index is None and write_to is None:
+            return records, options, None
+        raise ShardError("a noise index numbers the train split's pairs, and this dataset has no "
+                         "train split")
+    if options.noise_index is not None:
+        src = read_noise_index(options.noise_index, len(train))
+        options = replace(options, noise_rate=noisy_fraction(src), noise_seed=None)
+    else:
+        src = noise_source(len(train), options.noise_rate, options.noise_seed)
+    if write_to is not None:
+        write_noise_index(write_to, src)
+    noise_meta = None
+    if options.noise_index is not None:
+        noise_meta = {"file": Path(options.noise_index).name, "pairs": len(src),
+                      "noisy_pairs": int(np.count_nonzero(src != np.arange(len(src)))),
+                      "sha256": hashlib.sha256(Path(options.noise_index).read_bytes()).hexdigest()}
+        log.info("noise index %s: %d of %d train pairs take another pair's caption (rate %.6f)",
+                 options.noise_index, noise_meta["noisy_pairs"], len(src), options.noise_rate)
+    return {**records, "train": apply_source(train, src)}, options, noise_meta
 
 
 def _plan(records: dict[str, list[Record]], options: ShardOptions) -> dict[str, list[list[Record]]]:
