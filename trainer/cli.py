@@ -27,6 +27,8 @@ VERBS: dict[str, Entry | dict[str, Entry]] = {
                "accelerate launch whose ranks hear stop signals and whose exit code says why"),
     "evaluate": ("tbps.trainer.inference.evaluate:main", (), "metrics of a weights folder on a split"),
     "export": ("tbps.trainer.inference.export:main", (), "a weights folder -> a transformers CLIP folder"),
+    "convert": ("tbps.trainer.tools.convert:main", (),
+                "an OpenAI-format CLIP or IRRA/RDE checkpoint -> a weights folder"),
     "search": ("tbps.trainer.inference.search:main", (), "index a gallery, query it by sentence"),
     "pictures": ("tbps.trainer.tools.pictures:main", (), "what AWM drops, AGM masks and TEM writes"),
     "pretrain": ("tbps.trainer.tools.pretrain:main", (), "the noise study's backbone, trained clean"),
