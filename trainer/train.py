@@ -48,6 +48,7 @@ from tbps.data_pipeline.seeds import seed_of
 from tbps.data_pipeline.transforms import TrainAugment, prepare_batch
 from tbps.trainer.common import collective, dist, errors
 from tbps.trainer.common.config import Config
+from tbps.trainer.common.global_batch import micro_batch
 from tbps.trainer.common.config_files import load_config, parse_overrides
 from tbps.trainer.common.errors import Stopped
 from tbps.trainer.model.weights import build_model, load_tokenizer
@@ -129,7 +130,9 @@ class Run:
         dist.register_external_parameters(self.acc, self.model)
         self.ema = self._build_ema()
         self.stepper = Stepper(cfg, self.acc, self.model, self.optimizer, self.ema)
-        self.weighting = (ConsensusWeighting(cfg.recipe.weighting, cfg.train.seed)
+        self.weighting = (ConsensusWeighting(cfg.recipe.weighting, cfg.train.seed,
+                                             self.meta.get("options", {}).get("noise_rate", 0.0),
+                                             self.meta.get("format", ""))
                           if cfg.recipe.weighting.kind == "consensus" else None)
         self.outputs = Outputs(cfg, self.acc, self.run_dir, self.tokenizer,
                                model.encoder.clip.config, self.meta)
@@ -157,7 +160,8 @@ class Run:
             t0 = time.time()
             # a resumed epoch keeps the weights it started with (they are in the checkpoint)
             if s.batch_in_epoch == 0 and self.weighting and self.weighting.wants_scores(s.epoch):
-                batches = (self.to_device(b) for b in self.loader.epoch(s.epoch))
+                batches = (self.recipe.division_batch(self.to_device(b), s.epoch)
+                           for b in self.loader.epoch(s.epoch))
                 logs = self.weighting.update(self.model, batches, epoch=s.epoch,
                                              tau=self.tau(s.step), plot_dir=self.run_dir / "ccd")
                 self.monitor.log("epoch_start", epoch=s.epoch, step=s.step, **logs)
@@ -261,7 +265,8 @@ class Run:
     def _loader_cfg(self) -> LoaderConfig:
         d, m = self.cfg.data, self.cfg.model
         augment = TrainAugment(pad=d.crop_pad, erase_p=d.erase_prob) if d.augment else None
-        return LoaderConfig(batch_size=d.batch_size, image_size=tuple(m.image_size),
+        return LoaderConfig(batch_size=micro_batch(self.cfg, self.acc.num_processes),
+                            image_size=tuple(m.image_size),
                             num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
                             seed=self.cfg.train.seed, augment=augment)
 
@@ -291,9 +296,11 @@ class Run:
         c = self.cfg
         return {"run": dist.describe(self.acc), "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "select_split": self.outputs.select_split,
-                "global_batch": c.data.batch_size * self.acc.num_processes * c.optim.grad_accum,
+                "global_batch": c.data.batch_size,
+                "micro_batch": micro_batch(c, self.acc.num_processes),
                 "num_classes": self.meta["num_classes"], "vocab_size": self.tokenizer.vocab_size,
                 "precision_reason": precision_reason,
+                **({"division": self.weighting.gmm_reason} if self.weighting else {}),
                 "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())}
 
     def _log_step(self, sums: LoggedSums, lr: float, info: StepInfo) -> None:
@@ -322,7 +329,7 @@ class Run:
         self.lock.touch()
         self.state.layout = self.layout()
         return checkpoint.save(self.acc, self.run_dir, self.state, self.cfg.train.keep_checkpoints,
-                               self.ema)
+                               self.ema, describe=self.outputs.describe)
 
     def _stop(self) -> None:
         s = self.state

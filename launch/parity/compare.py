@@ -50,7 +50,8 @@ from tbps.trainer.inference.metrics import retrieval_metrics  # noqa: E402
 from tbps.trainer.model.weights import load_weights_folder  # noqa: E402
 from tbps.trainer.recipe.consensus_division import GMM_SETTINGS, fit_branch  # noqa: E402
 from tbps.trainer.recipe.losses import id_loss, mlm_loss  # noqa: E402
-from tbps.trainer.tools.convert import backbone_tensors, convert, head_tensors, split_backbone  # noqa: E402,E501
+from tbps.trainer.tools.convert import (architecture, backbone_tensors, convert,  # noqa: E402
+                                        head_tensors, split_backbone)
 from fixture import IMAGE, MASK, SOT, EOT, VOCAB, openai_state, tokenizer_folder  # noqa: E402
 
 TARGETS = {"feature": 1e-5, "loss": 1e-6, "grad": 1e-5, "metric": 1e-6}
@@ -108,26 +109,37 @@ def their_batch(x: dict) -> dict:
 
 # -- models ------------------------------------------------------------------------------------
 
-def build_pair(cls, args, work: Path, name: str, tok: Path):
-    """Their model (fp32, never `convert_weights`) and ours from its converted checkpoint."""
+def build_theirs(cls, args, work: Path, name: str, tok: Path):
+    """Their model (fp32, never `convert_weights`), its checkpoint converted to a weights
+    folder `work/name`; and the converter's summary."""
     torch.manual_seed(0)
     theirs = cls(args, num_classes=CLASSES)
     torch.save({"model": theirs.state_dict()}, work / f"{name}.pth")
     summary = convert(work / f"{name}.pth", work / name, tokenizer=str(tok), image_size=IMAGE)
-    _, _, ours = load_weights_folder(work / name)
-    return theirs.train(), ours.train(), summary
+    return theirs.train(), summary
 
 
-def mapped_grads(theirs) -> dict:
-    """Their parameters' gradients under this project's names (the converter's mapping)."""
-    grads = {n: torch.zeros_like(v) for n, v in theirs.state_dict().items()}   # buffers: 0
-    grads.update({n: p.grad for n, p in theirs.named_parameters() if p.grad is not None})
-    clip, heads, _ = split_backbone(grads, Path("grads"))
+def build_ours(folder: Path, overrides=()):
+    """This project's model from the converted weights folder (overrides: the switches)."""
+    cfg, _, ours = load_weights_folder(folder, list(overrides))
+    return cfg, ours.train()
+
+
+def to_ours(theirs, values: dict) -> dict:
+    """Tensors under their parameter names (e.g. gradients), under this project's names through
+    the converter's mapping; their other state-dict entries count as 0."""
+    full = {n: torch.zeros_like(v) for n, v in theirs.state_dict().items()}
+    full.update(values)
+    clip, heads, _ = split_backbone(full, Path("grads"))
     clip.setdefault("logit_scale", torch.zeros(()))
-    from tbps.trainer.tools.convert import architecture   # only here: sizes for the mapping
     out = backbone_tensors(clip, architecture(clip, Path("grads")), _grid(), Path("grads"))
     out.update(head_tensors(heads, Path("grads"))[0])
     return out
+
+
+def mapped_grads(theirs) -> dict:
+    """Their parameters' gradients under this project's names."""
+    return to_ours(theirs, {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None})
 
 
 def _grid():

@@ -12,7 +12,7 @@ from tbps.data_pipeline.synthetic import SynthConfig, generate
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = ["model.vision_width=64", "model.text_width=64", "model.embed_dim=64",
               "model.vision_layers=2", "model.text_layers=2", "model.cross_layers=1",
-              "data.batch_size=16", "data.num_workers=0", "data.eval_batch_size=64",
+              "data.batch_size=32", "data.num_workers=0", "data.eval_batch_size=64",
               "optim.lr=1e-3", "optim.warmup_epochs=0.2", "train.log_every_steps=1",
               "train.tensorboard=false", "train.precision=fp32"]
 
@@ -71,7 +71,7 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-EPOCHS = ["train.epochs=2"]          # 320 pairs / (16 x 2 ranks) = 10 steps an epoch
+EPOCHS = ["train.epochs=2"]          # 320 pairs / global batch 32 = 10 steps an epoch
 EMA = ["ema.modules=[encoder]", "ema.momentum=0.9"]
 
 

@@ -61,7 +61,7 @@ REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default",
                     "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 TINY = ["model.vision_width=64", "model.text_width=64", "model.embed_dim=64",
         "model.vision_layers=2", "model.text_layers=2", "model.cross_layers=1",
-        "data.batch_size=16", "data.num_workers=0", "data.eval_batch_size=64",
+        "data.batch_size=32", "data.num_workers=0", "data.eval_batch_size=64",
         "optim.lr=1e-3", "optim.warmup_epochs=0.2", "train.log_every_steps=1",
         "train.tensorboard=false", "train.precision=fp32", f"train.max_steps={STEPS}",
         "train.epochs=5", "eval.every_epochs=0"]

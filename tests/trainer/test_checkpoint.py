@@ -6,8 +6,10 @@ import io
 import json
 import os
 import pickle
+import random
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
@@ -40,6 +42,10 @@ class FakeAcc:
                     raise OSError(errno.ENOSPC, "No space left on device", path)
                 fh.write(data)
         torch.save({"python": 1, "torch": torch.get_rng_state()}, f"{folder}/random_states_0.pkl")
+        os.makedirs(f"{folder}/pytorch_model")           # DeepSpeed's own, with its records
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        torch.save({"optimizer_state_dict": {"zero_stage": ZeroStageEnum(2), "exp_avg": WEIGHT}},
+                   f"{folder}/pytorch_model/{DS_OPTIM}")
 
     def load_state(self, folder):
         model = load_safetensors(open(f"{folder}/model.safetensors", "rb").read())
@@ -51,6 +57,7 @@ class FakeAcc:
 
 
 WEIGHT = torch.arange(1000, dtype=torch.float32)
+DS_OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
 def _pickled(obj) -> bytes:
@@ -130,13 +137,41 @@ def test_a_checkpoint_from_before_the_heads_moved_says_so(tmp_path):
         checkpoint.load(OldKeysAcc(), path)
 
 
-def test_a_truncated_random_state_is_not_ignored(tmp_path):
+def test_the_random_generators_are_json_and_restored(tmp_path):
+    path = _save(tmp_path, 10)
+    assert not (path / "random_states_0.pkl").exists()     # accelerate's pickle replaced
+    state = json.loads((path / "rng-rank00000.json").read_text())
+    assert set(state) >= {"step", "python", "numpy", "torch"}
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    checkpoint.save(FakeAcc(), tmp_path, TrainState(step=20, layout={"world_size": 1}), 3)
+    want = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    checkpoint.load(FakeAcc(), tmp_path / "checkpoints/step-00000020")
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == want[:2] and torch.equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_a_truncated_random_state_is_not_ignored(tmp_path, older):
     path = _save(tmp_path, 10)
     (path / checkpoint.MANIFEST).unlink()                      # as written by older versions
-    rng = path / "random_states_0.pkl"
+    rng = path / "rng-rank00000.json"
+    if older:                                                  # accelerate's pickle, as before
+        rng.unlink()
+        torch.save({"python": 1, "torch": torch.get_rng_state()}, path / "random_states_0.pkl")
+        rng = path / "random_states_0.pkl"
     rng.write_bytes(rng.read_bytes()[:50])
-    assert "random_states_0.pkl cannot be read" in checkpoint.verify(path)[0]
-    with pytest.raises(RankError, match="random_states_0.pkl cannot be read"):
+    assert f"{rng.name} cannot be read" in checkpoint.verify(path)[0]
+    with pytest.raises(RankError, match=f"{rng.name} cannot be read"):
+        checkpoint.load(FakeAcc(), path)
+
+
+def test_a_random_state_of_the_wrong_shape_is_named(tmp_path):
+    path = _save(tmp_path, 10)
+    state = json.loads((path / "rng-rank00000.json").read_text())
+    state["numpy"][1] = state["numpy"][1][:10]
+    (path / "rng-rank00000.json").write_text(json.dumps(state))
+    with pytest.raises(RankError, match="field 'numpy' is missing or malformed"):
         checkpoint.load(FakeAcc(), path)
 
 
@@ -150,12 +185,13 @@ class _Payload:
         return (os.makedirs, (self.marker,))
 
 
-@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin"])
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin",
+                                  f"pytorch_model/{DS_OPTIM}", "ema-rank00000.pt"])
 def test_a_crafted_pickle_is_never_run_and_the_previous_checkpoint_used(tmp_path, name):
     _save(tmp_path, 10)
     newest = _save(tmp_path, 20)
     marker = tmp_path / "ran"
-    (newest / name).write_bytes(pickle.dumps(_Payload(marker)))
+    (newest / name).write_bytes(pickle.dumps(_Payload(marker), protocol=2))
     manifest = json.loads((newest / checkpoint.MANIFEST).read_text())   # made to match
     manifest["files"][name] = (newest / name).stat().st_size
     (newest / checkpoint.MANIFEST).write_text(json.dumps(manifest))
@@ -166,6 +202,24 @@ def test_a_crafted_pickle_is_never_run_and_the_previous_checkpoint_used(tmp_path
     (newest / checkpoint.MANIFEST).unlink()                     # an older layout: still read
     assert "holding code" in checkpoint.verify(newest)[0]
     assert not marker.exists()
+
+
+def test_loads_that_ask_for_unpickling_get_the_restricted_loader(tmp_path):
+    """DeepSpeed's checkpoint engine calls torch.load(weights_only=False): under
+    weights_only_loads the payload is refused, DeepSpeed's own records still load."""
+    from tbps.trainer.common import dist
+
+    marker, crafted = tmp_path / "ran", tmp_path / "crafted.pt"
+    crafted.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    _save(tmp_path, 10)
+    real = torch.load
+    with dist.weights_only_loads(deepspeed=True):
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(crafted, weights_only=False)
+        ds = torch.load(tmp_path / f"checkpoints/step-00000010/pytorch_model/{DS_OPTIM}",
+                        weights_only=False)
+    assert int(ds["optimizer_state_dict"]["zero_stage"]) == 2 and not marker.exists()
+    assert torch.load is real
 
 
 def test_same_size_damage_falls_back_to_the_previous_checkpoint(tmp_path):
@@ -217,7 +271,7 @@ def _ema(model):
                       momentum=0.9)
 
 
-def test_the_ema_is_recut_from_every_rank_fragments():
+def test_the_ema_is_recut_from_every_rank_fragments(tmp_path):
     torch.manual_seed(0)
     ema = _ema(Tiny())
     full = {n: torch.randn_like(p) for n, p in ema.params.items()}
@@ -243,3 +297,9 @@ def test_the_ema_is_recut_from_every_rank_fragments():
     for name, value in ema.full_state_dict().items():
         torch.testing.assert_close(value, full[name])
     assert ema.same_layout(ema.state_dict())
+    f = tmp_path / checkpoint.ema_file(0)                   # as a checkpoint holds it
+    checkpoint._save_ema(ema.state_dict(), f)
+    again = _ema(Tiny())
+    again.load_state_dict(checkpoint._read_ema(f))
+    for name, value in again.full_state_dict().items():
+        torch.testing.assert_close(value, full[name], rtol=0, atol=0)

@@ -83,3 +83,73 @@ def test_cross_attention_identity_start():
     torch.testing.assert_close(ident.cross(t, v), want)
     with pytest.raises(ValueError, match="attention_init"):
         CrossModalEncoder(16, 4, 1, attention_init="zeros")
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_the_cross_encoders_padding_mask_switch(masked):
+    """recipe.cross.padding_mask=false (IRRA's authors: no mask) lets the padding after the end
+    token change the words' outputs; with the mask they cannot."""
+    from types import SimpleNamespace
+
+    from tbps.trainer.model.heads import CrossModalEncoder
+    from tbps.trainer.model.retrieval import RetrievalModel
+    torch.manual_seed(0)
+    model = SimpleNamespace(cross=CrossModalEncoder(16, 4, 2).eval(), cross_padding_mask=masked)
+    image, text = torch.randn(1, 6, 16), torch.randn(1, 7, 16)
+    eos = torch.tensor([3])                                 # positions 4.. are padding
+    other = text.clone()
+    other[:, 4:] = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        a, b = (RetrievalModel.cross_tokens(model, t, eos, image) for t in (text, other))
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6) is masked
+
+
+def test_filler_in_bn_stats_takes_batchnorm_over_every_row_and_pools_the_words():
+    """recipe.tse.filler_in_bn_stats (the authors'): the train-mode BatchNorm statistics read
+    every slot, filler included (plain BatchNorm1d over all B x k rows), the max-pool only the
+    words; the default reads the words alone (the boolean-index reference above)."""
+    torch.manual_seed(0)
+    head = TokenSelectionEmbedding(8, 5, filler_in_bn_stats=True).double().train()
+    tokens = torch.randn(3, 4, 8, dtype=torch.float64)
+    words = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    x = torch.nn.functional.normalize(tokens, dim=-1)
+    plain = torch.nn.BatchNorm1d(8).double().train()
+    plain.load_state_dict(head.mlp[1].state_dict())
+    y = head.fc(x) + head.mlp[3](torch.relu(plain(head.mlp[0](x).reshape(12, 8)).view(3, 4, 8)))
+    want = y.masked_fill(~words[..., None], float("-inf")).max(dim=1).values
+    got = head(tokens, words, stats_Bk=torch.ones_like(words))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head.mlp[1].running_var, plain.running_var)
+    head.mlp[1].reset_running_stats()
+    only_words = _boolean_index_reference(head, tokens, words)
+    assert not torch.allclose(head(tokens, words), want)
+    torch.testing.assert_close(head(tokens, words), only_words, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("filler", [False, True])
+def test_select_text_fills_a_short_captions_slots_with_the_padding_after_its_eos(filler):
+    """With the switch a caption of 2 words and k = 4 takes its words (by attention) and the
+    two padding tokens right after its EOS; the statistics read all 4, the pooling the words."""
+    from types import SimpleNamespace
+
+    from tbps.trainer.model.tse import select_text
+    ids = torch.tensor([[7, 1, 2, 9, 0, 0, 0, 0]])            # start, 2 words, EOS at 3, padding
+    attn = torch.tensor([[0.0, 0.2, 0.5, 0.3, 0.9, 0.8, 0.0, 0.7]])
+    txt = SimpleNamespace(input_ids_BL=ids, eos_B=torch.tensor([3]), attn_BL=attn,
+                          tokens_BLE=torch.arange(8.0).view(1, 8, 1).expand(1, 8, 2))
+    seen = {}
+
+    class Head:                       # records what select_text hands the TSE head
+        filler_in_bn_stats = filler
+
+        def __call__(self, features, valid, stats_Bk=None):
+            seen.update(features=features[0, :, 0].tolist(), valid=valid[0].tolist(),
+                        stats=None if stats_Bk is None else stats_Bk[0].tolist())
+
+    select_text(Head(), txt, 4)
+    if filler:
+        assert seen == {"features": [2.0, 1.0, 4.0, 5.0], "valid": [True, True, False, False],
+                        "stats": [True, True, True, True]}
+    else:
+        assert seen == {"features": [2.0, 1.0, 0.0, 0.0], "valid": [True, True, False, False],
+                        "stats": None}

@@ -37,9 +37,10 @@ def test_the_plan_of_a_two_rank_run(capsys, tiny_shards, tmp_path):
 
 
 def test_the_plan_under_zero3_with_offload(capsys, tiny_shards):
-    code, out, err = _dry(capsys, tiny_shards, "data.batch_size=4", "train.precision=auto",
+    code, out, err = _dry(capsys, tiny_shards, "data.batch_size=32", "train.precision=auto",
                           launch="gpu_zero3_offload.yaml")
     assert code == 0, err
+    assert "global batch  32 = 4 a rank x 8 x accumulation 1" in out
     assert "DeepSpeed ZeRO-3, optimizer and parameters offloaded to the CPU" in out
     assert "cpu optimizer" in out and "cpu weights" in out
     assert "auto: bf16 on GPUs with bf16" in out
@@ -48,7 +49,9 @@ def test_the_plan_under_zero3_with_offload(capsys, tiny_shards):
 @pytest.mark.parametrize("extra, launch, message", [
     (["data.num_workers=2"], "gpu_ddp.yaml",
      "10 train shards for 8 ranks x 2 loader workers = 16 readers"),
-    (["data.batch_size=64"], "gpu_ddp.yaml", "fewer than one batch of 64 for each of 8 ranks"),
+    (["data.batch_size=512"], "gpu_ddp.yaml", "fewer than one global batch of 512"),
+    (["data.batch_size=36"], "gpu_ddp.yaml", "36 (the global batch) does not split into whole "
+     "micro-batches of at least 2 over 8 rank(s) x accumulation 1; use a multiple of 8 such as 32"),
 ])
 def test_the_dry_run_names_what_would_fail(capsys, tiny_shards, extra, launch, message):
     code, out, err = _dry(capsys, tiny_shards, *extra, launch=launch)

@@ -2,6 +2,11 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from tbps.trainer.common import dist
+from tbps.trainer.running import checkpoint
 
 from tests.trainer.conftest import EPOCHS, launch, step_losses
 
@@ -39,6 +44,14 @@ def test_deepspeed_zero_matches_ddp(tmp_path, tiny_shards, ddp_run, zero):
     assert sorted(ds) == sorted(ddp)
     for step in ds:       # the same computation, distributed differently
         assert ds[step] == pytest.approx(ddp[step], rel=2e-4), step
+    # the last checkpoint passes the restricted loader's check (DeepSpeed's records allowed)
+    # and its partitions put together are final/'s weights: a model.pretrained start
+    last = checkpoint.newest(run)
+    assert checkpoint.verify(last) == [] and (last / "clip_config.json").is_file()
+    whole, final = dist.checkpoint_model_state(last), load_file(run / "final/model.safetensors")
+    assert set(whole) == set(final)
+    for name, value in final.items():
+        assert torch.equal(whole[name], value), name
 
 
 def test_existing_run_is_not_overwritten(tmp_path, tiny_shards, ddp_run):
@@ -69,7 +82,7 @@ def test_evaluate_cli_reproduces_the_run_figures(tmp_path, ddp_run):
 def test_gradient_accumulation_in_bf16(tmp_path, tiny_shards):
     run = tmp_path / "run"
     launch("cpu_ddp.yaml", run, tiny_shards, "train.epochs=1", "optim.grad_accum=2",
-           "train.precision=bf16")
+           "train.precision=bf16", "data.batch_size=64")    # 16 a rank x 2 ranks x 2
     losses = step_losses(run)
     assert sorted(losses) == [1, 2, 3, 4, 5]          # 10 batches a rank, 2 per step
     assert all(0 < v < 100 for v in losses.values())

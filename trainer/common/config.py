@@ -71,7 +71,10 @@ class DataConfig:
     """"auto": the shards' own tokenizer folder for a random model, the model's own tokenizer
     for a pretrained one; else a tokenizer folder or hub id."""
     batch_size: int = 64
-    """Samples per rank per step (the global batch is batch_size x ranks x grad_accum)."""
+    """The global batch: training pairs per optimizer step over all ranks, whatever their
+    number (64 on one process is 64 on 8 ranks: 8 each). A rank's micro-batch is batch_size /
+    (ranks x optim.grad_accum), which must be whole and at least 2 (`micro_batch`); the losses
+    are reduced so that W ranks give the gradient of one process on the same batch."""
     eval_batch_size: int = 256
     num_workers: int = 1
     """Loader worker processes per rank."""
@@ -237,6 +240,35 @@ class CaptionMaskConfig:
 
 
 @dataclass(kw_only=True)
+class CaptionAugmentConfig:
+    """RDE's caption augmentation (their --txt_aug; trainer/recipe/caption_augment.py): each
+    word token of a training caption is chosen with probability `prob`; a chosen one becomes
+    the mask token, a random word token, or is deleted (the words after it and the end token
+    move left, padding fills the end). Start token, end token, padding: never touched."""
+
+    kind: str = "none"
+    """"none"; "rde": the authors' rule (datasets/bases.py, txt_data_aug), drawn per caption and
+    epoch (the same on any number of ranks)."""
+    prob: float = 0.2
+    """Probability that a word token is chosen (the authors: 0.2)."""
+    mask: float = 0.6
+    """Share of the chosen tokens replaced by the mask token (the authors: 0.6)."""
+    random: float = 0.2
+    """Share replaced by a word token drawn uniformly (any non-special id; the authors: 0.2).
+    The rest, 1 - mask - random, is deleted (the authors: 0.2)."""
+    division: bool = True
+    """Also augment the captions the consensus division scores, with draws of their own (the
+    authors' division pass reads the augmenting training dataset)."""
+
+    def __post_init__(self):
+        _check(self.kind in ("none", "rde"), "recipe.caption_augment.kind", "none or rde")
+        _check(0 < self.prob <= 1, "recipe.caption_augment.prob", "must be in (0, 1]")
+        _check(0 <= self.mask <= 1, "recipe.caption_augment.mask", "must be in [0, 1]")
+        _check(0 <= self.random <= 1 - self.mask + 1e-9, "recipe.caption_augment.random",
+               f"must be in [0, 1 - mask = {1 - self.mask:g}] (the rest is deleted)")
+
+
+@dataclass(kw_only=True)
 class TSEConfig:
     """RDE's token selection embedding branch (used when recipe.branches holds tse)."""
 
@@ -247,6 +279,9 @@ class TSEConfig:
     authors_bn_eval: bool = False
     """True: keep the TSE BatchNorms in eval mode while training, as the authors' released code
     did by accident (their README recommends it for noisy data); False: train mode."""
+    filler_in_bn_stats: bool = False
+    """True, as the authors: the padding tokens filling a short caption's slots count in the
+    train-mode BatchNorm statistics (not the pooling); False: they take part in nothing."""
 
     def __post_init__(self):
         _check(0 < self.ratio <= 1, "recipe.tse.ratio", "must be in (0, 1]")
@@ -287,6 +322,10 @@ class CrossConfig:
     A fusion encoder trained from scratch learns ITM slowly (launch/itm_probe.py measures it on
     a run's frozen tokens)."""
 
+    padding_mask: bool = True
+    """False: padding tokens are keys of the encoder's self-attention, as in IRRA's authors'
+    code (model/build.py passes no mask)."""
+
 
 @dataclass(kw_only=True)
 class WeightingConfig:
@@ -305,11 +344,16 @@ class WeightingConfig:
     """The per-sample loss the division scores, over in-batch keys of all ranks (RDE: tal)."""
     margin: float = 0.1
     """Margin of the scoring loss when it is tal."""
-    gmm_max_iter: int = 10
-    gmm_tol: float = 1e-2
-    gmm_reg_covar: float = 5e-4
-    """GaussianMixture settings; the authors use 100 / 1e-4 / 1e-6 above 40 % noise (and on
-    RSTPReid), a choice that knows the noise rate."""
+    gmm: str = "auto"
+    """The GaussianMixture settings (max_iter / tol / reg_covar): "low" 10 / 1e-2 / 5e-4,
+    "high" 100 / 1e-4 / 1e-6, "auto" as RDE's authors choose (processor/processor.py): high when
+    the shards' noise rate is above 0.4 or the dataset is RSTPReid, low otherwise. The rate is
+    the one the shards record (options.noise_rate); a run on data of unknown noise says which
+    it used in its log."""
+    gmm_max_iter: int | None = None
+    gmm_tol: float | None = None
+    gmm_reg_covar: float | None = None
+    """Each, when set, overrides the value `gmm` gives."""
     threshold: float = 0.5
     """A pair is clean for a branch when its clean posterior exceeds this."""
     plots: bool = True
@@ -324,6 +368,14 @@ class WeightingConfig:
         _check(self.score in SIMILARITY_KINDS, "recipe.weighting.score",
                f"one of {SIMILARITY_KINDS}")
         _check(0 < self.threshold < 1, "recipe.weighting.threshold", "must be in (0, 1)")
+        _check(self.gmm in ("auto", "low", "high"), "recipe.weighting.gmm",
+               "auto, low or high")
+        _check(self.gmm_max_iter is None or self.gmm_max_iter >= 1,
+               "recipe.weighting.gmm_max_iter", "must be >= 1")
+        _check(self.gmm_tol is None or self.gmm_tol > 0, "recipe.weighting.gmm_tol",
+               "must be > 0")
+        _check(self.gmm_reg_covar is None or self.gmm_reg_covar >= 0,
+               "recipe.weighting.gmm_reg_covar", "must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -340,6 +392,7 @@ class RecipeConfig:
     """The loss terms, summed with their weights in this order."""
     image_tokens: ImageTokensConfig = field(default_factory=ImageTokensConfig)
     caption_mask: CaptionMaskConfig = field(default_factory=CaptionMaskConfig)
+    caption_augment: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
     tse: TSEConfig = field(default_factory=TSEConfig)
     enrich: EnrichConfig = field(default_factory=EnrichConfig)
     cross: CrossConfig = field(default_factory=CrossConfig)
@@ -430,6 +483,9 @@ class OptimConfig:
     warmup_start_factor: float = 0.1
     """LR factor at step 0, rising linearly to 1 over warmup_epochs; then cosine to min_lr_factor."""
     min_lr_factor: float = 0.0
+    schedule: str = "step"
+    """"step": the factor changes every optimizer step; "epoch": once an epoch, as the IRRA and
+    RDE authors' scheduler (a warm-up staircase 0.1, 0.28, ... then a cosine staircase)."""
     grad_clip: float | None = 1.0
     """Max gradient norm; None: no clipping."""
     grad_accum: int = 1
@@ -442,6 +498,7 @@ class OptimConfig:
         _check(0 < self.warmup_start_factor <= 1, "optim.warmup_start_factor", "in (0, 1]")
         _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0")
         _check(self.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+        _check(self.schedule in ("step", "epoch"), "optim.schedule", "step or epoch")
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import io
 import logging
 import os
@@ -22,8 +23,12 @@ import sys
 import warnings
 from importlib import metadata
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+
+from tbps.trainer.common.global_batch import micro_batch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,68 @@ def quiet_third_party() -> None:
     # DeepSpeed calls collectives torch has renamed: one FutureWarning per call site and rank
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
                             category=FutureWarning)
+
+
+# The non-tensor classes a training checkpoint holds beside tensors and plain values: numpy's
+# (accelerate's random states before they were JSON) and DeepSpeed's plain records in a ZeRO
+# optimizer partition (the stage, the loss scaler, a fragment's address). Rebuilding them runs
+# no code of the file's choosing; anything else in a pickle is refused.
+_DEEPSPEED_RECORDS = (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                      ("deepspeed.utils.tensor_fragment", "fragment_address"))
+
+
+def checkpoint_records(deepspeed: bool = False) -> list:
+    """The classes `weights_only_loads` allows (DeepSpeed's only when asked: importing
+    DeepSpeed takes seconds)."""
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    records = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    if deepspeed:
+        for module, name in _DEEPSPEED_RECORDS:
+            try:
+                records.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError):   # another DeepSpeed version: not needed
+                pass
+    return records
+
+
+@contextlib.contextmanager
+def weights_only_loads(deepspeed: bool = False):
+    """Every `torch.load` inside runs torch's restricted unpickler (tensors, plain values and
+    `checkpoint_records`), whatever its caller asked: DeepSpeed's checkpoint engine and its
+    universal-checkpoint reader pass weights_only=False, so a crafted ZeRO file would otherwise
+    run its payload. A file holding anything else raises pickle.UnpicklingError."""
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(checkpoint_records(deepspeed)):
+            yield
+    finally:
+        torch.load = real
+
+
+def checkpoint_model_state(folder) -> dict:
+    """The whole model of a training checkpoint as {name: fp32 tensor}: accelerate's
+    model.safetensors (DDP), or DeepSpeed's per-rank files put together (ZeRO-2's module state,
+    ZeRO-3's partitions), read under `weights_only_loads`."""
+    folder = str(folder)
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return load_file(os.path.join(folder, "model.safetensors"))
+    if not os.path.isdir(os.path.join(folder, "pytorch_model")):
+        raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model/")
+    # deferred: DeepSpeed's import takes seconds and is needed only for ZeRO checkpoints
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    said = io.StringIO()                            # its progress lines, to the log
+    with weights_only_loads(deepspeed=True), contextlib.redirect_stdout(said):
+        state = get_fp32_state_dict_from_zero_checkpoint(folder, tag="pytorch_model")
+    log.info("put together %s: %s", folder, " | ".join(said.getvalue().split("\n"))[-300:])
+    return {k: v.float().contiguous() for k, v in state.items()}
 
 
 def using_deepspeed() -> bool:
@@ -94,7 +161,7 @@ def build_accelerator(cfg, run_dir: str):
         acc = Accelerator(cpu=cpu and not deepspeed, **kwargs)
     if acc.state.deepspeed_plugin is not None:
         ds = acc.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds["train_micro_batch_size_per_gpu"] = micro_batch(cfg, acc.num_processes)
         ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
         ds["gradient_clipping"] = cfg.optim.grad_clip or 0.0
         ds.setdefault("zero_allow_untested_optimizer", True)

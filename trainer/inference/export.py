@@ -157,8 +157,11 @@ def _data_lines(cfg) -> list[str]:
     for split, info in sorted(meta.get("splits", {}).items()):
         lines.append(f"- {split}: {info.get('num_samples', '?')} image-caption pairs")
     if opts.get("noise_rate"):
-        lines.append(f"- noisy correspondence: {opts['noise_rate']:.0%} of the training captions "
-                     f"swapped (noise seed {opts.get('noise_seed')})")
+        index = meta.get("noise_index") or {}
+        source = (f"from the noise index file {Path(index['file']).name}" if index.get("file")
+                  else f"noise seed {opts.get('noise_seed')}")
+        lines.append(f"- noisy correspondence: {opts['noise_rate']:.1%} of the training captions "
+                     f"swapped ({source})")
     if opts.get("resize"):
         lines.append(f"- images resized at shard time to {opts['resize']}")
     return lines
@@ -201,7 +204,7 @@ def model_card(weights_dir: Path, cfg, tokenizer, model, info: dict, metrics: di
         lines += ["The recipe's settings (from the run's `config.yaml`):", "", "```yaml",
                   recipe_yaml, "```", ""]
     lines += ["## Training data", "", *_data_lines(cfg),
-              f"- {cfg.train.epochs} epochs, batch {cfg.data.batch_size} per process, seed "
+              f"- {cfg.train.epochs} epochs, global batch {cfg.data.batch_size}, seed "
               f"{cfg.train.seed}, precision {cfg.train.precision}", "",
               "## Test metrics", ""]
     if metrics:

@@ -35,6 +35,7 @@ class RetrievalModel(nn.Module):
         rc, E = cfg.recipe, encoder.embed_dim
         kinds = rc.kinds()
         self.context_length = cfg.model.context_length
+        self.cross_padding_mask = rc.cross.padding_mask
         # creation order fixes the random initialisation: classifier, cross, mlm_head, ...
         self.classifier = identity_classifier(E, num_classes) if "id" in kinds else None
         self.cross = (CrossModalEncoder(E, cfg.model.cross_heads, cfg.model.cross_layers,
@@ -48,7 +49,8 @@ class RetrievalModel(nn.Module):
         if "tse" in rc.branches:
             self.tse_k = token_counts(rc.tse.ratio, encoder.grid_hw, cfg.model.context_length)
             self.tse_image = TokenSelectionEmbedding(E, rc.tse.dim, keep_bn_eval=rc.tse.authors_bn_eval)
-            self.tse_text = TokenSelectionEmbedding(E, rc.tse.dim, keep_bn_eval=rc.tse.authors_bn_eval)
+            self.tse_text = TokenSelectionEmbedding(E, rc.tse.dim, keep_bn_eval=rc.tse.authors_bn_eval,
+                                                    filler_in_bn_stats=rc.tse.filler_in_bn_stats)
         if rc.weighting.kind != "none":         # the weighting part's per-pair weights
             self.register_buffer("sample_weight", torch.ones(num_samples))
         else:
@@ -76,7 +78,8 @@ class RetrievalModel(nn.Module):
 
     def cross_tokens(self, txt_tokens_BLE, eos_B, img_tokens_BTE) -> torch.Tensor:
         """The cross-modal encoder's output tokens (words attending to the image tokens)."""
-        return self.cross(txt_tokens_BLE, img_tokens_BTE, padding_mask(eos_B, txt_tokens_BLE.shape[1]))
+        pad = padding_mask(eos_B, txt_tokens_BLE.shape[1]) if self.cross_padding_mask else None
+        return self.cross(txt_tokens_BLE, img_tokens_BTE, pad)
 
     def external_parameters(self) -> list[nn.Parameter]:
         return self.encoder.external_parameters() if self.encoder is not None else []

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from tbps.kernels.topk_select import topk_select
-from tbps.trainer.model.encoder import ImageFeatures, TextFeatures, word_positions
+from tbps.trainer.model.encoder import (ImageFeatures, TextFeatures, padding_mask,
+                                        word_positions)
 
 
 def token_counts(ratio: float, grid_hw: tuple[int, int], context_length: int) -> tuple[int, int]:
@@ -30,10 +31,23 @@ def select_image(head: "TokenSelectionEmbedding", img: ImageFeatures, k: int) ->
 
 
 def select_text(head: "TokenSelectionEmbedding", txt: TextFeatures, k: int) -> torch.Tensor:
-    """TSE embedding of the captions: the k words the [EOS] row attends to most."""
-    valid = word_positions(txt.input_ids_BL, txt.eos_B)
-    sel = topk_select(txt.attn_BL.detach(), valid, min(k, txt.attn_BL.shape[1]), txt.tokens_BLE)
-    return head(sel.features_BkD, sel.valid_Bk)
+    """TSE embedding of the captions: the k words the [EOS] row attends to most.
+
+    With `head.filler_in_bn_stats` (the authors' code), a caption of fewer than k words fills
+    its other slots with the padding tokens after its EOS, nearest first (the authors' top-k
+    takes padding, score 0, after every word; which padding is the implementation's choice
+    among ties there): they count in the train-mode BatchNorm statistics, not in the pooling.
+    There are only as many as the encoded length holds past the EOS."""
+    k = min(k, txt.attn_BL.shape[1])
+    words = word_positions(txt.input_ids_BL, txt.eos_B)
+    if not head.filler_in_bn_stats:
+        sel = topk_select(txt.attn_BL.detach(), words, k, txt.tokens_BLE)
+        return head(sel.features_BkD, sel.valid_Bk)
+    pad = padding_mask(txt.eos_B, txt.attn_BL.shape[1])
+    scores = txt.attn_BL.detach().masked_fill(pad, float("-inf"))      # after every word
+    sel = topk_select(scores, words | pad, k, txt.tokens_BLE)
+    is_word = sel.valid_Bk & (sel.indices_Bk < txt.eos_B[:, None])
+    return head(sel.features_BkD, is_word, stats_Bk=sel.valid_Bk)
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
@@ -71,16 +85,20 @@ class TokenSelectionEmbedding(nn.Module):
     Each valid selected token is L2-normalised, mapped by FC(E -> out) + MLP(E -> E, BatchNorm,
     ReLU, -> out), and the results are max-pooled over the valid tokens of the sample. Slots
     that are not valid (a caption shorter than k) take part in nothing, BatchNorm statistics
-    included (a masked BatchNorm: no boolean indexing, so no host sync). `keep_bn_eval=True`
-    reproduces the authors' released code, whose training ran with these BatchNorms in eval mode.
+    included (a masked BatchNorm: no boolean indexing, so no host sync), unless `stats_Bk` names
+    the rows the statistics read. `keep_bn_eval=True` reproduces the authors' released code,
+    whose training ran with these BatchNorms in eval mode; `filler_in_bn_stats=True` their
+    statistics over filler slots too (`select_text`).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, *, keep_bn_eval: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, *, keep_bn_eval: bool = False,
+                 filler_in_bn_stats: bool = False):
         super().__init__()
         self.fc = nn.Linear(in_dim, out_dim)
         self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), MaskedBatchNorm1d(in_dim), nn.ReLU(),
                                  nn.Linear(in_dim, out_dim))
         self.keep_bn_eval = keep_bn_eval
+        self.filler_in_bn_stats = filler_in_bn_stats
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -88,9 +106,12 @@ class TokenSelectionEmbedding(nn.Module):
             self.mlp[1].eval()
         return self
 
-    def forward(self, tokens_BkE: torch.Tensor, valid_Bk: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BkE: torch.Tensor, valid_Bk: torch.Tensor,
+                stats_Bk: torch.Tensor | None = None) -> torch.Tensor:
+        """valid_Bk: the slots pooled; stats_Bk: the rows of the BatchNorm statistics
+        (default valid_Bk)."""
         x = torch.nn.functional.normalize(tokens_BkE, dim=-1)
-        h = self.mlp[2](self.mlp[1](self.mlp[0](x), valid_Bk))
+        h = self.mlp[2](self.mlp[1](self.mlp[0](x), valid_Bk if stats_Bk is None else stats_Bk))
         y = self.fc(x) + self.mlp[3](h)
         pooled = y.masked_fill(~valid_Bk[..., None], float("-inf")).max(dim=1).values
         return torch.where(valid_Bk.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))

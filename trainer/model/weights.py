@@ -20,6 +20,7 @@ from transformers import CLIPConfig
 
 from tbps.data_pipeline.manifest import read_meta
 from tbps.data_pipeline.tokenizer import CaptionTokenizer
+from tbps.trainer.common import dist
 from tbps.trainer.common.config import Config
 from tbps.trainer.common.config_files import load_config, save_config
 from tbps.trainer.model.encoder import DualEncoder
@@ -31,6 +32,7 @@ WEIGHTS = "model.safetensors"
 CLIP_CONFIG = "clip_config.json"
 MODEL_INFO = "model.json"
 FORMAT = 3
+CHECKPOINT_STATE = "trainer_state.json"       # what marks a training checkpoint (running/)
 # tensors renamed since: "recipe.lhat" when recipes were composed from parts (format 1), the
 # heads' "recipe." prefix when they moved into the model (format 3)
 LEGACY_NAMES = {"recipe.lhat": "sample_weight"}
@@ -43,7 +45,9 @@ def load_tokenizer(cfg: Config) -> CaptionTokenizer:
         return CaptionTokenizer.from_pretrained(name, context_length=length)
     if cfg.model.pretrained:
         source = Path(cfg.model.pretrained)
-        if is_weights_folder(source):                 # this project's best/ or final/
+        if is_weights_folder(source):                 # this project's best/, final/, step-N/
+            if is_checkpoint(source):
+                _described(source)
             source = source / "tokenizer"
         return CaptionTokenizer.from_pretrained(source, context_length=length)
     folder = read_meta(cfg.data.shards).get("tokenizer")
@@ -54,9 +58,16 @@ def load_tokenizer(cfg: Config) -> CaptionTokenizer:
 
 
 def is_weights_folder(path) -> bool:
-    """Whether `path` is a weights folder this project wrote (best/, final/)."""
+    """Whether `path` is a weights folder this project wrote (best/, final/) or a training
+    checkpoint (checkpoints/step-N/, which describes its model the same way)."""
     path = Path(path)
+    if is_checkpoint(path):
+        return True
     return all((path / n).is_file() for n in (WEIGHTS, CLIP_CONFIG, "config.yaml"))
+
+
+def is_checkpoint(path) -> bool:
+    return (Path(path) / CHECKPOINT_STATE).is_file()
 
 
 def build_model(cfg: Config, tokenizer: CaptionTokenizer, num_classes: int,
@@ -105,6 +116,14 @@ def save_weights(state_dict: dict, out_dir: Path, cfg: Config, tokenizer, clip_c
     meta = {k: str(v) for k, v in (extra or {}).items()}
     save_file(tensors, str(out_dir / (WEIGHTS + ".partial")), metadata=meta)
     (out_dir / (WEIGHTS + ".partial")).replace(out_dir / WEIGHTS)
+    save_description(out_dir, cfg, tokenizer, clip_config, num_classes, num_samples)
+
+
+def save_description(out_dir: Path, cfg: Config, tokenizer, clip_config, num_classes: int,
+                     num_samples: int) -> None:
+    """What rebuilding the model takes, beside its weights: the config, the CLIP config, the
+    tokenizer and model.json (a weights folder; a training checkpoint holds it too)."""
+    out_dir = Path(out_dir)
     save_config(cfg, out_dir / "config.yaml")
     clip_config.to_json_file(str(out_dir / CLIP_CONFIG))
     tokenizer.save(out_dir / "tokenizer")
@@ -164,10 +183,7 @@ def _from_weights_folder(folder: Path, cfg: Config, tokenizer, num_classes: int,
                                            tokenizer.eot_id)
     model = RetrievalModel(encoder, cfg, num_classes=num_classes, num_samples=num_samples,
                            vocab_size=tokenizer.vocab_size)
-    try:
-        state = {_current_name(k): v for k, v in load_file(str(folder / WEIGHTS)).items()}
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{folder / WEIGHTS} cannot be read ({exc})") from None
+    state = {_current_name(k): v for k, v in _start_tensors(folder).items()}
     own = model.state_dict()
     fresh = {k for k in set(own) | set(state) if not k.startswith("encoder.")}
     state = {k: v for k, v in state.items() if k.startswith("encoder.") or
@@ -177,6 +193,31 @@ def _from_weights_folder(folder: Path, cfg: Config, tokenizer, num_classes: int,
     log.info("started from %s: its encoder%s", folder,
              f" and heads {', '.join(kept)}" if kept else "")
     return model
+
+
+def _start_tensors(folder: Path) -> dict:
+    """The tensors of a weights folder, or a checkpoint's model put together from its ranks'
+    files (DeepSpeed's partitions read with the restricted loader)."""
+    if not is_checkpoint(folder):
+        try:
+            return load_file(str(folder / WEIGHTS))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{folder / WEIGHTS} cannot be read ({exc})") from None
+    _described(folder)
+    try:
+        return dist.checkpoint_model_state(folder)
+    except Exception as exc:                        # noqa: BLE001 (any damage, named)
+        raise ValueError(f"model.pretrained={folder}: the checkpoint's model cannot be read "
+                         f"({type(exc).__name__}: {str(exc)[:300]}); use an older checkpoint "
+                         "or the run's best/ or final/") from None
+
+
+def _described(folder: Path) -> None:
+    missing = [n for n in (CLIP_CONFIG, "config.yaml", "tokenizer") if not (folder / n).exists()]
+    if missing:
+        raise ValueError(f"model.pretrained={folder} is a checkpoint written before checkpoints "
+                         f"described their model ({', '.join(missing)} missing): start from "
+                         "the run's best/ or final/ instead")
 
 
 def _load_state(model, state: dict, source: Path, allowed: set[str] = frozenset()) -> None:

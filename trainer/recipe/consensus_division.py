@@ -54,11 +54,32 @@ class Division:
         return np.mean([f.clean_prob for f in self.branches.values()], axis=0).astype(np.float32)
 
 
+GMM_SETTINGS = {"low": (10, 1e-2, 5e-4), "high": (100, 1e-4, 1e-6)}
+"""max_iter, tol, reg_covar of RDE's two settings (their processor/processor.py)."""
+
+
+def gmm_settings(cfg, noise_rate: float, dataset: str) -> tuple[tuple, str]:
+    """(max_iter, tol, reg_covar) for config.WeightingConfig `cfg` on shards of `noise_rate`
+    and format `dataset`, and a line saying where they came from."""
+    which = cfg.gmm
+    if which == "auto":
+        which = "high" if noise_rate > 0.4 or dataset == "rstpreid" else "low"
+    base = GMM_SETTINGS[which]
+    values = tuple(b if v is None else v
+                   for v, b in zip((cfg.gmm_max_iter, cfg.gmm_tol, cfg.gmm_reg_covar), base))
+    why = (f"{which} (noise rate {noise_rate:g}, {dataset or 'dataset unknown'})"
+           if cfg.gmm == "auto" else which)
+    set_by_hand = values != base
+    return values, (f"GMM max_iter/tol/reg_covar {values[0]}/{values[1]:g}/{values[2]:g}: "
+                    f"{why}{', overridden by hand' if set_by_hand else ''}")
+
+
 class ConsensusWeighting:
     """The weighting part: per-pair weights from the consensus division, once an epoch."""
 
-    def __init__(self, cfg, seed: int):
+    def __init__(self, cfg, seed: int, noise_rate: float = 0.0, dataset: str = ""):
         self.cfg, self.seed = cfg, seed          # cfg: config.WeightingConfig
+        self.gmm, self.gmm_reason = gmm_settings(cfg, noise_rate, dataset)
 
     def wants_scores(self, epoch: int) -> bool:
         return epoch >= self.cfg.warmup_epochs
@@ -80,8 +101,9 @@ class ConsensusWeighting:
         returns (weight per pair, values to log)."""
         c = self.cfg
         branches = {k: v for k, v in scores.items() if k not in ("index", "noisy")}
-        division = divide(branches, seed=self.seed * 100003 + epoch, max_iter=c.gmm_max_iter,
-                          tol=c.gmm_tol, reg_covar=c.gmm_reg_covar, threshold=c.threshold)
+        max_iter, tol, reg_covar = self.gmm
+        division = divide(branches, seed=self.seed * 100003 + epoch, max_iter=max_iter,
+                          tol=tol, reg_covar=reg_covar, threshold=c.threshold)
         logs = {"kept": float(division.labels.mean()), "disagree": division.disagree,
                 "scored": int(len(division.labels))}
         noisy = scores.get("noisy")

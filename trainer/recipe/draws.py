@@ -16,6 +16,7 @@ import torch
 
 # one stream per use, so two parts never share draws
 AWM, AGM, TEM_WORD, TEM_CAPTION, ITM_TEXT, ITM_IMAGE, MASK_KIND, MASK_WORD = range(1, 9)
+AUGMENT_KIND, AUGMENT_WORD = 9, 10          # RDE's caption augmentation (caption_augment.py)
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64
 _M1 = 0xBF58476D1CE4E5B9 - 2**64
 _M2 = 0x94D049BB133111EB - 2**64

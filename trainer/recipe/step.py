@@ -3,6 +3,8 @@ RecipeConfig). IRRA, RDE, AMNS and AGA are presets of it (trainer/recipe/presets
 
 The step is straight-line code in one fixed order (`Recipe.train_losses`); each part's code is
 in the file named after it:
+  0. augment   RDE's caption augmentation, when on (words masked,
+               replaced or deleted; training only)                     caption_augment.py
   1. text      the online text encoder on the captions (EOS rows of every layer for AGM, of the
                last layer for TSE);
   2. masking   the caption mask, when an mlm term or TEM is on        caption_masking.py
@@ -16,7 +18,8 @@ in the file named after it:
   9. terms     the loss terms in the configured order, each sample weighted by the weighting
                part (RDE's consensus division) where the term says so  losses.py,
                                                                        consensus_division.py
-The trainer calls it through the model's forward: `model(recipe.train_losses, batch, step)`.
+The trainer calls it through the model's forward: `model(recipe.train_losses, batch, step)`;
+the consensus division scores `recipe.division_batch(batch, epoch)` (its own augmentation).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch import nn
 
 from tbps.trainer.common.config import SIMILARITY_KINDS, Config
 from tbps.trainer.recipe import draws, losses
+from tbps.trainer.recipe.caption_augment import DIVISION, TRAIN, CaptionAugment
 from tbps.trainer.recipe.caption_masking import mask_captions
 from tbps.trainer.recipe.momentum import MomentumRequest, momentum_forward
 from tbps.trainer.recipe.token_selection import keep_patches
@@ -51,6 +55,7 @@ class Recipe:
         self.mask_id, self.vocab_size = tokenizer.mask_id, tokenizer.vocab_size
         self.special_ids = tuple(tokenizer.special_ids)
         self.seed = cfg.train.seed
+        self.augment = CaptionAugment.build(self.rc.caption_augment, tokenizer, self.seed)
         self.needs_momentum = bool(self.rc.momentum_parts())
         used = {b for t in self.rc.losses if t.kind in SIMILARITY_KINDS
                 for b in t.branches_or_default()}
@@ -64,9 +69,13 @@ class Recipe:
         tem = rc.enrich.kind != "none"
         keys = self.draw_keys(batch, step)
         agm = rc.caption_mask.kind == "attention"
+        # 0. augment
+        ids = batch["input_ids"]
+        if self.augment is not None and model.training:
+            ids = self.augment(ids, keys[1], epoch=step.epoch, stage=TRAIN)
         # 1. text
         with torch.set_grad_enabled(torch.is_grad_enabled() and not tem):
-            txt = enc.encode_text(batch["input_ids"], rows="all" if agm else model.attention_rows,
+            txt = enc.encode_text(ids, rows="all" if agm else model.attention_rows,
                                   length=batch.get("text_length"))
         # 2. masking
         masked_ids = mlm_labels = None
@@ -115,11 +124,24 @@ class Recipe:
             out["enriched"] = mom.enriched_B.float().mean()
         return {"loss": total, **out}
 
+    def division_batch(self, batch: dict, epoch: int) -> dict:
+        """The batch as the consensus division scores it: its captions augmented with draws of
+        their own when recipe.caption_augment is on for the division (as the authors' division
+        pass, which reloads the augmenting dataset); else the batch itself."""
+        if self.augment is None or not self.rc.caption_augment.division:
+            return batch
+        ids = self.augment(batch["input_ids"], sample_index(batch), epoch=epoch, stage=DIVISION)
+        return {**batch, "input_ids": ids}
+
     def draw_keys(self, batch: dict, step: StepInfo) -> tuple[int, torch.Tensor]:
         """(seed, sample index) the sampled parts key their draws by (trainer/recipe/draws.py):
-        the step's seed from (training seed, epoch, optimizer step), and each sample's index in
-        the dataset (its position in the batch where a batch has no index)."""
-        index = batch.get("index")
-        if index is None:
-            index = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
-        return draws.step_seed(self.seed, step.epoch, step.step), index
+        the step's seed from (training seed, epoch, optimizer step), and sample_index."""
+        return draws.step_seed(self.seed, step.epoch, step.step), sample_index(batch)
+
+
+def sample_index(batch: dict) -> torch.Tensor:
+    """Each sample's index in the dataset (its position in the batch where a batch has none)."""
+    index = batch.get("index")
+    if index is None:
+        index = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    return index

@@ -1,9 +1,13 @@
 """Training checkpoints: atomic, verified, resumable mid-epoch and on another number of ranks.
 
 Layout of a run folder:
-    checkpoints/step-00000420/   accelerate state (model, optimizer, per-rank RNG; DeepSpeed's
-                                 own partitioned files under ZeRO), ema-rankNNNNN.pt (each
-                                 rank's EMA fragments), trainer_state.json, manifest.json
+    checkpoints/step-00000420/   accelerate state (model.safetensors, optimizer; DeepSpeed's
+                                 own partitioned files under ZeRO), rng-rankNNNNN.json (each
+                                 rank's random generators), ema-rankNNNNN.safetensors (each
+                                 rank's EMA fragments), what rebuilding the model takes
+                                 (config.yaml, clip_config.json, model.json, tokenizer/: the
+                                 folder can be a model.pretrained start), trainer_state.json,
+                                 manifest.json
     checkpoints/latest           name of the newest complete checkpoint
     best/, final/                model.safetensors (consolidated weights), config.yaml, tokenizer/
 
@@ -18,6 +22,13 @@ Reading (`find`): the newest checkpoint whose files match its manifest; a damage
 missing or of another size: truncated, half-copied) is named and skipped for the next older.
 `load` reports a file that cannot be read, naming it, instead of loading half of it.
 
+Nothing in a checkpoint can run code (a folder may have been downloaded or shared): this
+project's state is JSON and safetensors; the optimizer files accelerate and DeepSpeed pickle are
+read first by torch's restricted loader (`verify`) and loaded under it too (`dist.weights_only_
+loads`, which overrides DeepSpeed's weights_only=False); a file holding anything but tensors,
+plain values and DeepSpeed's plain records is refused as damaged. Older checkpoints (random
+states and EMA pickled) are read the same safe way.
+
 trainer_state.json holds the epoch, the batches of that epoch already trained on, the optimizer
 step, the best score with its epoch and the evaluation history (a checkpoint at an epoch's end
 is written after that epoch's evaluation), and the layout the run had (ranks, batch size,
@@ -28,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -37,8 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from tbps.trainer.common import collective
+from tbps.trainer.common import collective, dist
 from tbps.trainer.common.errors import RankError, is_collective_failure
 
 log = logging.getLogger(__name__)
@@ -48,10 +61,7 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 DS_FOLDER = "pytorch_model"              # accelerate's name for DeepSpeed's own files
-_multiarray = getattr(np, "_core", None) or np.core
-# what accelerate's random states hold beside tensors: numpy's generator state (an array)
-_NUMPY_GLOBALS = [_multiarray.multiarray._reconstruct, np.ndarray, np.dtype,
-                  type(np.dtype(np.uint32))]
+_PICKLED = (".pkl", ".bin", ".pt", ".pth")
 
 
 class CheckpointError(RankError):
@@ -74,10 +84,20 @@ class TrainState:
 
 
 def ema_file(rank: int) -> str:
-    return f"ema-rank{rank:05d}.pt"
+    return f"ema-rank{rank:05d}.safetensors"
 
 
-def save(acc, run_dir: Path, state: TrainState, keep: int, ema=None) -> Path:
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.json"
+
+
+def _accelerate_rng_file(rank: int) -> str:
+    return f"random_states_{rank}.pkl"
+
+
+def save(acc, run_dir: Path, state: TrainState, keep: int, ema=None, describe=None) -> Path:
+    """All ranks: the run's state as `checkpoints/step-N/` (see the module's text); `describe`
+    (rank 0) writes what rebuilding the model takes into the folder."""
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{state.step:08d}"
     tmp = root / (final.name + ".partial")
@@ -87,10 +107,16 @@ def save(acc, run_dir: Path, state: TrainState, keep: int, ema=None) -> Path:
             tmp.mkdir(parents=True)
         collective.barrier()
         acc.save_state(str(tmp))
-        if ema is not None:              # every rank its own fragments
-            torch.save(ema.state_dict(), tmp / ema_file(collective.rank()))
+        rank = collective.rank()
+        # every rank its own generators (JSON, in place of accelerate's pickle) and fragments
+        (tmp / _accelerate_rng_file(rank)).unlink(missing_ok=True)
+        (tmp / rng_file(rank)).write_text(json.dumps(_rng_state(acc)))
+        if ema is not None:
+            _save_ema(ema.state_dict(), tmp / ema_file(rank))
         collective.barrier()
         if acc.is_main_process:
+            if describe is not None:
+                describe(tmp)
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
             _seal(tmp)
             _move_into_place(tmp, final)
@@ -154,28 +180,30 @@ def verify(path: Path) -> list[str]:
     return problems or _contents(path)
 
 
-def safe_load(f: Path):
-    """torch.load of a file accelerate or this project pickled, as tensors and plain values
-    only (numpy arrays allowed, for the random states): a file that would run code on load
-    raises instead (pickle.UnpicklingError)."""
-    with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-        return torch.load(f, weights_only=True, map_location="cpu", mmap=True)
+def safe_load(f: Path, deepspeed: bool = False):
+    """torch.load of a pickle accelerate, DeepSpeed or an older version of this project wrote,
+    as tensors, plain values and `dist.checkpoint_records` only: a file that would run code on
+    load raises instead (pickle.UnpicklingError)."""
+    with dist.weights_only_loads(deepspeed):
+        return torch.load(f, map_location="cpu", mmap=True)
 
 
 def _contents(path: Path) -> list[str]:
-    """Files that a resume would unpickle or map, read here without running anything: the
-    pickles outside DeepSpeed's own folder through `safe_load` (tensor data mapped, not read),
-    safetensors by their header. DeepSpeed's own files (DS_FOLDER) are left to DeepSpeed."""
+    """Every file a resume would unpickle, map or parse, read here without running anything:
+    pickles (DeepSpeed's own under DS_FOLDER included) through `safe_load` (tensor data mapped,
+    not read), safetensors by their header, the random generators' JSON parsed."""
     problems = []
-    for f in sorted(path.iterdir()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
         try:
-            if f.suffix in (".pkl", ".bin", ".pt", ".pth"):
-                safe_load(f)
+            if f.suffix in _PICKLED:
+                safe_load(f, deepspeed=DS_FOLDER in f.relative_to(path).parts)
             elif f.suffix == ".safetensors":
                 with safe_open(str(f), framework="pt") as st:
                     st.keys()
+            elif f.name.startswith("rng-rank"):
+                _check_rng(json.loads(f.read_text()))
         except Exception as exc:                    # noqa: BLE001 (any refusal or damage)
-            problems.append(f"{f.name} cannot be read as tensors and plain values "
+            problems.append(f"{f.relative_to(path)} cannot be read as tensors and plain values "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): damaged, "
                             "or holding code that loading would run")
     return problems
@@ -219,9 +247,10 @@ def load(acc, path: Path, ema=None) -> tuple[TrainState, list[str]]:
     re-cut when the checkpoint's layout differs."""
     path = Path(path)
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
-    _check_random_state(path, state)
+    rng = _check_random_state(path, state)
     try:
-        acc.load_state(str(path))
+        with dist.weights_only_loads(deepspeed=dist.using_deepspeed()):
+            acc.load_state(str(path))
     except Exception as exc:                        # noqa: BLE001 (re-raised below)
         if is_collective_failure(exc):
             raise
@@ -233,6 +262,8 @@ def load(acc, path: Path, ema=None) -> tuple[TrainState, list[str]]:
         raise CheckpointError(f"{path} cannot be loaded: {type(exc).__name__}: {exc}. The "
                               "checkpoint is damaged; resume from an older one with "
                               "train.resume=<its folder>") from None
+    if rng is not None:
+        _set_rng(acc, rng)
     notes = [] if ema is None else _load_ema(path, ema)
     return state, notes
 
@@ -251,36 +282,112 @@ def set_aside(run_dir: Path, resumed: Path) -> list[Path]:
     return moved
 
 
-def _check_random_state(path: Path, state: TrainState) -> None:
-    """accelerate skips a random-state file it cannot read with an info line; refuse instead."""
+def _check_random_state(path: Path, state: TrainState) -> dict | None:
+    """This rank's random generators as saved (None: none to restore, or accelerate's older
+    pickle, which accelerate restores itself); accelerate skips a random-state file it cannot
+    read with an info line, so a missing or unreadable one is refused here instead."""
     rank, world = collective.rank(), state.layout.get("world_size", collective.world_size())
-    f = path / f"random_states_{rank}.pkl"
     if rank >= world:
-        return                              # this rank did not exist: a fresh random state
-    if not f.is_file():
+        return None                         # this rank did not exist: a fresh random state
+    f, old = path / rng_file(rank), path / _accelerate_rng_file(rank)
+    if not f.is_file() and not old.is_file():
         raise RankError(f"{f} is missing: the checkpoint is incomplete; resume from an older one "
                         "with train.resume=<its folder>")
     try:
-        safe_load(f)
+        if f.is_file():
+            return _check_rng(json.loads(f.read_text()))
+        safe_load(old)
+        return None
     except Exception as exc:                        # noqa: BLE001 (any unpickling failure)
-        raise RankError(f"{f} cannot be read ({type(exc).__name__}: {exc}): the checkpoint is "
+        bad = f if f.is_file() else old
+        raise RankError(f"{bad} cannot be read ({type(exc).__name__}: {exc}): the checkpoint is "
                         "damaged; resume from an older one with train.resume=<its folder>") \
             from None
 
 
+def _rng_state(acc) -> dict:
+    """Every generator a rank draws from, as JSON (bytes as hex)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"step": int(getattr(acc, "step", 0)), "python": [version, list(words), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state().numpy().tobytes().hex()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.numpy().tobytes().hex() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _check_rng(state) -> dict:
+    """`state` if it is what `_rng_state` writes; ValueError naming the field otherwise."""
+    def need(ok, field):
+        if not ok:
+            raise ValueError(f"field {field!r} is missing or malformed")
+
+    need(isinstance(state, dict), "(top level)")
+    need(isinstance(state.get("step"), int), "step")
+    py = state.get("python")
+    need(isinstance(py, list) and len(py) == 3 and isinstance(py[1], list)
+         and len(py[1]) == 625 and all(isinstance(w, int) for w in py[1]), "python")
+    npy = state.get("numpy")
+    need(isinstance(npy, list) and len(npy) == 5 and npy[0] == "MT19937"
+         and isinstance(npy[1], list) and len(npy[1]) == 624
+         and all(isinstance(w, int) and 0 <= w < 2**32 for w in npy[1]), "numpy")
+    for name, hexes in [("torch", [state.get("torch")])] + [("cuda", state.get("cuda") or [])]:
+        for h in hexes:
+            need(isinstance(h, str) and len(h) % 2 == 0
+                 and all(c in "0123456789abcdef" for c in h), name)
+    need(len(state["torch"]) // 2 == torch.get_rng_state().numel(), "torch")
+    return state
+
+
+def _set_rng(acc, state: dict) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_bytes(state["torch"]))
+    if torch.cuda.is_available() and state.get("cuda"):
+        for device, h in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(_bytes(h), device)
+    if hasattr(acc, "step"):
+        acc.step = state["step"]
+
+
+def _bytes(hexes: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray.fromhex(hexes), dtype=torch.uint8).clone()
+
+
+def _save_ema(state: dict, f: Path) -> None:
+    """A rank's EMA fragments as safetensors, their layout in the file's metadata."""
+    layout = {k: state[k] for k in ("kind", "world_size", "modules", "fragments")}
+    save_file({f"shadow.{i}": t.contiguous() for i, t in enumerate(state["shadow"])}, str(f),
+              metadata={"ema": json.dumps(layout)})
+
+
+def _read_ema(f: Path) -> dict:
+    if f.suffix != ".safetensors":                  # written before the EMA was safetensors
+        return safe_load(f)
+    with safe_open(str(f), framework="pt") as st:
+        state = json.loads(st.metadata()["ema"])
+        state["shadow"] = [st.get_tensor(f"shadow.{i}") for i in range(len(state["fragments"]))]
+    return state
+
+
 def _load_ema(path: Path, ema) -> list[str]:
     own = path / ema_file(collective.rank())
-    files = sorted(path.glob("ema-rank*.pt"))
+    files = sorted(path.glob("ema-rank*.safetensors")) or sorted(path.glob("ema-rank*.pt"))
     if not files:
-        raise CheckpointError(f"{path} holds no EMA (ema-rank*.pt) but this run has a momentum "
-                              "model: resume it with the same recipe")
+        raise CheckpointError(f"{path} holds no EMA (ema-rank*.safetensors) but this run has a "
+                              "momentum model: resume it with the same recipe")
+    if not own.is_file():
+        own = own.with_suffix(".pt")
     try:
         if own.is_file():
-            state = torch.load(own, weights_only=True)
+            state = _read_ema(own)
             if ema.same_layout(state):
                 ema.load_state_dict(state)
                 return []
-        states = [torch.load(f, weights_only=True) for f in files]
+        states = [_read_ema(f) for f in files]
     except Exception as exc:                        # noqa: BLE001 (any unpickling failure)
         raise CheckpointError(f"an EMA file in {path} cannot be read ({type(exc).__name__}: "
                               f"{exc}); resume from an older checkpoint") from None

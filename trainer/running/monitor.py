@@ -152,12 +152,18 @@ def run_summary(cfg, meta: dict, info: dict, run_dir: Path) -> list[str]:
     parts = [f"branches {'+'.join(rc.branches)}", f"loss {terms}"]
     if rc.image_tokens.kind != "all":
         parts.append(f"image tokens {rc.image_tokens.kind} (drop {rc.image_tokens.ratio:g})")
+    if rc.caption_augment.kind != "none":
+        a = rc.caption_augment
+        parts.append(f"caption augment {a.kind} {a.prob:g} (mask {a.mask:g}, random "
+                     f"{a.random:g}, delete {1 - a.mask - a.random:g}"
+                     f"{'; division too' if a.division else ''})")
     if "mlm" in rc.kinds() or rc.enrich.kind != "none":
         parts.append(f"caption mask {rc.caption_mask.kind} {rc.caption_mask.ratio:g}")
     if rc.enrich.kind != "none":
         parts.append(f"enrich {rc.enrich.kind}")
     if rc.weighting.kind != "none":
-        parts.append(f"weighting {rc.weighting.kind} ({rc.weighting.use})")
+        parts.append(f"weighting {rc.weighting.kind} ({rc.weighting.use}; "
+                     f"{info.get('division', 'GMM as configured')})")
     model = cfg.model.pretrained or (f"CLIP from scratch, width {cfg.model.vision_width}/"
                                      f"{cfg.model.text_width}")
     splits = meta.get("splits", {})
@@ -179,8 +185,8 @@ def run_summary(cfg, meta: dict, info: dict, run_dir: Path) -> list[str]:
         f"{info['parameters'] / 1e6:.1f}M parameters",
         f"data    {cfg.data.shards}: {train.get('num_samples', 0):,} training pairs of "
         f"{meta.get('num_classes', 0):,} identities ({others}); global batch "
-        f"{info['global_batch']} = {cfg.data.batch_size} x {run['num_processes']} rank(s) x "
-        f"{cfg.optim.grad_accum}",
+        f"{info['global_batch']} = {info['micro_batch']} a rank x {run['num_processes']} "
+        f"rank(s) x accumulation {cfg.optim.grad_accum}",
         f"ranks   {run['num_processes']} ({kind}, {run['device']}{backend}); precision "
         f"{info['precision_reason']}",
         f"steps   {steps}",

@@ -12,7 +12,7 @@ from pathlib import Path
 from tbps.trainer.common import collective, dist
 from tbps.trainer.inference.evaluate import evaluate, format_table
 from tbps.trainer.inference.export import export_hf
-from tbps.trainer.model.weights import load_weights_folder, save_weights
+from tbps.trainer.model.weights import load_weights_folder, save_description, save_weights
 from tbps.trainer.running.stepping import check_weights
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,12 @@ class Outputs:
             s.best_score, s.best_epoch = score, s.epoch
             self.save_weights(model, "best", {"epoch": s.epoch, "split": split, "R1": score},
                               step=s.step)
+
+    def describe(self, folder: Path) -> None:
+        """Rank 0: what rebuilding the model takes, into a checkpoint being written (so
+        model.pretrained can start from it as from best/ or final/)."""
+        save_description(folder, self.cfg, self.tokenizer, self.clip_config,
+                         self.meta["num_classes"], self.meta["splits"]["train"]["num_samples"])
 
     def save_weights(self, model, name: str, extra: dict, *, step: int) -> None:
         check_weights(model, f"{name}/", self.run_dir, step)

@@ -42,6 +42,7 @@ import torch
 from tbps.data_pipeline.manifest import read_manifest, read_meta, split_info
 from tbps.trainer.common import dist
 from tbps.trainer.common.config import Config
+from tbps.trainer.common.global_batch import micro_batch
 from tbps.trainer.common.config_files import load_config
 from tbps.trainer.model.encoder import DualEncoder
 from tbps.trainer.model.retrieval import RetrievalModel
@@ -203,9 +204,13 @@ def check_shards(cfg: Config, lay: Layout) -> tuple[list[str], dict]:
                         "each needs a shard of its own: re-shard with a smaller --shard-size "
                         f"(at most {max(1, train.num_samples // readers)}) or lower "
                         "data.num_workers")
-    if train.num_samples < cfg.data.batch_size * lay.processes:
+    try:
+        micro_batch(cfg, lay.processes)
+    except ValueError as exc:
+        problems.append(str(exc).replace("invalid config field ", ""))
+    if train.num_samples < cfg.data.batch_size:
         problems.append(f"the train split has {train.num_samples} samples, fewer than one "
-                        f"batch of {cfg.data.batch_size} for each of {lay.processes} ranks")
+                        f"global batch of {cfg.data.batch_size}")
     return problems, meta
 
 
@@ -305,13 +310,14 @@ def saved_bytes(model, cfg: Config, tok, batch: int, dtype: torch.dtype, ema=Non
     return sum(seen.values())
 
 
-def activation_estimate(model, cfg: Config, tok, dtype: torch.dtype, ema=None) -> dict:
+def activation_estimate(model, cfg: Config, tok, dtype: torch.dtype, ema=None,
+                        processes: int = 1) -> dict:
     """Saved bytes at micro-batch 1 and 2: the cost a sample and the part that does not grow
     with the batch (autocast's low-precision weight copies)."""
     one, two = (saved_bytes(model, cfg, tok, b, dtype, ema) for b in (1, 2))
     per_sample = max(0, two - one)
     return {"per_sample": per_sample, "fixed": max(0, one - per_sample),
-            "bytes": per_sample * cfg.data.batch_size}
+            "bytes": per_sample * _micro(cfg, processes)}
 
 
 def memory_estimate(*, params: int, ema_params: int, world: int, zero_stage: int,
@@ -390,7 +396,7 @@ def dry_run(config: str | None, overrides: list[str], *, launch_file: str | None
                  + (f"; momentum model of {ema_params / 1e6:.1f}M" if ema_params else "")))
     measured_dtype = torch.bfloat16 if prec["precision"] == "bf16" and prec["native_here"] \
         else torch.float32
-    act = activation_estimate(model, cfg, tok, measured_dtype, ema)
+    act = activation_estimate(model, cfg, tok, measured_dtype, ema, lay.processes)
     scale = BF16_ACTIVATION_RATIO if prec["precision"] in ("bf16", "fp16") and \
         measured_dtype == torch.float32 else 1.0
     act_bytes = int(act["bytes"] * scale)
@@ -401,7 +407,8 @@ def dry_run(config: str | None, overrides: list[str], *, launch_file: str | None
                           largest_layer=largest)
     if lay.ds_config is not None:
         rows.append(("deepspeed", _ds_summary(cfg, lay, prec["precision"])))
-    per_rank = max(1, train.get("num_samples", 0) // max(1, cfg.data.batch_size * lay.processes))
+    micro = _micro(cfg, lay.processes)
+    per_rank = max(1, train.get("num_samples", 0) // max(1, micro * lay.processes))
     steps_per_epoch = per_rank // cfg.optim.grad_accum
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
@@ -412,8 +419,8 @@ def dry_run(config: str | None, overrides: list[str], *, launch_file: str | None
     plan = [
         ("world size", f"{lay.processes} = {lay.machines} machine(s) x "
          f"{lay.processes // max(1, lay.machines)} process(es)"),
-        ("global batch", f"{cfg.data.batch_size * lay.processes * cfg.optim.grad_accum:,} = "
-         f"{cfg.data.batch_size} a rank x {lay.processes} x accumulation {cfg.optim.grad_accum}"),
+        ("global batch", f"{cfg.data.batch_size:,} = {micro} a rank x {lay.processes} x "
+         f"accumulation {cfg.optim.grad_accum}"),
         ("steps", f"{steps_per_epoch:,} an epoch x {cfg.train.epochs} epochs = {total:,}; "
          f"warm-up {int(cfg.optim.warmup_epochs * steps_per_epoch):,} steps"),
         ("precision", prec["reason"]),
@@ -483,7 +490,8 @@ def _checkpoint_bytes(params: int, ema_params: int, zero_stage: int, precision: 
 def _ds_summary(cfg: Config, lay: Layout, prec: str) -> str:
     ds = lay.ds_config or {}
     zero = ds.get("zero_optimization", {})
-    parts = [f"ZeRO-{zero.get('stage', lay.zero_stage)}", f"micro-batch {cfg.data.batch_size}",
+    parts = [f"ZeRO-{zero.get('stage', lay.zero_stage)}",
+             f"micro-batch {_micro(cfg, lay.processes)}",
              f"accumulation {cfg.optim.grad_accum}",
              f"clipping {cfg.optim.grad_clip or 'off'}", f"{prec}"]
     for key in ("bf16", "fp16"):
@@ -494,6 +502,15 @@ def _ds_summary(cfg: Config, lay: Layout, prec: str) -> str:
     if lay.offload_optimizer:
         parts.append("optimizer state on the CPU (DeepSpeedCPUAdam)")
     return ", ".join(parts) + " (the trainer fills the \"auto\" fields from the config)"
+
+
+def _micro(cfg: Config, processes: int) -> int:
+    """A rank's micro-batch, or the nearest whole share where the config's does not split
+    (the dry run reports that as a problem and still estimates)."""
+    try:
+        return micro_batch(cfg, processes)
+    except ValueError:
+        return max(2, cfg.data.batch_size // (processes * cfg.optim.grad_accum))
 
 
 def _size(n: int) -> str:
@@ -511,7 +528,7 @@ def _print(cfg, lay, rows, problems, plan, memory, prec) -> None:
     for name, text in plan:
         print(f"  {name:<13} {text}")
     print(f"memory per {'GPU' if lay.target == 'gpu' else 'rank'} ({lay.kind}, "
-          f"{prec['precision']}, micro-batch {cfg.data.batch_size}; estimate)")
+          f"{prec['precision']}, micro-batch {_micro(cfg, lay.processes)}; estimate)")
     for name, text in memory:
         print(f"  {name:<13} {text}")
     print("  (not counted: the CUDA context and allocator slack, about 1-2 GiB a GPU)")

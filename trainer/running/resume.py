@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tbps.trainer.common import collective, dist
 from tbps.trainer.common.config import Config
+from tbps.trainer.common.global_batch import micro_batch
 from tbps.trainer.running import checkpoint
 from tbps.trainer.running.checkpoint import TrainState
 from tbps.trainer.running.optim import lr_factor
@@ -48,7 +49,7 @@ def check_run_dir(cfg: Config, run_dir: Path, resume: str | None, is_main: bool)
 def run_layout(cfg: Config, acc, *, batches_per_epoch: int, steps_per_epoch: int,
                total_steps: int) -> dict:
     """What a checkpoint records of how this run trains (compared on resume)."""
-    return {"world_size": acc.num_processes, "batch_size": cfg.data.batch_size,
+    return {"world_size": acc.num_processes, "batch_size": micro_batch(cfg, acc.num_processes),
             "grad_accum": cfg.optim.grad_accum, "batches_per_epoch": batches_per_epoch,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "epochs": cfg.train.epochs, "zero_stage": dist.zero_stage(acc),
@@ -59,6 +60,11 @@ def lr_at(cfg: Config, layout: dict, step: int) -> float:
     """The schedule's learning-rate factor at `step` for a run of this layout."""
     o = cfg.optim
     warmup = layout.get("warmup_epochs", o.warmup_epochs)
+    if o.schedule == "epoch":       # one factor an epoch, counted in epochs
+        per = max(1, layout["steps_per_epoch"])
+        return lr_factor(step // per, warmup_steps=int(warmup),
+                         total_steps=-(-layout["total_steps"] // per),
+                         start=o.warmup_start_factor, minimum=o.min_lr_factor)
     return lr_factor(step, warmup_steps=int(warmup * layout["steps_per_epoch"]),
                      total_steps=layout["total_steps"], start=o.warmup_start_factor,
                      minimum=o.min_lr_factor)

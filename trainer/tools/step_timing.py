@@ -157,7 +157,7 @@ def time_phases(cfg, steps: int, warmup: int) -> dict:
                   "phases_ms": {p: 1e3 * v for p, v in per_phase.items()},
                   "step_ms": 1e3 * sum(per_phase.values()),
                   "samples_per_s": samples / sum(sum(v) for v in timer.times.values()),
-                  "global_batch": cfg.data.batch_size * acc.num_processes * cfg.optim.grad_accum,
+                  "global_batch": cfg.data.batch_size,
                   "world_size": acc.num_processes, "device": str(acc.device),
                   "device_name": (torch.cuda.get_device_name(acc.device)
                                   if acc.device.type == "cuda" else None),
