@@ -19,6 +19,7 @@ words; any other tokenizer by a fixed English sentence (PROBE).
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 from pathlib import Path
@@ -103,13 +104,16 @@ class CaptionTokenizer:
 
     def encode(self, caption: str) -> np.ndarray:
         """int64 ids of length context_length: SOT, tokens, EOT, padding."""
-        ids = self.hf(caption, add_special_tokens=False)["input_ids"]
+        ids = self.hf(html.unescape(caption), add_special_tokens=False)["input_ids"]
         return self._frame(ids)
 
     def encode_batch(self, captions: list[str]) -> np.ndarray:
         """B x context_length int64 ids, the rows of `encode`, in one call of the tokenizer."""
         out = np.full((len(captions), self.context_length), self.pad_id, dtype=np.int64)
-        for row, ids in zip(out, self._token_ids(list(captions)), strict=True):
+        # HTML entities in annotations ("&amp;") read as the characters they stand for, as
+        # the CLIP tokenizer of IRRA's and RDE's authors does
+        unescaped = [html.unescape(c) for c in captions]
+        for row, ids in zip(out, self._token_ids(unescaped), strict=True):
             ids = ids[: self.context_length - 2]
             row[0], row[1 + len(ids)] = self.sot_id, self.eot_id
             row[1: 1 + len(ids)] = ids

@@ -76,3 +76,13 @@ def test_a_trained_tokenizer_is_judged_by_its_own_captions(tmp_path):
     (tmp_path / "tok" / PROBE_FILE).write_text("[")
     with pytest.raises(TokenizerError, match="damaged"):
         CaptionTokenizer.from_pretrained(tmp_path / "tok")
+
+
+def test_html_entities_read_as_their_characters(tok):
+    """Annotations carry "&amp;" where "&" was meant; IRRA's and RDE's tokenizer unescapes them
+    (launch/results/parity/data_path.md found the difference)."""
+    want = tok.encode("the man & a green bag")
+    assert (tok.encode("the man &amp; a green bag") == want).all()
+    assert (tok.encode_batch(["the man &amp; a green bag"])[0] == want).all()
+    raw = tok.hf("&amp;", add_special_tokens=False)["input_ids"]     # without unescaping
+    assert len(raw) > len(tok.hf("&", add_special_tokens=False)["input_ids"])
