@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from tbps.trainer.running.signals import EXIT_DIR, STOP_REQUESTS, die_with_parent
@@ -79,7 +81,9 @@ def run(args: list[str]) -> int:
             env.setdefault("DS_ACCELERATOR", "cpu")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
         proc = subprocess.Popen(cmd, env=env, preexec_fn=_launcher_preexec,
-                                start_new_session=True)
+                                start_new_session=True, stderr=subprocess.PIPE)
+        relay = threading.Thread(target=_relay, args=(proc.stderr, folder), daemon=True)
+        relay.start()
         state = {"requested": None, "interrupts": 0}
         previous = {s: signal.signal(s, _handler(proc, state))
                     for s in (*STOP_REQUESTS, signal.SIGINT)}
@@ -95,23 +99,91 @@ def run(args: list[str]) -> int:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+        relay.join(timeout=10)
         code = _chosen(folder, rc)
-        if rc != 0 and code in (1, 2):              # the launcher's report was printed last
+        if code in (1, 2, 3):                       # the ranks left their messages to say
             _say_last(folder, code)
         return code
 
 
+def _relay(stream, folder: str) -> None:
+    """The launcher's and the ranks' stderr to ours as it comes (partial lines too: progress
+    bars), except the launcher's ChildFailedError traceback and failure report when a rank
+    said why it ended (exit 1 or 2 written with its message): that rank's message is the
+    story, and `_say_last` repeats it last. A rank's own traceback (a bug) always passes."""
+    out = sys.stderr.buffer
+    held: list[bytes] = []                  # a traceback being read, not yet shown
+    dropping, pending = False, b""
+    fd = stream.fileno()
+    while chunk := os.read(fd, 65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            line += b"\n"
+            if dropping:
+                continue                    # the launcher's report: it ends the launcher
+            if held:
+                held.append(line)
+                if line[:1] not in (b" ", b"\t", b"\n") and not line.startswith(_TB_LINES):
+                    if b"ChildFailedError" in line and _ranks_said_why(folder):
+                        dropping = True
+                    else:
+                        out.write(b"".join(held))
+                    held = []
+                continue
+            if line.startswith(b"Traceback (most recent call last):"):
+                held = [line]
+                continue
+            out.write(line)
+        if pending and not held and not dropping:
+            out.write(pending)              # a partial line (a progress bar): now, not later
+            pending = b""
+        out.flush()
+    if not dropping:
+        out.write(b"".join(held) + pending)
+        out.flush()
+
+
+_TB_LINES = (b"Traceback (most recent call last):", b"During handling of the above",
+             b"The above exception was")
+
+
+def _ranks_said_why(folder: str) -> bool:
+    return any(name.endswith(".message") for name in os.listdir(folder)) and any(
+        _read_code(os.path.join(folder, n)) in (1, 2) for n in os.listdir(folder)
+        if "." not in n)
+
+
 def _say_last(folder: str, code: int) -> None:
-    """The ranks' own messages and the exit code, as the last thing on the screen."""
-    messages = []
-    for name in sorted(os.listdir(folder)):
+    """The ranks' messages, each said once (the same text from several ranks as one line that
+    names them), and the exit code: the last thing on the screen. The ranks of `tbps train`
+    leave their message here instead of printing it (trainer/common/errors.py `say`)."""
+    said: dict[tuple[str, str], list[str]] = {}
+    for name in sorted(os.listdir(folder), key=_rank_order):
         if name.endswith(".message"):
             with open(os.path.join(folder, name)) as fh:
                 text = fh.read().strip()
-            if text and text not in messages:
-                messages.append(text)
-    lines = messages or ["a rank failed with the traceback above (a bug: please report it)"]
+            if text:
+                found = _RANK_PREFIX.match(text)
+                key = (found.group(1), text[found.end():]) if found else ("", text)
+                said.setdefault(key, []).append(found.group(2) if found else "")
+    lines = []
+    for (lead, text), ranks in said.items():
+        ranks = [r for r in ranks if r]
+        where = (f"rank {ranks[0]}: " if len(ranks) == 1 else
+                 f"ranks {', '.join(ranks[:-1])} and {ranks[-1]}: " if ranks else "")
+        lines.append(f"{lead}{where}{text}")
+    if not lines and code in (1, 2):
+        lines = ["a rank failed with the traceback above (a bug: please report it)"]
     print("\n".join(["", *lines, f"tbps launch: exit code {code}"]), file=sys.stderr, flush=True)
+
+
+_RANK_PREFIX = re.compile(r"^(error:? (?:on )?)rank (\d+): ")
+
+
+def _rank_order(name: str) -> tuple[int, str]:
+    digits = "".join(c for c in name.split(".")[0] if c.isdigit())
+    return (int(digits) if digits else -1, name)
 
 
 def _has_cuda() -> bool:

@@ -365,7 +365,8 @@ def main(argv=None) -> int:
     signals.follow_launcher()
     signals.catch_stop_signals()
     code = errors.guard(lambda: _main(argv), timeout_field="train.collective_timeout_s",
-                        on_stop="continue with the same command and train.resume=latest")
+                        on_stop="continue with the same command and train.resume=latest",
+                        deferred=True)
     return signals.exit_code(code, same_on_every_rank=not errors.LAST["rank_specific"],
                              message=errors.LAST["message"])
 

@@ -13,6 +13,11 @@ What the harness changes in their code, and why (each is reported beside the fig
   `cpu_fp32()` `Tensor.half` returns the tensor unchanged, so the fp32 model runs in fp32;
 - RDE's `compute_TAL_per` moves its label matrix with `.cuda()`: inside `cpu_fp32()`
   `Tensor.cuda` returns the tensor unchanged (the run is on the CPU).
+- inside `fp64()` (IRRA's gradient in float64) their LayerNorm keeps the input's dtype and
+  `Tensor.float` returns a floating tensor unchanged, so their model runs in float64;
+- inside `stable_topk()` (the rows with the authors' switches on) `Tensor.topk` breaks ties
+  to the lower index: which padding tokens their text TSE takes as filler is otherwise the
+  implementation's choice.
 - Python packages they import but the compared code never calls are stubbed when missing
   (`STUBS`: prettytable for utils/metrics.Evaluator's tables, easydict and ftfy for option and
   caption handling); which were stubbed is reported.
@@ -103,12 +108,54 @@ def cpu_fp32():
         torch.Tensor.half, torch.Tensor.cuda = original
 
 
+@contextlib.contextmanager
+def fp64(layer_norm):
+    """Their model in float64: inside, their LayerNorm (`layer_norm`, which casts to fp32 and
+    back) runs in the input's dtype; `.float()` of a floating tensor, `.half()` and `.cuda()`
+    leave it as is."""
+    original = layer_norm.forward, torch.Tensor.float
+    layer_norm.forward = torch.nn.LayerNorm.forward
+    torch.Tensor.float = lambda self, *a, **k: (              # noqa: E731
+        self if self.is_floating_point() else original[1](self, *a, **k))
+    try:
+        with cpu_fp32():
+            yield
+    finally:
+        layer_norm.forward, torch.Tensor.float = original
+
+
+@contextlib.contextmanager
+def stable_topk(on: bool = True):
+    """Their `Tensor.topk` with ties to the lower index (a stable descending sort): their text
+    TSE takes the filler slots of a short caption among padding positions that all score 0,
+    and which of them is the implementation's choice (the CPU's heap order, another on CUDA).
+    This project's switch takes the padding nearest the EOS; inside this context theirs does."""
+    original = torch.Tensor.topk
+
+    def topk(self, k, dim=-1, largest=True, sorted=True):           # noqa: A002 (torch's name)
+        values, indices = torch.sort(self, dim=dim, descending=largest, stable=True)
+        return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+    if on:
+        torch.Tensor.topk = topk
+    try:
+        yield
+    finally:
+        torch.Tensor.topk = original
+
+
 def args(**values) -> types.SimpleNamespace:
-    """Their argparse namespace, with only what their model constructors read."""
+    """Their argparse namespace, with what their model constructors and their solver read (the
+    solver's values: their utils/options.py defaults)."""
     base = dict(temperature=0.02, img_size=(128, 64), stride_size=16, cmt_depth=4,
                 loss_names="sdm+id+mlm", vocab_size=49408, id_loss_weight=1.0,
                 mlm_loss_weight=1.0, select_ratio=0.3, tau=0.015, margin=0.1,
-                noisy_rate=0.5, dataset_name="CUHK-PEDES")
+                noisy_rate=0.5, dataset_name="CUHK-PEDES",
+                optimizer="Adam", lr=1e-5, lr_factor=5.0, bias_lr_factor=2.0,
+                weight_decay=4e-5, weight_decay_bias=0.0, alpha=0.9, beta=0.999,
+                num_epoch=60, milestones=(20, 50), gamma=0.1, warmup_factor=0.1,
+                warmup_epochs=5, warmup_method="linear", lrscheduler="cosine", target_lr=0,
+                power=0.9)
     base.update(values)
     return types.SimpleNamespace(**base)
 

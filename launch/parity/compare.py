@@ -4,7 +4,8 @@
     git clone https://github.com/QinYang79/RDE /tmp/RDE
     python launch/parity/compare.py --irra /tmp/IRRA --rde /tmp/RDE --out launch/results/parity
 
-(CPU, about a minute.) A small random CLIP in OpenAI's layout (ViT: width 128, 2 layers, patch
+(CPU: under a minute on 2 idle cores, a few when they are busy.)
+A small random CLIP in OpenAI's layout (ViT: width 128, 2 layers, patch
 16, a square 8x8 position table; text: width 128, 2 layers, a 29-token vocabulary laid out as the
 authors' BPE, context 77; embedding 512, which RDE's TSE layers assume) is saved as a state
 dict. The authors' IRRA and RDE models are built from it with their own code (their heads drawn
@@ -21,9 +22,16 @@ Stages (targets of issue 25):
   c. RDE's division (their processor.get_loss, GMM included) from the same per-sample losses
      against trainer/recipe/consensus_division.py: identical labels per branch;
   d. R1/R5/R10/mAP/mINP of one similarity matrix, their utils/metrics.rank against
-     trainer/inference/metrics.retrieval_metrics (1e-6 abs., in percent).
-Each comparison runs on full-length captions (no padding) and, where padding changes what the
-authors compute, again on padded captions, with the reason it differs.
+     trainer/inference/metrics.retrieval_metrics (1e-6 abs., in percent);
+  e. 20 optimizer steps from the same start on the same padded batches, every loss per step
+     (1e-4 rel.): their solver against trainer/running/optim.py (launch/parity/steps.py).
+Stages a and b run on full-length captions (no padding), on padded captions as this project
+runs by default (IRRA's padding mask, RDE's masked filler slots: each named), and on padded
+captions with the authors' switches on (recipe.cross.padding_mask=false for IRRA,
+recipe.tse.filler_in_bn_stats=true for RDE; stage e too). In those rows this project is fed
+their caption ids (padding 0; it pads with the end token) and encodes all 77 positions (it
+stops at the batch's longest caption), so that both see the same padding tokens; and their
+top-k breaks ties to the lower index, as this project's filler rule does (authors.py).
 
 "relative" = max |ours - theirs| / max |theirs| over the compared tensor. What the harness
 switched in their code (fp16 -> fp32, .cuda() on the CPU, stubbed packages) is in launch/parity/
@@ -32,6 +40,7 @@ authors.py and in the results. Writes parity.json and parity.md into --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -44,17 +53,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import authors  # noqa: E402  (beside this script)
+import steps  # noqa: E402
+from fixture import CONTEXT, EOT, IMAGE, MASK, SOT, VOCAB, openai_state, tokenizer_folder  # noqa: E402,E501
 
 from tbps.kernels.similarity_loss import bidirectional_similarity_loss  # noqa: E402
 from tbps.trainer.inference.metrics import retrieval_metrics  # noqa: E402
 from tbps.trainer.model.weights import load_weights_folder  # noqa: E402
 from tbps.trainer.recipe.consensus_division import GMM_SETTINGS, fit_branch  # noqa: E402
 from tbps.trainer.recipe.losses import id_loss, mlm_loss  # noqa: E402
-from tbps.trainer.tools.convert import (architecture, backbone_tensors, convert,  # noqa: E402
-                                        head_tensors, split_backbone)
-from fixture import IMAGE, MASK, SOT, EOT, VOCAB, openai_state, tokenizer_folder  # noqa: E402
+from tbps.trainer.tools.convert import architecture, backbone_tensors, convert, head_tensors, split_backbone  # noqa: E402,E501
 
-TARGETS = {"feature": 1e-5, "loss": 1e-6, "grad": 1e-5, "metric": 1e-6}
+TARGETS = {"feature": 1e-5, "loss": 1e-6, "grad": 1e-5, "metric": 1e-6, "steps": 1e-4}
 B, CLASSES = 8, 6
 PIDS = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5])
 
@@ -146,19 +155,17 @@ def _grid():
     return IMAGE[0] // 16, IMAGE[1] // 16
 
 
-def compare_grads(table: Table, stage: str, ours, theirs, note: str = "") -> None:
-    """Worst relative difference over the parameters (max |diff| / max |theirs| of each).
-    Left out of the relative figure, their largest absolute difference reported instead: key
-    biases (a key bias shifts every score of a query's row alike, which softmax ignores) and
-    the TSE's Linear bias before its train-mode BatchNorm (which subtracts it again): their
-    true gradient is 0, so both sides hold rounding noise."""
-    mapped = mapped_grads(theirs)
+def worst_grad(grads: dict, reference: dict) -> tuple[float, str, int, float]:
+    """(worst relative difference over the parameters, its name, parameters compared, largest
+    absolute difference of the zero-gradient biases); relative = max |diff| / max |ref| of each.
+    Left out of the relative figure: key biases (a key bias shifts every score of a query's row
+    alike, which softmax ignores) and the TSE's Linear bias before its train-mode BatchNorm
+    (which subtracts it again): their true gradient is 0, so both sides hold rounding noise."""
     worst, worst_name, n, key_bias = 0.0, "", 0, 0.0
-    for name, p in ours.named_parameters():
-        if name not in mapped:
+    for name, g in grads.items():
+        if name not in reference:
             continue
-        g = (p.grad if p.grad is not None else torch.zeros_like(p)).double()
-        t = mapped[name].double()
+        g, t = g.double(), reference[name].double()
         n += 1
         if name.endswith(("k_proj.bias", ".k.bias")) or (
                 name.startswith("tse_") and name.endswith("mlp.0.bias")):
@@ -168,22 +175,96 @@ def compare_grads(table: Table, stage: str, ours, theirs, note: str = "") -> Non
         rel = float((g - t).abs().max()) / scale if scale > 0 else float(g.abs().max())
         if rel > worst:
             worst, worst_name = rel, name
+    return worst, worst_name, n, key_bias
+
+
+def grads_of(model) -> dict:
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p)
+            for n, p in model.named_parameters()}
+
+
+def compare_grads(table: Table, stage: str, ours, theirs, note: str = "") -> None:
+    """The gradient of every parameter, ours against theirs (`worst_grad`)."""
+    worst, worst_name, n, key_bias = worst_grad(grads_of(ours), mapped_grads(theirs))
     row = table.add(stage, f"gradient, {n} parameters (worst: {worst_name}; zero-gradient "
                     f"biases: max abs {key_bias:.1e})", 0, 0, "grad", note)
     row.update(max_rel=worst, max_abs=None, **{"pass": worst <= TARGETS["grad"]})
 
 
+def grads_in_fp64(table: Table, stage: str, ours, theirs, x: dict, switched: bool,
+                  layer_norm) -> None:
+    """The gradient of both models in fp64 (theirs inside `authors.fp64`: their LayerNorm and
+    `.float()` keep float64), on copies of both."""
+    o64, t64 = copy.deepcopy(ours).double(), copy.deepcopy(theirs).double()
+    x64 = {**x, "images": x["images"].double()}
+    with authors.fp64(layer_norm):
+        sum(irra_theirs(t64, x64).values()).backward()
+    sum(irra_ours(o64, x64, switched).values()).backward()
+    worst, worst_name, n, key_bias = worst_grad(grads_of(o64), mapped_grads(t64))
+    row = table.add(stage, f"gradient in fp64, {n} parameters (worst: {worst_name}; "
+                    f"zero-gradient biases: max abs {key_bias:.1e})", 0, 0, "grad")
+    row.update(max_rel=worst, max_abs=None, **{"pass": worst <= TARGETS["grad"]})
+
+
+# -- the authors' switches ----------------------------------------------------------------------
+
+IRRA_SWITCH = "recipe.cross.padding_mask=false"
+RDE_SWITCH = "recipe.tse.filler_in_bn_stats=true"
+SWITCHED_INPUT = ("fed their caption ids (padding 0, ours pads with the end token) and encoding "
+                  "all 77 positions (ours stops at the batch's longest caption), so that the "
+                  "padding tokens are the same on both sides")
+
+
+def cases(switch: str):
+    """(padded, switched, tag) of each comparison: full-length captions, padded captions as the
+    project runs by default, padded captions with the authors' switch on."""
+    return ((False, False, "full-length captions"), (True, False, "padded captions"),
+            (True, True, f"padded captions, authors' switches on ({switch})"))
+
+
+def text_input(x: dict, switched: bool) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """Our caption ids, MLM ids and encoded length: by default our own padding and the batch's
+    longest caption; with the switches their ids and the whole context."""
+    if switched:
+        return x["ids_theirs"], x["mlm_theirs"], CONTEXT
+    return x["ids_ours"], x["mlm_ours"], None
+
+
 # -- IRRA --------------------------------------------------------------------------------------
+
+def irra_theirs(theirs, x: dict) -> dict:
+    """The losses their forward returns."""
+    with authors.cpu_fp32():
+        ret = theirs(their_batch(x))
+    return {"SDM": ret["sdm_loss"], "ID": ret["id_loss"], "MLM": ret["mlm_loss"]}
+
+
+def irra_ours(ours, x: dict, switched: bool) -> dict:
+    """The same losses from this project's model and loss functions."""
+    ids, mlm_ids, length = text_input(x, switched)
+    img = ours.encoder.encode_image(x["images"], rows="none")
+    txt = ours.encoder.encode_text(ids, rows="none", length=length)
+    mt = ours.encoder.encode_text(mlm_ids, rows="none", length=length)
+    i2t, t2i = bidirectional_similarity_loss(img.embeds_BE, txt.embeds_BE, PIDS, img.embeds_BE,
+                                             txt.embeds_BE, PIDS, kind="sdm", tau=0.02)
+    return {"SDM": (i2t + t2i).mean(),
+            "ID": id_loss(ours.classifier(img.embeds_BE), ours.classifier(txt.embeds_BE), PIDS),
+            "MLM": mlm_loss(ours.mlm_head(ours.cross_tokens(mt.tokens_BLE, mt.eos_B,
+                                                            img.tokens_BTE)),
+                            x["labels_ours"][:, :mt.tokens_BLE.shape[1]])}
+
 
 def irra(table: Table, mods: dict, work: Path, tok: Path, state_path: Path) -> dict:
     args = authors.args(pretrain_choice=str(state_path), img_size=IMAGE, vocab_size=VOCAB,
                         loss_names="sdm+id+mlm", cmt_depth=2)
-    theirs, ours, summary = build_pair(mods["model.build"].IRRA, args, work, "irra", tok)
-    for padded in (False, True):
+    theirs, summary = build_theirs(mods["model.build"].IRRA, args, work, "irra", tok)
+    for padded, switched, tag in cases(IRRA_SWITCH):
+        _, ours = build_ours(work / "irra", [IRRA_SWITCH] if switched else [])
         x = batch(1 + padded, padded)
-        tag = "padded captions" if padded else "full-length captions"
+        ids, mlm_ids, length = text_input(x, switched)
         pad_note = ("their cross-modal encoder has no padding mask: padding tokens are keys "
-                    "(parity review I1); ours masks them") if padded else ""
+                    "(parity review I1); ours masks them (the switch: next rows)"
+                    if padded and not switched else "")
         with authors.cpu_fp32(), torch.no_grad():
             img_t, txt_t = theirs.base_model(x["images"], x["ids_theirs"])
             i_t = img_t[:, 0].float()
@@ -192,8 +273,8 @@ def irra(table: Table, mods: dict, work: Path, tok: Path, state_path: Path) -> d
                 theirs.base_model.encode_text(x["mlm_theirs"]), img_t, img_t))
         with torch.no_grad():
             img = ours.encoder.encode_image(x["images"], rows="none")
-            txt = ours.encoder.encode_text(x["ids_ours"], rows="none")
-            mt = ours.encoder.encode_text(x["mlm_ours"], rows="none")
+            txt = ours.encoder.encode_text(ids, rows="none", length=length)
+            mt = ours.encoder.encode_text(mlm_ids, rows="none", length=length)
             mlm_o = ours.mlm_head(ours.cross_tokens(mt.tokens_BLE, mt.eos_B, img.tokens_BTE))
         stage = f"a. IRRA forward, {tag}"
         table.add(stage, "image features", img.embeds_BE, i_t, "feature")
@@ -201,47 +282,43 @@ def irra(table: Table, mods: dict, work: Path, tok: Path, state_path: Path) -> d
         table.add(stage, "ID logits", ours.classifier(img.embeds_BE).detach(),
                   theirs.classifier(i_t).detach(), "feature")
         real = x["labels_ours"][:, :mlm_o.shape[1]] != -100
-        table.add(stage, "MLM logits at the masked tokens", mlm_o[real], mlm_t[:, :mlm_o.shape[1]][real],
-                  "feature", pad_note)
+        table.add(stage, "MLM logits at the masked tokens", mlm_o[real],
+                  mlm_t[:, :mlm_o.shape[1]][real], "feature", pad_note)
         # b: the losses their forward returns, and the gradient of their sum
         theirs.zero_grad()
         ours.zero_grad()
-        with authors.cpu_fp32():
-            ret = theirs(their_batch(x))
-        total_t = ret["sdm_loss"] + ret["id_loss"] + ret["mlm_loss"]
-        total_t.backward()
-        img = ours.encoder.encode_image(x["images"], rows="none")
-        txt = ours.encoder.encode_text(x["ids_ours"], rows="none")
-        mt = ours.encoder.encode_text(x["mlm_ours"], rows="none")
-        i2t, t2i = bidirectional_similarity_loss(img.embeds_BE, txt.embeds_BE, PIDS, img.embeds_BE,
-                                                 txt.embeds_BE, PIDS, kind="sdm", tau=0.02)
-        sdm = (i2t + t2i).mean()
-        idl = id_loss(ours.classifier(img.embeds_BE), ours.classifier(txt.embeds_BE), PIDS)
-        mlm = mlm_loss(ours.mlm_head(ours.cross_tokens(mt.tokens_BLE, mt.eos_B, img.tokens_BTE)),
-                       x["labels_ours"][:, :mt.tokens_BLE.shape[1]])
-        (sdm + idl + mlm).backward()
+        lt = irra_theirs(theirs, x)
+        sum(lt.values()).backward()
+        lo = irra_ours(ours, x, switched)
+        sum(lo.values()).backward()
         stage = f"b. IRRA losses and gradients, {tag}"
-        table.add(stage, "SDM (their forward's batch mean)", sdm.detach(), ret["sdm_loss"].detach(), "loss")
-        table.add(stage, "ID", idl.detach(), ret["id_loss"].detach(), "loss")
-        table.add(stage, "MLM", mlm.detach(), ret["mlm_loss"].detach(), "loss", pad_note)
+        table.add(stage, "SDM (their forward's batch mean)", lo["SDM"].detach(), lt["SDM"].detach(),
+                  "loss")
+        table.add(stage, "ID", lo["ID"].detach(), lt["ID"].detach(), "loss")
+        table.add(stage, "MLM", lo["MLM"].detach(), lt["MLM"].detach(), "loss", pad_note)
         compare_grads(table, stage, ours, theirs, pad_note or (
-            "largest on a key weight of the last cross-modal block, whose gradient nearly "
-            "cancels (as a key bias's does): fp32 rounding is the likely cause, not confirmed "
-            "in fp64 (their LayerNorm casts to fp32, so their model does not run in fp64)"))
-    return summary
+            "largest on a query / key parameter of the cross-modal encoder, whose gradient "
+            "nearly cancels (as a key bias's does): the fp32 rounding of either side (next "
+            "row: the same in fp64)"))
+        if not pad_note:
+            grads_in_fp64(table, stage, ours, theirs, x, switched,
+                          mods["model.build"].LayerNorm)
+    return summary, stage_e(table, "irra", theirs, args, mods, work, IRRA_SWITCH, irra_theirs,
+                            irra_ours)
 
 
 # -- RDE ---------------------------------------------------------------------------------------
 
-def rde_features(theirs, ours, x):
-    with authors.cpu_fp32():
+def rde_features(theirs, ours, x, switched: bool):
+    ids, _, length = text_input(x, switched)
+    with authors.cpu_fp32(), authors.stable_topk(switched):
         img_t, att_i, txt_t, att_t = theirs.base_model(x["images"], x["ids_theirs"])
         i_t = img_t[:, 0].float()
         t_t = txt_t[torch.arange(B), x["ids_theirs"].argmax(-1)].float()
         ti = theirs.visul_emb_layer(img_t, att_i)
         tt = theirs.texual_emb_layer(txt_t, x["ids_theirs"], att_t)
     img = ours.encoder.encode_image(x["images"], rows="last")
-    txt = ours.encoder.encode_text(x["ids_ours"], rows="last")
+    txt = ours.encoder.encode_text(ids, rows="last", length=length)
     oi, ot = ours.tse(img, txt)
     return (i_t, t_t, ti, tt), (img.embeds_BE, txt.embeds_BE, oi, ot)
 
@@ -252,21 +329,40 @@ def tal(img, txt):
     return i2t + t2i
 
 
+def rde_theirs(theirs, x: dict, switched: bool) -> dict:
+    """The two losses their forward returns (TAL summed over the batch, weighted by label_hat)."""
+    with authors.cpu_fp32(), authors.stable_topk(switched):
+        ret = theirs(their_batch(x))
+    return {"BGE": ret["bge_loss"], "TSE": ret["tse_loss"]}
+
+
+def rde_ours(ours, x: dict, switched: bool) -> dict:
+    ids, _, length = text_input(x, switched)
+    img = ours.encoder.encode_image(x["images"], rows="last")
+    txt = ours.encoder.encode_text(ids, rows="last", length=length)
+    oi, ot = ours.tse(img, txt)
+    w = their_batch(x)["label_hat"]
+    return {"BGE": (w * tal(img.embeds_BE, txt.embeds_BE)).sum(), "TSE": (w * tal(oi, ot)).sum()}
+
+
 def rde(table: Table, mods: dict, work: Path, tok: Path, state_path: Path) -> dict:
     args = authors.args(pretrain_choice=str(state_path), img_size=IMAGE, vocab_size=VOCAB,
                         loss_names="TAL")
-    theirs, ours, summary = build_pair(mods["model.build"].RDE, args, work, "rde", tok)
+    theirs, summary = build_theirs(mods["model.build"].RDE, args, work, "rde", tok)
     objectives = mods["model.objectives"]
-    for padded in (False, True):
+    for padded, switched, tag in cases(RDE_SWITCH):
+        # both from the same start: the BatchNorm running statistics of the last case are gone
+        theirs.load_state_dict(torch.load(work / "rde.pth", weights_only=True)["model"])
+        _, ours = build_ours(work / "rde", [RDE_SWITCH] if switched else [])
         x = batch(3 + padded, padded)
-        tag = "padded captions" if padded else "full-length captions"
         note = ("in train mode their TSE BatchNorm statistics include the filler slots top-22 "
-                "takes for captions under 22 words (parity review R6); ours masks them")             if padded else ""
+                "takes for captions under 22 words (parity review R6); ours masks them (the "
+                "switch: next rows)") if padded and not switched else ""
         for mode in ("eval", "train"):
             theirs.train(mode == "train")
             ours.train(mode == "train")
             with torch.no_grad():
-                t, o = rde_features(theirs, ours, x)
+                t, o = rde_features(theirs, ours, x, switched)
             stage = f"a. RDE forward ({mode} mode), {tag}"
             for name, a, b in zip(("image features", "text features", "image TSE", "text TSE"),
                                   o, t):
@@ -276,7 +372,7 @@ def rde(table: Table, mods: dict, work: Path, tok: Path, state_path: Path) -> di
         ours.train()
         theirs.zero_grad()
         ours.zero_grad()
-        t, o = rde_features(theirs, ours, x)
+        t, o = rde_features(theirs, ours, x, switched)
         with authors.cpu_fp32():
             la, _ = objectives.compute_per_loss(t[0], t[1], PIDS, tau=0.015, margin=0.1,
                                                 loss_type="TAL", logit_scale=theirs.logit_scale)
@@ -300,9 +396,30 @@ def rde(table: Table, mods: dict, work: Path, tok: Path, state_path: Path) -> di
         table.add(stage, "TAL per sample, global (BGE)", oa.detach(), la.detach(), "loss")
         table.add(stage, "TAL per sample, TSE", ob.detach(), lb.detach(), "loss", note or
                   "the TSE features' fp32 rounding (~4e-7 rel., stage a) grows by 1/tau = 67 "
-                  "through exp(s / tau): the same loss on the same features is the row above")
+                  "through exp(s / tau): on their own TSE features ours misses alike in fp32 "
+                  "and agrees in fp64 (the rows above)")
         compare_grads(table, stage, ours, theirs, note)
-    return summary
+    return summary, stage_e(table, "rde", theirs, args, mods, work, RDE_SWITCH, rde_theirs,
+                            rde_ours)
+
+
+# -- e: optimizer steps ------------------------------------------------------------------------
+
+def stage_e(table: Table, method: str, theirs, args, mods: dict, work: Path, switch: str,
+            their_loss, our_loss) -> dict:
+    """launch/parity/steps.py on padded batches (seeds 100, 101, ...), the switch on."""
+    args.num_epoch = steps.EPOCHS
+    batches = [batch(100 + i, True) for i in range(steps.STEPS)]
+    if method == "rde":
+        def theirs_fn(m, x):
+            return their_loss(m, x, True)
+    else:
+        theirs_fn = their_loss
+    return steps.compare(table, method, theirs=theirs, start=work / f"{method}.pth",
+                         folder=work / method, switch=switch, build_ours=build_ours,
+                         to_ours=to_ours, solver=mods["solver"], args=args,
+                         their_loss=theirs_fn, our_loss=lambda m, x: our_loss(m, x, True),
+                         batches=batches)
 
 
 # -- c: the division; d: the metrics -----------------------------------------------------------
@@ -393,17 +510,21 @@ def run(irra_path: Path, rde_path: Path, out: Path | None, command: str) -> dict
     table, switched = Table(), [
         "their model classes built without build_model's convert_weights (fp16 weights): fp32",
         "Tensor.half() and Tensor.cuda() return the tensor unchanged inside their calls",
-        "IRRA cmt_depth 2 (theirs: 4) to keep the run short"]
+        "IRRA cmt_depth 2 (theirs: 4) to keep the run short",
+        "in the rows with the authors' switches on, Tensor.topk breaks ties to the lower index "
+        "inside their calls (authors.stable_topk), and this project is " + SWITCHED_INPUT]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tok = tokenizer_folder(work / "tokenizer")
         torch.save(openai_state(), work / "clip.pt")
-        m_irra, stub_i = authors.load(irra_path, "irra", ("model.build", "utils.metrics"))
-        summary_irra = irra(table, m_irra, work, tok, work / "clip.pt")
+        m_irra, stub_i = authors.load(irra_path, "irra", ("model.build", "utils.metrics",
+                                                          "solver"))
+        summary_irra, steps_irra = irra(table, m_irra, work, tok, work / "clip.pt")
         metrics(table, m_irra, "IRRA")
         m_rde, stub_r = authors.load(rde_path, "rde", ("model.build", "model.objectives",
-                                                       "utils.metrics", "processor.processor"))
-        summary_rde = rde(table, m_rde, work, tok, work / "clip.pt")
+                                                       "utils.metrics", "processor.processor",
+                                                       "solver"))
+        summary_rde, steps_rde = rde(table, m_rde, work, tok, work / "clip.pt")
         division(table, m_rde)
         metrics(table, m_rde, "RDE")
     stubbed = sorted(set(stub_i) | set(stub_r))
@@ -415,7 +536,7 @@ def run(irra_path: Path, rde_path: Path, out: Path | None, command: str) -> dict
             platform.machine(), "torch": torch.__version__, "switched": switched,
             "left_out_by_the_converter": {"irra": summary_irra["left_out"],
                                           "rde": summary_rde["left_out"]},
-            "project_commit": _head()}
+            "project_commit": _head(), "steps": {"irra": steps_irra, "rde": steps_rde}}
     if out is not None:
         write(out, table, info)
     return {**info, "rows": table.rows}

@@ -2,6 +2,7 @@
 a damaged one is named and skipped, never half-loaded; the EMA is re-cut for another world size.
 One process; the accelerate state is a stand-in writing the same kind of files."""
 import errno
+import hashlib
 import io
 import json
 import os
@@ -194,9 +195,11 @@ def test_a_crafted_pickle_is_never_run_and_the_previous_checkpoint_used(tmp_path
     (newest / name).write_bytes(pickle.dumps(_Payload(marker), protocol=2))
     manifest = json.loads((newest / checkpoint.MANIFEST).read_text())   # made to match
     manifest["files"][name] = (newest / name).stat().st_size
+    manifest["sha256"][name] = hashlib.sha256((newest / name).read_bytes()).hexdigest()
     (newest / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     path, skipped = checkpoint.find(tmp_path, "latest")
     assert path.name == "step-00000010" and "holding code" in skipped[0]
+    assert "makedirs" in skipped[0] and "weights_only" not in skipped[0]   # no unsafe advice
     with pytest.raises(CheckpointError, match=f"{name} cannot be read"):
         checkpoint.find(tmp_path, str(newest))
     (newest / checkpoint.MANIFEST).unlink()                     # an older layout: still read
@@ -222,9 +225,23 @@ def test_loads_that_ask_for_unpickling_get_the_restricted_loader(tmp_path):
     assert torch.load is real
 
 
+def test_damage_in_place_is_seen_by_its_checksum(tmp_path):
+    """Bytes changed inside tensor data (the size and the header intact) load without error;
+    the manifest's SHA-256 names the file and the previous checkpoint is used."""
+    _save(tmp_path, 10)
+    newest = _save(tmp_path, 20)
+    data = bytearray((newest / "model.safetensors").read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    (newest / "model.safetensors").write_bytes(bytes(data))
+    path, skipped = checkpoint.find(tmp_path, "latest")
+    assert path.name == "step-00000010" and "SHA-256 differs" in skipped[0]
+    assert "model.safetensors" in skipped[0]
+
+
 def test_same_size_damage_falls_back_to_the_previous_checkpoint(tmp_path):
     _save(tmp_path, 10)
     newest = _save(tmp_path, 20)
+    (newest / checkpoint.MANIFEST).unlink()          # as written before manifests had digests
     data = bytearray((newest / "model.safetensors").read_bytes())
     data[8:16] = b"{broken!"                                   # the header, same size
     (newest / "model.safetensors").write_bytes(bytes(data))

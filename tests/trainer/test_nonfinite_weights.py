@@ -46,5 +46,6 @@ def test_under_the_launcher_the_last_screen_is_the_message_and_the_exit_code(tmp
     assert proc.returncode == 1, out[-3000:]
     assert lines[-1] == "tbps launch: exit code 1"
     assert lines[-2].startswith("error: the weights hold non-finite values at step 1")
+    assert "Traceback" not in out and "ChildFailedError" not in out     # the launcher's report
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         p.name.startswith("step-") for p in (tmp_path / "run" / "checkpoints").iterdir())

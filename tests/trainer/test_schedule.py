@@ -32,3 +32,42 @@ def test_the_step_schedule_changes_within_an_epoch():
     assert lr_at(cfg, layout, 1) < lr_at(cfg, layout, 2) < lr_at(cfg, layout, 9)
     with pytest.raises(ValueError, match="optim.schedule"):
         load_config(None, ["optim.schedule=hourly"])
+
+
+def _irra_rule(name: str) -> float:
+    """IRRA's solver/build.py on its own parameter names (lr_factor 5, bias_lr_factor 2)."""
+    lr = 1.0
+    if "cross" in name:
+        lr = 5.0
+    if "bias" in name:
+        lr = 2.0
+    if "classifier" in name or "mlm_head" in name:
+        lr = 5.0
+    return lr
+
+
+# their name -> this project's (tbps convert's mapping)
+NAMES = {"cross_attn.out_proj.weight": "cross.cross.out.weight",
+         "cross_attn.out_proj.bias": "cross.cross.out.bias",
+         "cross_modal_transformer.resblocks.0.mlp.c_fc.weight": "cross.blocks.0.mlp.0.weight",
+         "cross_modal_transformer.resblocks.0.mlp.c_fc.bias": "cross.blocks.0.mlp.0.bias",
+         "ln_pre_t.weight": "cross.ln_text.weight", "ln_pre_t.bias": "cross.ln_text.bias",
+         "ln_pre_i.weight": "cross.ln_image.weight", "ln_post.weight": "cross.ln_post.weight",
+         "ln_post.bias": "cross.ln_post.bias", "classifier.weight": "classifier.weight",
+         "classifier.bias": "classifier.bias", "mlm_head.fc.weight": "mlm_head.decoder.weight",
+         "mlm_head.fc.bias": "mlm_head.decoder.bias",
+         "base_model.visual.conv1.weight":
+             "encoder.clip.vision_model.embeddings.patch_embedding.weight",
+         "base_model.visual.ln_pre.bias": "encoder.clip.vision_model.pre_layrnorm.bias"}
+
+
+def test_the_irra_group_rule_gives_the_authors_multipliers():
+    from tbps.trainer.running.optim import lr_mult
+
+    new = {n for n in NAMES.values() if not n.startswith("encoder.")}
+    irra = load_config(None, ["optim.group_rule=irra"]).optim
+    project = load_config(None, []).optim
+    for theirs, ours in NAMES.items():
+        assert lr_mult(ours, new, irra) == _irra_rule(theirs), theirs
+    assert lr_mult("cross.cross.out.bias", new, project) == 5.0      # this project's rule
+    assert lr_mult("cross.ln_text.weight", new, project) == 5.0

@@ -121,20 +121,27 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-LAST = {"rank_specific": False, "message": None}   # how the last guarded command failed
+LAST = {"rank_specific": False, "message": None, "deferred": False}   # the last guarded failure
+EXIT_DIR = "TRAINER_EXIT_DIR"
+"""Set by `tbps launch` (trainer/launch.py): the folder where each rank leaves its exit code and
+its message, which the wrapper says once, last, for all ranks."""
 
 
 def say(text: str) -> None:
-    """One paragraph on stderr; kept (LAST["message"]) for the launcher to repeat last."""
+    """One paragraph on stderr, kept in LAST["message"]; under `tbps launch`, for a command that
+    hands its message to the wrapper (`guard(deferred=True)`), only kept: the wrapper says it."""
     LAST["message"] = text
-    print(text, file=sys.stderr, flush=True)
+    if not LAST["deferred"]:
+        print(text, file=sys.stderr, flush=True)
 
 
 def guard(fn: Callable[[], int | None], *, on_stop: str = "run the command again",
-          timeout_field: str | None = None) -> int:
-    """Run a command's body and turn how it ended into an exit code and one paragraph."""
+          timeout_field: str | None = None, deferred: bool = False) -> int:
+    """Run a command's body and turn how it ended into an exit code and one paragraph
+    (deferred: the command writes its message for `tbps launch` to say, when under it)."""
     rank = _rank()
     LAST["rank_specific"], LAST["message"] = False, None
+    LAST["deferred"] = deferred and bool(os.environ.get(EXIT_DIR))
     try:
         return fn() or 0
     except Stopped as exc:

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from tbps.kernels.topk_select import topk_select
-from tbps.trainer.model.encoder import (ImageFeatures, TextFeatures, padding_mask,
-                                        word_positions)
+from tbps.trainer.model.encoder import ImageFeatures, TextFeatures, padding_mask, word_positions
 
 
 def token_counts(ratio: float, grid_hw: tuple[int, int], context_length: int) -> tuple[int, int]:

@@ -73,10 +73,14 @@ class Recipe:
         ids = batch["input_ids"]
         if self.augment is not None and model.training:
             ids = self.augment(ids, keys[1], epoch=step.epoch, stage=TRAIN)
-        # 1. text
+        # 1. text (cut to the batch's longest caption, except under the switches for the
+        # authors' behaviour, where padding is read: every position, as their code encodes)
+        length = batch.get("text_length")
+        if length is None and (not rc.cross.padding_mask or rc.tse.filler_in_bn_stats):
+            length = ids.shape[1]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not tem):
             txt = enc.encode_text(ids, rows="all" if agm else model.attention_rows,
-                                  length=batch.get("text_length"))
+                                  length=length)
         # 2. masking
         masked_ids = mlm_labels = None
         if "mlm" in kinds or tem:

@@ -19,7 +19,8 @@ folder that nothing reads and the next save removes: the last complete checkpoin
 touched. Old checkpoints are pruned only after the new one is in place.
 
 Reading (`find`): the newest checkpoint whose files match its manifest; a damaged one (a file
-missing or of another size: truncated, half-copied) is named and skipped for the next older.
+missing, of another size or with other bytes than its SHA-256 says: truncated, half-copied,
+damaged in place) is named and skipped for the next older.
 `load` reports a file that cannot be read, naming it, instead of loading half of it.
 
 Nothing in a checkpoint can run code (a folder may have been downloaded or shared): this
@@ -36,10 +37,12 @@ accumulation, steps per epoch, total steps) so a resume on another layout can sa
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -167,8 +170,9 @@ def verify(path: Path) -> list[str]:
     if not (path / MANIFEST).is_file():  # written before manifests: no sizes to compare with
         return _contents(path)
     try:
-        sizes = json.loads((path / MANIFEST).read_text())["files"]
-    except (ValueError, OSError, KeyError, TypeError) as exc:
+        manifest = json.loads((path / MANIFEST).read_text())
+        sizes, digests = manifest["files"], manifest.get("sha256", {})   # older: sizes only
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
         return [f"{MANIFEST} cannot be read ({exc})"]
     problems = []
     for name, size in sizes.items():
@@ -177,6 +181,9 @@ def verify(path: Path) -> list[str]:
             problems.append(f"{name} is missing")
         elif f.stat().st_size != size:
             problems.append(f"{name} has {f.stat().st_size} bytes, {size} were written")
+        elif name in digests and _sha256(f) != digests[name]:
+            problems.append(f"{name} does not hold the bytes that were written (its SHA-256 "
+                            "differs: damaged in place)")
     return problems or _contents(path)
 
 
@@ -185,7 +192,13 @@ def safe_load(f: Path, deepspeed: bool = False):
     as tensors, plain values and `dist.checkpoint_records` only: a file that would run code on
     load raises instead (pickle.UnpicklingError)."""
     with dist.weights_only_loads(deepspeed):
-        return torch.load(f, map_location="cpu", mmap=True)
+        try:
+            return torch.load(f, map_location="cpu", mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            # not torch's zip format (a bare pickle): read it, restricted, to say what it holds
+            return torch.load(f, map_location="cpu")
 
 
 def _contents(path: Path) -> list[str]:
@@ -204,9 +217,19 @@ def _contents(path: Path) -> list[str]:
                 _check_rng(json.loads(f.read_text()))
         except Exception as exc:                    # noqa: BLE001 (any refusal or damage)
             problems.append(f"{f.relative_to(path)} cannot be read as tensors and plain values "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}): damaged, "
-                            "or holding code that loading would run")
+                            f"({_reason(exc)}): damaged, or holding code that loading would run")
     return problems
+
+
+def _reason(exc: Exception) -> str:
+    """The part of a loader's error that says what is in the file: torch's weights_only refusal
+    also advises loading the file unrestricted, which a checkpoint of unknown origin must
+    never be."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"(Trying to load [^\n]*|Unsupported global[^\n]*|Unsupported operand"
+                      r"[^\n]*)", text)
+    line = found.group(1) if found else next((x for x in text.splitlines() if x.strip()), "")
+    return f"{type(exc).__name__}: {line.strip()[:160]}"
 
 
 def read_state(path: Path) -> TrainState:
@@ -300,7 +323,7 @@ def _check_random_state(path: Path, state: TrainState) -> dict | None:
         return None
     except Exception as exc:                        # noqa: BLE001 (any unpickling failure)
         bad = f if f.is_file() else old
-        raise RankError(f"{bad} cannot be read ({type(exc).__name__}: {exc}): the checkpoint is "
+        raise RankError(f"{bad} cannot be read ({_reason(exc)}): the checkpoint is "
                         "damaged; resume from an older one with train.resume=<its folder>") \
             from None
 
@@ -398,15 +421,25 @@ def _load_ema(path: Path, ema) -> list[str]:
 
 
 def _seal(folder: Path) -> None:
-    """Flush every file to disk, then write the manifest (last: its presence means complete)."""
-    sizes = {}
+    """Flush every file to disk, then write the manifest (last: its presence means complete)
+    with every file's size and SHA-256, so damage that keeps the size is seen too."""
+    sizes, digests = {}, {}
     for f in sorted(folder.rglob("*")):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            sizes[str(f.relative_to(folder))] = f.stat().st_size
-    _write_atomic(folder / MANIFEST, json.dumps({"files": sizes}, indent=1))
+            name = str(f.relative_to(folder))
+            sizes[name], digests[name] = f.stat().st_size, _sha256(f)
+    _write_atomic(folder / MANIFEST, json.dumps({"files": sizes, "sha256": digests}, indent=1))
     _fsync_dir(folder)
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

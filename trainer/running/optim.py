@@ -13,6 +13,22 @@ import math
 import torch
 
 
+# the cross-modal encoder's LayerNorms IRRA names ln_pre_t, ln_pre_i, ln_post (outside its
+# "cross" rule)
+CROSS_OUTER_NORMS = ("cross.ln_text.", "cross.ln_image.", "cross.ln_post.")
+
+
+def lr_mult(name: str, new: set[str], o) -> float:
+    """A parameter's learning-rate multiplier under optim.group_rule (`o`: OptimConfig)."""
+    is_bias = name.endswith(".bias")
+    if o.group_rule == "irra" and name.startswith("cross."):
+        # their order: "cross" in the name 5x, then any bias 2x (overriding it)
+        if is_bias:
+            return o.bias_lr_mult
+        return 1.0 if name.startswith(CROSS_OUTER_NORMS) else o.new_module_lr_mult
+    return o.new_module_lr_mult if name in new else (o.bias_lr_mult if is_bias else 1.0)
+
+
 def param_groups(model, cfg) -> list[dict]:
     o = cfg.optim
     new = model.new_parameter_names()
@@ -21,7 +37,7 @@ def param_groups(model, cfg) -> list[dict]:
         if not p.requires_grad:
             continue
         is_bias = name.endswith(".bias")
-        mult = o.new_module_lr_mult if name in new else (o.bias_lr_mult if is_bias else 1.0)
+        mult = lr_mult(name, new, o)
         wd = 0.0 if is_bias else o.weight_decay
         buckets.setdefault((mult, wd), []).append(p)
     return [{"params": ps, "lr": o.lr * mult, "lr_mult": mult, "weight_decay": wd}

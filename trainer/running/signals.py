@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 
-EXIT_DIR = "TRAINER_EXIT_DIR"
+from tbps.trainer.common.errors import EXIT_DIR  # noqa: F401 (re-exported: the wrapper reads it here)
+
 STOP_REQUESTS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)      # what a rank turns into a stop request
 PR_SET_PDEATHSIG = 1
