@@ -16,6 +16,7 @@ keeps the data, the reference run and each probe's folder and logs (default: a t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -279,10 +280,13 @@ def plant(ckpt: Path, name: str, marker: Path, drop: str | None = None) -> None:
 
     torch.save(_Payload(marker), ckpt / name)
     manifest = json.loads((ckpt / "manifest.json").read_text())
+    digests = manifest.setdefault("sha256", {})
     if drop:
         (ckpt / drop).unlink()
         manifest["files"].pop(drop, None)
+        digests.pop(drop, None)
     manifest["files"][name] = (ckpt / name).stat().st_size
+    digests[name] = hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
     (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 

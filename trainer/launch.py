@@ -134,6 +134,8 @@ def _relay(stream, folder: str) -> None:
             if line.startswith(b"Traceback (most recent call last):"):
                 held = [line]
                 continue
+            if _ELASTIC_FAILED.search(line) and _ranks_said_why(folder):
+                continue                    # torch elastic's one-line notice of the same exit
             out.write(line)
         if pending and not held and not dropping:
             out.write(pending)              # a partial line (a progress bar): now, not later
@@ -144,6 +146,7 @@ def _relay(stream, folder: str) -> None:
         out.flush()
 
 
+_ELASTIC_FAILED = re.compile(rb"elastic/multiprocessing/api\.py:\d+\] failed \(exitcode")
 _TB_LINES = (b"Traceback (most recent call last):", b"During handling of the above",
              b"The above exception was")
 

@@ -88,6 +88,16 @@ def test_train_resume_without_a_checkpoint(capsys, tiny_shards, tmp_path):
     _check(capsys, code, "no complete checkpoint under")
 
 
+def test_a_pretrained_folder_that_is_not_there_is_named(capsys, tiny_shards, tmp_path):
+    from tbps.trainer.train import main
+
+    code = main(["--config", CONFIG, f"data.shards={tiny_shards}", *TINY_MODEL,
+                 f"train.output_dir={tmp_path / 'run'}",
+                 f"model.pretrained={tmp_path / 'runs' / 'x' / 'final'}"])
+    _check(capsys, code, "final: no such folder")
+    assert not (tmp_path / "run").exists()
+
+
 def _model_json(w, num_classes):
     (w / "model.json").write_text(json.dumps({"format": 3, "num_classes": num_classes,
                                               "num_samples": 0}))

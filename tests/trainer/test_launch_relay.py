@@ -38,11 +38,13 @@ def _relayed(tmp_path, data: bytes, codes: dict[str, str]) -> bytes:
 @pytest.mark.parametrize("said", [True, False])
 def test_the_launchers_report_goes_only_when_a_rank_said_why(tmp_path, said):
     codes = {"0": "1", "0.message": "error: the weights hold non-finite values"} if said else {}
-    data = b"step 1\nprogress 10%\r" + RANK_BUG + b"error: rank 1 said\n" + LAUNCHER
+    notice = (b"E1208 02:01:09.847000 22594 torch/distributed/elastic/multiprocessing/api.py:"
+              b"1002] failed (exitcode: 1) local_rank: 0 (pid: 22599) of binary: python3\n")
+    data = b"step 1\nprogress 10%\r" + RANK_BUG + b"error: rank 1 said\n" + notice + LAUNCHER
     got = _relayed(tmp_path, data, codes)
     assert got.startswith(b"step 1\nprogress 10%\r" + RANK_BUG + b"error: rank 1 said\n")
     assert (b"ChildFailedError" in got) is not said
-    assert (b"FAILED" in got) is not said
+    assert (b"FAILED" in got) is not said and (b"failed (exitcode" in got) is not said
 
 
 def test_the_ranks_messages_are_said_once_naming_the_ranks(tmp_path, capsys):

@@ -44,7 +44,7 @@ def load_tokenizer(cfg: Config) -> CaptionTokenizer:
     if name != "auto":
         return CaptionTokenizer.from_pretrained(name, context_length=length)
     if cfg.model.pretrained:
-        source = Path(cfg.model.pretrained)
+        source = Path(_existing(cfg.model.pretrained))
         if is_weights_folder(source):                 # this project's best/, final/, step-N/
             if is_checkpoint(source):
                 _described(source)
@@ -55,6 +55,18 @@ def load_tokenizer(cfg: Config) -> CaptionTokenizer:
         raise ValueError(f"data.tokenizer is 'auto' but the shards in {cfg.data.shards} carry no "
                          "tokenizer (sharded with --tokenizer none); set data.tokenizer")
     return CaptionTokenizer.from_pretrained(Path(cfg.data.shards) / folder, context_length=length)
+
+
+def _existing(name: str) -> str:
+    """model.pretrained as given; a path that is no hub id (absolute, ./ or ../, ~, or more than
+    owner/name) must exist."""
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", "./", "../", "~")) or len(path.parts) > 2
+    if looks_local and not path.exists():
+        raise ValueError(f"model.pretrained={name}: no such folder (a weights folder, a "
+                         "checkpoint, a transformers folder or a hub id such as "
+                         "openai/clip-vit-base-patch16)")
+    return str(path) if looks_local else name
 
 
 def is_weights_folder(path) -> bool:

@@ -229,6 +229,7 @@ def _reason(exc: Exception) -> str:
     found = re.search(r"(Trying to load [^\n]*|Unsupported global[^\n]*|Unsupported operand"
                       r"[^\n]*)", text)
     line = found.group(1) if found else next((x for x in text.splitlines() if x.strip()), "")
+    line = re.split(r"\.\s+(?:Please|Re-running|Check|This file)", line)[0]
     return f"{type(exc).__name__}: {line.strip()[:160]}"
 
 
