@@ -3,8 +3,8 @@ subprocess (2 CPU processes over gloo under `tbps launch` where the probe is abo
 tiny synthetic dataset and model; each probe records its commands, exit codes, tracebacks, last
 lines, whether the issue's expected outcome held, and its wall time.
 
-    python launch/fault_probes.py                              # every probe (~15 min, 2 cores)
-    python launch/fault_probes.py --only pickle_optimizer --work /tmp/fp
+    python launch/fault_probes.py                              # every probe (~7 min, 2 cores)
+    python launch/fault_probes.py --only pickle_optimizer --work runs/probes
     python launch/fault_probes.py --list                       # the probes and what they expect
 
 Results go to launch/results/fault_probes.json (written after every probe; probes recorded

@@ -3,7 +3,7 @@
 CI holds no checkout of the authors' repositories: these tests run only when
 TBPS_IRRA_CHECKOUT and TBPS_RDE_CHECKOUT name them (under a minute on 2 idle CPU cores):
 
-    TBPS_IRRA_CHECKOUT=/tmp/IRRA TBPS_RDE_CHECKOUT=/tmp/RDE python -m pytest -q tests/test_parity.py
+    TBPS_IRRA_CHECKOUT=../IRRA TBPS_RDE_CHECKOUT=../RDE python -m pytest -q tests/test_parity.py
 """
 import os
 import sys

@@ -1,8 +1,8 @@
 """Parity harness: this project's IRRA and RDE against the authors' code, same weights, same batch.
 
-    git clone https://github.com/anosorae/IRRA /tmp/IRRA
-    git clone https://github.com/QinYang79/RDE /tmp/RDE
-    python launch/parity/compare.py --irra /tmp/IRRA --rde /tmp/RDE --out launch/results/parity
+    git clone https://github.com/anosorae/IRRA ../IRRA
+    git clone https://github.com/QinYang79/RDE ../RDE
+    python launch/parity/compare.py --irra ../IRRA --rde ../RDE --out launch/results/parity
 
 (CPU: under a minute on 2 idle cores, a few when they are busy.)
 A small random CLIP in OpenAI's layout (ViT: width 128, 2 layers, patch

@@ -1,7 +1,7 @@
 """The data path against the authors' code: splits, captions, token ids and noisy pairs.
 
     python launch/parity/data_path.py --rde ~/src/RDE --irra ~/src/IRRA
-    python launch/parity/data_path.py --rde /tmp/rde --irra /tmp/irra \
+    python launch/parity/data_path.py --rde ../rde-export --irra ../irra-export \
         --rde-commit b3fd396... --irra-commit cfc2378...    # exports without .git
 
 --rde: a checkout of github QinYang79/RDE (the repository or its 2024-CVPR-RDE folder);

@@ -21,13 +21,17 @@ IMAGE = (128, 64)
 WIDTH, LAYERS, PATCH, SIDE, EMBED, CONTEXT = 128, 2, 16, 8, 512, 77
 
 
-def tokenizer_folder(folder: Path) -> Path:
-    """A word-level tokenizer with the authors' id layout, saved as a transformers folder."""
+def tokenizer_folder(folder: Path, mask_last: bool = False) -> Path:
+    """A word-level tokenizer with the authors' id layout (words, then <|mask|>,
+    <|startoftext|>, <|endoftext|>: the end token the largest id), saved as a transformers
+    folder; mask_last: as transformers' CLIP tokenizer with a mask added (words, start, end,
+    mask)."""
     from tokenizers import Tokenizer, models, pre_tokenizers   # noqa: I001 (lazy, as the project)
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<unk>", *WORDS, "<|mask|>", "<|startoftext|>",
-                                         "<|endoftext|>"])}
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|mask|>"] if mask_last else \
+        ["<|mask|>", "<|startoftext|>", "<|endoftext|>"]
+    vocab = {w: i for i, w in enumerate(["<unk>", *WORDS, *specials])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", mask_token="<|mask|>",
@@ -37,17 +41,23 @@ def tokenizer_folder(folder: Path) -> Path:
     return folder
 
 
-def openai_state(seed: int = 0) -> dict:
-    """Random tensors under OpenAI's CLIP names and layouts (fp32)."""
+def openai_state(seed: int = 0, *, vocab: int = VOCAB, side: int = SIDE, embed: int = EMBED,
+                 scalars: bool = False) -> dict:
+    """Random tensors under OpenAI's CLIP names and layouts (fp32; also tests/trainer/
+    test_convert.py's); scalars: with the entries OpenAI's files carry beside the tensors
+    (input_resolution, context_length, vocab_size)."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, std=0.05):
         return torch.randn(*shape, generator=g) * std
 
     sd = {"visual.class_embedding": r(WIDTH), "visual.conv1.weight": r(WIDTH, 3, PATCH, PATCH),
-          "visual.positional_embedding": r(1 + SIDE * SIDE, WIDTH), "visual.proj": r(WIDTH, EMBED),
-          "token_embedding.weight": r(VOCAB, WIDTH), "positional_embedding": r(CONTEXT, WIDTH),
-          "text_projection": r(WIDTH, EMBED), "logit_scale": torch.tensor(math.log(1 / 0.07))}
+          "visual.positional_embedding": r(1 + side * side, WIDTH), "visual.proj": r(WIDTH, embed),
+          "token_embedding.weight": r(vocab, WIDTH), "positional_embedding": r(CONTEXT, WIDTH),
+          "text_projection": r(WIDTH, embed), "logit_scale": torch.tensor(math.log(1 / 0.07))}
+    if scalars:
+        sd.update({"input_resolution": torch.tensor(side * PATCH),
+                   "context_length": torch.tensor(CONTEXT), "vocab_size": torch.tensor(vocab)})
     for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
         sd[f"{ln}.weight"], sd[f"{ln}.bias"] = 1 + r(WIDTH, std=0.1), r(WIDTH)
     for tower in ("visual.transformer", "transformer"):

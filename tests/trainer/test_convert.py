@@ -3,6 +3,8 @@ weights folder whose model computes what the OpenAI layout computes (a plain for
 layout, written here, is the reference); IRRA's and RDE's checkpoints keep their heads; bad
 files are refused in one line (exit 2)."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,53 +14,22 @@ from tbps.trainer.cli import main as tbps
 from tbps.trainer.model.weights import load_weights_folder
 from tbps.trainer.tools.convert import convert
 
-WORDS = ("a woman in red coat carrying black backpack man with blue shirt and white shoes "
-         "walking bag hair long short pants jeans").split()
+sys.path.insert(0, str(Path(__file__).parents[2] / "launch" / "parity"))
+import fixture  # noqa: E402 (the harness's OpenAI-layout builder, a script folder)
+
 WIDTH, LAYERS, PATCH, SIDE, EMBED, CONTEXT = 128, 2, 16, 4, 64, 77
 
 
 def clip_layout_tokenizer(folder, mask_last: bool = False):
-    """A word-level tokenizer laid out as the authors' BPE: words, then <|mask|>, <|startoftext|>,
-    <|endoftext|> as the last three ids (the end token is the largest id); mask_last: as
-    transformers' CLIP tokenizer with a mask added (words, start, end, mask)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers  # lazy: as the project imports them
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|startoftext|>", "<|endoftext|>", "<|mask|>"] if mask_last else \
-        ["<|mask|>", "<|startoftext|>", "<|endoftext|>"]
-    vocab = {w: i for i, w in enumerate(["<unk>", *WORDS, *specials])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", mask_token="<|mask|>",
-                                 bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                 pad_token="<|endoftext|>")
-    hf.save_pretrained(str(folder))
-    return folder, len(vocab)
+    """The harness's word-level tokenizer in the authors' id layout (launch/parity/fixture.py)
+    and its vocabulary size."""
+    return fixture.tokenizer_folder(folder, mask_last), len(fixture.WORDS) + 4
 
 
 def openai_state(vocab: int, seed: int = 0) -> dict:
-    """A random CLIP state dict with OpenAI ViT-B/16's tensor names and layout."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s, std=0.05: torch.randn(*s, generator=g) * std       # noqa: E731
-    sd = {"visual.class_embedding": r(WIDTH), "visual.conv1.weight": r(WIDTH, 3, PATCH, PATCH),
-          "visual.positional_embedding": r(1 + SIDE * SIDE, WIDTH),
-          "visual.proj": r(WIDTH, EMBED), "token_embedding.weight": r(vocab, WIDTH),
-          "positional_embedding": r(CONTEXT, WIDTH), "text_projection": r(WIDTH, EMBED),
-          "logit_scale": torch.tensor(math.log(1 / 0.07)),
-          "input_resolution": torch.tensor(SIDE * PATCH), "context_length": torch.tensor(CONTEXT),
-          "vocab_size": torch.tensor(vocab)}
-    for ln in ("visual.ln_pre", "visual.ln_post", "ln_final"):
-        sd[f"{ln}.weight"], sd[f"{ln}.bias"] = 1 + r(WIDTH, std=0.1), r(WIDTH)
-    for tower in ("visual.transformer", "transformer"):
-        for i in range(LAYERS):
-            p = f"{tower}.resblocks.{i}."
-            sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = r(3 * WIDTH, WIDTH), r(3 * WIDTH)
-            sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = r(WIDTH, WIDTH), r(WIDTH)
-            for ln in ("ln_1", "ln_2"):
-                sd[p + f"{ln}.weight"], sd[p + f"{ln}.bias"] = 1 + r(WIDTH, std=0.1), r(WIDTH)
-            sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = r(4 * WIDTH, WIDTH), r(4 * WIDTH)
-            sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = r(WIDTH, 4 * WIDTH), r(WIDTH)
-    return sd
+    """A random CLIP state dict with OpenAI ViT-B/16's tensor names and layout, at this test's
+    sizes (the parity harness's builder, launch/parity/fixture.py)."""
+    return fixture.openai_state(seed, vocab=vocab, side=SIDE, embed=EMBED, scalars=True)
 
 
 # -- the reference: OpenAI's layout, computed directly from the state dict ----------------------

@@ -358,10 +358,17 @@ def _check_rng(state) -> dict:
          and all(isinstance(w, int) and 0 <= w < 2**32 for w in npy[1]), "numpy")
     for name, hexes in [("torch", [state.get("torch")])] + [("cuda", state.get("cuda") or [])]:
         for h in hexes:
-            need(isinstance(h, str) and len(h) % 2 == 0
-                 and all(c in "0123456789abcdef" for c in h), name)
+            need(isinstance(h, str) and _is_hex(h), name)
     need(len(state["torch"]) // 2 == torch.get_rng_state().numel(), "torch")
     return state
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _set_rng(acc, state: dict) -> None:
@@ -427,19 +434,20 @@ def _seal(folder: Path) -> None:
     sizes, digests = {}, {}
     for f in sorted(folder.rglob("*")):
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
             name = str(f.relative_to(folder))
-            sizes[name], digests[name] = f.stat().st_size, _sha256(f)
+            sizes[name], digests[name] = f.stat().st_size, _sha256(f, flush=True)
     _write_atomic(folder / MANIFEST, json.dumps({"files": sizes, "sha256": digests}, indent=1))
     _fsync_dir(folder)
 
 
-def _sha256(f: Path) -> str:
+def _sha256(f: Path, flush: bool = False) -> str:
+    """The file's SHA-256, read once; flush: its data forced to disk too."""
     h = hashlib.sha256()
     with open(f, "rb") as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
+        if flush:
+            os.fsync(fh.fileno())
     return h.hexdigest()
 
 
